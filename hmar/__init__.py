@@ -1,0 +1,2 @@
+"""hmar: Hierarchical Masked Auto-Regressive image generation."""
+__version__ = "0.1.0"

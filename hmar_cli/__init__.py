@@ -1,0 +1,1 @@
+"""The hmar command-line tool (Typer). Nothing imports this package."""
