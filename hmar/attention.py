@@ -1,0 +1,88 @@
+"""Attention over a sequence of scales: which implementation runs where.
+
+Training runs all scales in one sequence. HMAR lets a token attend only to tokens of its own scale
+(block-diagonal); VAR lets it attend to its own and every earlier scale (block-causal). The block
+sizes are the per-scale token counts (1, 4, 9, …). Every implementation here computes the same thing:
+
+- `masked_sdpa`: PyTorch SDPA with a boolean mask: the reference, works everywhere.
+- `per_scale_sdpa`: one dense SDPA call per scale (block-diagonal only): no wasted work on the CPU.
+- `block_sparse_kernel`: the Triton kernel in `hmar.kernels` (CUDA): skips masked tiles.
+
+An attention function takes q, k, v of shape (B, H, N, D), the block sizes, the pattern and the
+softmax scale, and returns (B, H, N, D).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PATTERNS = ("block_diagonal", "block_causal")
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int], str, float], torch.Tensor]
+
+
+@lru_cache(maxsize=32)
+def _scale_ids(block_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(block_sizes), device=device), torch.tensor(block_sizes, device=device))
+
+
+def block_mask(block_sizes: Sequence[int], pattern: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean (N, N) mask, True where query i may attend to key j."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
+    ids = _scale_ids(tuple(int(b) for b in block_sizes), torch.device(device))
+    if pattern == "block_diagonal":
+        return ids[:, None] == ids[None, :]
+    return ids[:, None] >= ids[None, :]
+
+
+def masked_sdpa(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
+    mask = block_mask(block_sizes, pattern, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def per_scale_sdpa(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
+    if pattern != "block_diagonal":
+        return masked_sdpa(q, k, v, block_sizes, pattern, scale)
+    outputs, start = [], 0
+    for size in block_sizes:
+        end = start + size
+        outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], scale=scale))
+        start = end
+    return torch.cat(outputs, dim=2)
+
+
+def block_sparse_kernel(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
+    from hmar.kernels import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, block_sizes, pattern=pattern, scale=scale)
+
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {
+    "masked_sdpa": masked_sdpa,
+    "per_scale_sdpa": per_scale_sdpa,
+    "block_sparse": block_sparse_kernel,
+}
+
+
+def kernel_available() -> bool:
+    try:
+        from hmar.kernels import block_sparse_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_attention(name: str = "auto", device: torch.device | str = "cpu") -> AttentionFn:
+    """`auto`: the Triton kernel on CUDA when it is importable, the per-scale reference elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda" and kernel_available():
+            return block_sparse_kernel
+        return per_scale_sdpa
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {name!r}; expected auto or one of {sorted(IMPLEMENTATIONS)}") from None
