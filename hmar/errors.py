@@ -29,3 +29,7 @@ class InputError(HmarError):
     """A bad user input (image, mask, class, box…)."""
 
     exit_code = 2
+
+
+class DeviceError(HmarError):
+    """A requested device that this machine does not have."""
