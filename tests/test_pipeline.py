@@ -1,0 +1,97 @@
+"""The Pipeline API on a model folder assembled from the conformance fixtures (random weights)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hmar.config import ModelConfig
+from hmar.editing import keep_masks_per_scale
+from hmar.errors import DeviceError, InputError, ScheduleError
+from hmar.pipeline import Pipeline
+from hmar.schedule import format_schedule
+
+
+def _model_folder(tmp_path, conformance_dir, conformance_config, family):
+    folder = tmp_path / f"tiny-{family}"
+    folder.mkdir()
+    for role in ("tokenizer", family):
+        shutil.copy(conformance_dir / conformance_config["files"][role], folder / conformance_config["files"][role])
+    data = {"tokenizer": conformance_config["tokenizer"], family: conformance_config[family],
+            "files": {r: conformance_config["files"][r] for r in ("tokenizer", family)}}
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["hmar", "var"])
+def pipe(request, tmp_path_factory, conformance_dir, conformance_config):
+    folder = _model_folder(tmp_path_factory.mktemp("models"), conformance_dir, conformance_config, request.param)
+    return Pipeline.from_folder(folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fixture_schedule(conformance_dir, conformance_config):
+    return json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text())
+
+
+def _schedule_for(pipe, fixture_schedule):
+    return fixture_schedule if pipe.config.family == "hmar" else None
+
+
+def test_generate_matches_the_reference_and_is_deterministic(pipe, conformance_dir, conformance_config, fixture_schedule):
+    labels = conformance_config["labels"]
+    io = torch.load(conformance_dir / conformance_config["files"][f"{pipe.config.family}_io"], weights_only=True)
+    options = dict(schedule=_schedule_for(pipe, fixture_schedule), cfg=1.5, top_k=1, top_p=0.0, seed=conformance_config["seed"])
+    first = pipe.generate(labels, **options)
+    torch.testing.assert_close(first.images, io["generate0_image"], atol=1e-4, rtol=0)
+    again = pipe.generate(labels, **{**options, "top_k": 8, "top_p": 0.9})
+    assert torch.equal(again.images, pipe.generate(labels, **{**options, "top_k": 8, "top_p": 0.9}).images)
+    assert [t.shape[1] for t in first.tokens] == [p * p for p in pipe.config.patch_nums]
+
+
+def test_progress_reports_every_step(pipe, fixture_schedule):
+    events = []
+    result = pipe.generate([1], schedule=_schedule_for(pipe, fixture_schedule), seed=0, progress=events.append)
+    total = sum(len(e) for e in result.settings.schedule)
+    assert [e.done for e in events] == list(range(1, total + 1)) and events[-1].total == total
+
+
+def test_editing_forces_the_known_tokens(pipe, conformance_dir, conformance_config, fixture_schedule):
+    io = torch.load(conformance_dir / conformance_config["files"]["tokenizer_io"], weights_only=True)
+    images = io["image"].add(1).div(2)
+    size = pipe.resolution
+    keep = torch.ones(images.shape[0], size, size, dtype=torch.bool)
+    keep[:, size // 4: size // 2, size // 4: size // 2] = False
+    result = pipe.edit(images, keep, schedule=_schedule_for(pipe, fixture_schedule), seed=0, top_k=8, top_p=0.9)
+    target_tokens = pipe.tokenizer.encode(images.mul(2).sub(1))
+    known_per_scale = keep_masks_per_scale(keep, pipe.config.patch_nums)
+    assert not known_per_scale[-1].all(), "the finest scale must have tokens to generate"
+    for k, known in enumerate(known_per_scale):
+        assert torch.equal(result.tokens[k][known], target_tokens[k][known]), f"scale {k}: a known token changed"
+    everything = pipe.edit(images, torch.ones_like(keep), seed=0)
+    for k in range(len(pipe.config.patch_nums)):
+        assert torch.equal(everything.tokens[k], target_tokens[k])
+
+
+def test_bad_requests_are_clear_errors(pipe):
+    with pytest.raises(InputError, match="class 10 is out of range"):
+        pipe.generate([pipe.num_classes], seed=0)
+    with pytest.raises(ScheduleError):
+        pipe.generate([0], steps=10_000)
+    with pytest.raises(InputError, match="top-p"):
+        pipe.generate([0], top_p=1.5)
+
+
+def test_cuda_requested_without_cuda(conformance_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA was requested"):
+        Pipeline.random(ModelConfig.from_dict(conformance_config, "hmar"), device="cuda")
+
+
+def test_schedule_defaults_come_from_the_model_config(conformance_config, fixture_schedule):
+    data = {k: v for k, v in conformance_config.items() if k != "var"}
+    config = ModelConfig.from_dict({**data, "sampling": {"schedule": format_schedule(fixture_schedule), "cfg": 2.0}})
+    settings = Pipeline.random(config, device="cpu").settings()
+    assert settings.schedule == fixture_schedule and settings.cfg == 2.0
