@@ -63,8 +63,8 @@ class SampleResult:
 
 def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Keep the top-k logits, then the smallest set of top logits holding top_p of the probability;
-    the rest become -inf. In place, on (..., V)."""
-    if top_k > 0:
+    the rest become -inf. In place, on (..., V). top_k >= V keeps everything."""
+    if 0 < top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth_largest, -torch.inf)
     if top_p > 0:

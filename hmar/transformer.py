@@ -161,7 +161,8 @@ class SharedAdaLin(nn.Linear):
 
 
 def _block_stack(config: TransformerConfig, indices: range) -> nn.ModuleList:
-    rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+    # stochastic depth grows linearly with depth
+    rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
     return nn.ModuleList(AdaLNBlock(config, rates[i]) for i in indices)
 
 
@@ -191,7 +192,7 @@ class ScaleTransformer(nn.Module):
 
         # Buffers the published checkpoints carry: each token's scale index, and the additive attention
         # bias of the pattern. We build masks from block sizes instead, but keep them so files load strictly.
-        levels = torch.repeat_interleave(torch.arange(len(self.patch_nums)), torch.tensor(self.block_sizes))
+        levels = torch.tensor([k for k, size in enumerate(self.block_sizes) for _ in range(size)])
         self.register_buffer("lvl_1L", levels.view(1, L))
         allowed = levels[:, None] == levels[None, :] if self.pattern == "block_diagonal" else levels[:, None] >= levels[None, :]
         self.register_buffer("attn_bias_for_masking", torch.where(allowed, 0.0, -torch.inf).view(1, 1, L, L))

@@ -1,0 +1,174 @@
+"""VAR's multi-scale residual VQ-VAE: images to token maps of K scales and back.
+
+Encoding quantises the encoder's feature map f (B, Cvae, P, P) coarse to fine. At scale k the
+residual f − f̂ is area-downsampled to pn_k × pn_k, each vector is replaced by its nearest code
+(L2), and the code map is bicubic-upsampled back to P × P, passed through φ_k (a 3×3 conv blended
+with the identity) and added to f̂. The final f̂ is what the decoder turns back into an image.
+
+Generation runs the same accumulation from predicted tokens: `add_scale` is one step of it,
+`downsample(f̂, k)` is what the transformers see as scale k's input, and `scale_input(tokens, k)`
+is HMAR's mask-branch view of a scale's own tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hmar.config import TokenizerConfig
+from hmar.tokenizer_modules import Decoder, Encoder
+
+
+class Phi(nn.Conv2d):
+    """φ: (1 − r)·h + r·conv3x3(h), the learned refinement of an upsampled code map."""
+
+    def __init__(self, channels: int, ratio: float):
+        super().__init__(channels, channels, kernel_size=3, padding=1)
+        self.ratio = abs(ratio)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mul(1 - self.ratio) + super().forward(h).mul_(self.ratio)
+
+
+class PartiallySharedPhi(nn.Module):
+    """`share` φ convs serve all K scales; scale k uses the one whose tick is nearest k/(K−1)."""
+
+    def __init__(self, channels: int, ratio: float, share: int):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(Phi(channels, ratio) for _ in range(share))
+        # VAR's tick positions: thirds at the ends for 4 shared convs, halves otherwise
+        # (computed as numpy.linspace does: the middle scale lies exactly between two ticks and
+        # float rounding decides which one it takes, so the arithmetic must match)
+        margin = 1 / 3 / share if share == 4 else 1 / 2 / share
+        step = ((1 - margin) - margin) / (share - 1)
+        self.ticks = [i * step + margin for i in range(share - 1)] + [1 - margin]
+
+    def at(self, position: float) -> Phi:
+        distances = [abs(t - position) for t in self.ticks]
+        return self.qresi_ls[distances.index(min(distances))]
+
+
+class Quantizer(nn.Module):
+    """The code book, the φ convs and the per-scale code usage statistics (`quantize.*` keys)."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        if config.share_quant_resi < 2:
+            raise ValueError("only partially shared φ (share_quant_resi >= 2, as published) is supported")
+        self.embedding = nn.Embedding(config.vocab_size, config.z_channels)
+        self.quant_resi = PartiallySharedPhi(config.z_channels, config.quant_resi, config.share_quant_resi)
+        # exponential moving average of code hits per scale, kept for usage tracking in training
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(config.patch_nums), config.vocab_size))
+
+    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code of each row of `vectors` (N, Cvae), by squared L2 distance."""
+        codes = self.embedding.weight
+        distances = vectors.square().sum(dim=1, keepdim=True) + codes.square().sum(dim=1)
+        distances.addmm_(vectors, codes.T, alpha=-2, beta=1)
+        return distances.argmin(dim=1)
+
+
+class MultiScaleVQVAE(nn.Module):
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.patch_nums = config.patch_nums
+        z = config.z_channels
+        self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, z)
+        self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, z)
+        self.quantize = Quantizer(config)
+        self.quant_conv = nn.Conv2d(z, z, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(z, z, 3, padding=1)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    # ---- the residual pyramid ----------------------------------------------------------------
+    def phi(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        return self.quantize.quant_resi.at(k / (self.num_scales - 1))(h)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Code embeddings of a token map (B, pn²) as (B, Cvae, pn, pn)."""
+        B, l = tokens.shape
+        pn = int(round(l**0.5))
+        return self.quantize.embedding(tokens).transpose(1, 2).reshape(B, -1, pn, pn)
+
+    def _upsample(self, h: torch.Tensor) -> torch.Tensor:
+        P = self.patch_nums[-1]
+        return h if h.shape[-1] == P else F.interpolate(h, size=(P, P), mode="bicubic")
+
+    def scale_residual(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """What scale k adds to f̂: φ_k of its code map upsampled to the last scale (B, Cvae, P, P)."""
+        return self.phi(self._upsample(self.embed(tokens)), k)
+
+    def add_scale(self, f_hat: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        return f_hat + self.scale_residual(tokens, k)
+
+    def downsample(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
+        pn = self.patch_nums[k]
+        return f_hat if f_hat.shape[-1] == pn else F.interpolate(f_hat, size=(pn, pn), mode="area")
+
+    def scale_input(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """HMAR's mask-branch view of scale k's own tokens: its residual at scale k's size."""
+        return self.downsample(self.scale_residual(tokens, k), k)
+
+    def tokens_to_f_hat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        f_hat = self.scale_residual(tokens[0], 0)
+        for k in range(1, len(tokens)):
+            f_hat = self.add_scale(f_hat, tokens[k], k)
+        return f_hat
+
+    def teacher_forcing_input(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L − pn₀², Cvae): for each scale k ≥ 1, f̂ of the scales before it at scale k's size."""
+        inputs, f_hat = [], None
+        for k in range(1, self.num_scales):
+            f_hat = self.scale_residual(tokens[k - 1], k - 1) if f_hat is None else self.add_scale(f_hat, tokens[k - 1], k - 1)
+            inputs.append(self.downsample(f_hat, k).flatten(2).transpose(1, 2))
+        return torch.cat(inputs, dim=1)
+
+    # ---- images ------------------------------------------------------------------------------
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(image))
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps (B, pn²) of an image batch (B, 3, H, W) in [-1, 1]."""
+        f = self.features(image).float()
+        rest = f.clone()
+        tokens = []
+        for k, pn in enumerate(self.patch_nums):
+            z = self.downsample(rest, k)
+            idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], pn * pn)
+            rest = rest - self.scale_residual(idx, k)
+            tokens.append(idx)
+        return tokens
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] of a cumulative reconstruction f̂."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        return self.decode(self.tokens_to_f_hat(tokens))
+
+    # ---- training ----------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction (not clamped), VQ loss (codebook + beta·commitment, averaged over scales)
+        and the code hits per scale (K, V) of this batch, for tokenizer training. Gradients reach the
+        encoder through the straight-through estimator."""
+        f = self.features(image).float()
+        f_detached = f.detach()
+        rest, f_hat = f_detached.clone(), torch.zeros_like(f_detached)
+        hits, vq_loss = [], f.new_zeros(())
+        for k, pn in enumerate(self.patch_nums):
+            z = self.downsample(rest, k)
+            idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+            hits.append(idx.bincount(minlength=self.config.vocab_size).float())
+            h = self.scale_residual(idx.view(z.shape[0], pn * pn), k)
+            f_hat = f_hat + h
+            rest = rest - h.detach()
+            # the codes (and φ) move towards f; f is pulled towards the codes with weight beta
+            vq_loss = vq_loss + F.mse_loss(f_hat, f_detached) + self.config.beta * F.mse_loss(f_hat.detach(), f)
+        straight_through = f + (f_hat - f).detach()  # decoder gradients reach the encoder
+        reconstruction = self.decoder(self.post_quant_conv(straight_through))
+        return reconstruction, vq_loss / self.num_scales, torch.stack(hits)
