@@ -1,0 +1,163 @@
+"""Side-by-side benchmarks of HMAR and VAR in our engine: a stage-1 training step and sampling.
+
+Both families are built at the same depth and width (random weights) and timed alternately in one
+run, so that their ratio is measured under the same conditions: warm-up first, then medians of CUDA
+event timings (wall clock on the CPU), and peak memory on CUDA. `hmar bench train|sample` prints
+these rows; the functions also run on the CPU at small sizes so that CI exercises them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hmar.attention import select_attention
+from hmar.checkpoints import build_models
+from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
+from hmar.sampler import make_generator, sample
+from hmar.schedule import resolve_schedule
+
+
+@dataclass
+class BenchRow:
+    family: str
+    task: str
+    median_ms: float
+    images_per_s: float
+    peak_memory_gib: float | None
+    tflops: float | None
+    ratio_vs_var: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Median milliseconds of `fn` and its peak memory in GiB (CUDA only)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**30
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), None
+
+
+def bench_config(family: str, depth: int, width: int | None, tokenizer: TokenizerConfig, num_classes: int = 1000) -> ModelConfig:
+    """A model of the published shape family (width 64·depth, head dim 64) unless width is given."""
+    width = width or 64 * depth
+    heads = max(1, width // 64)
+    branch = min(8, max(1, depth // 2))
+    transformer = TransformerConfig(family=family, depth=depth, width=width, num_heads=heads, num_classes=num_classes, branch_depth=branch)
+    return ModelConfig(tokenizer, transformer)
+
+
+def forward_flops(config: ModelConfig, batch: int) -> float:
+    """Matrix-multiply FLOPs of one teacher-forced forward over all scales (attention counted over the
+    pairs the pattern allows)."""
+    C, depth = config.transformer.width, config.transformer.depth
+    mlp = round(C * config.transformer.mlp_ratio)
+    sizes = [p * p for p in config.patch_nums]
+    L = sum(sizes)
+    linear = 2 * L * (4 * C * C + 2 * C * mlp)
+    if config.family == "hmar":
+        pairs = sum(s * s for s in sizes)
+    else:
+        pairs = sum(s * sum(sizes[: k + 1]) for k, s in enumerate(sizes))
+    attention = 4 * pairs * C
+    head = 2 * L * C * config.tokenizer.vocab_size
+    return batch * (depth * (linear + attention) + head)
+
+
+def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device) -> Callable[[], None]:
+    """One stage-1 step on random tokens: teacher-forced forward, cross entropy, backward, AdamW."""
+    _, transformer = build_models(config)
+    transformer.to(device).train()
+    L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
+    labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
+    teacher = torch.randn(batch_size, L - first, config.tokenizer.z_channels, device=device)
+    targets = torch.randint(0, config.tokenizer.vocab_size, (batch_size, L), device=device)
+    attention = select_attention("auto", device)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = transformer.forward_next_scale(labels, teacher, attention=attention)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sample_fn(config: ModelConfig, batch_size: int, steps: int | None, device: torch.device, cfg: float, top_k: int, top_p: float) -> Callable[[], None]:
+    tokenizer, transformer = build_models(config)
+    tokenizer.to(device).eval()
+    transformer.to(device).eval()
+    schedule = resolve_schedule(config.patch_nums, steps=steps if config.family == "hmar" else None, family=config.family)
+    labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def run() -> None:
+        sample(tokenizer, transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
+               generator=make_generator(0, device), amp_dtype=amp_dtype)
+
+    return run
+
+
+def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, device, warmup: int, iters: int, flops: dict[str, float]) -> list[BenchRow]:
+    # alternate the families round by round so that both see the same machine state
+    samples: dict[str, list[float]] = {f: [] for f in fns}
+    peaks: dict[str, float | None] = {}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(iters):
+        for family, fn in fns.items():
+            ms, peak = measure(fn, device, 0, 1)
+            samples[family].append(ms)
+            peaks[family] = max(peaks.get(family) or 0.0, peak) if peak is not None else None
+    rows = []
+    for family in fns:
+        ms = statistics.median(samples[family])
+        tflops = flops[family] / (ms / 1e3) / 1e12 if family in flops else None
+        rows.append(BenchRow(family, task, ms, batch_size / (ms / 1e3), peaks[family], tflops))
+    var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
+    for row in rows:
+        row.ratio_vs_var = var_ms / row.median_ms if var_ms else None
+    return rows
+
+
+def bench_train(tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None, warmup: int = 3, iters: int = 10) -> list[BenchRow]:
+    configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
+    fns = {f: train_step_fn(c, batch_size, device) for f, c in configs.items()}
+    # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
+    flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
+    return _compare("train", fns, batch_size, device, warmup, iters, flops)
+
+
+def bench_sample(
+    tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
+    width: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, warmup: int = 2, iters: int = 5,
+) -> list[BenchRow]:
+    configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
+    fns = {f: sample_fn(c, batch_size, steps, device, cfg, top_k, top_p) for f, c in configs.items()}
+    return _compare("sample", fns, batch_size, device, warmup, iters, {})
