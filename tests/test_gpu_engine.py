@@ -1,0 +1,67 @@
+"""The engine on CUDA (skipped without a GPU): float32 agrees with the CPU reference, bf16 autocast runs
+at the published size, and every attention implementation agrees."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hmar.attention import IMPLEMENTATIONS, kernel_available, masked_sdpa
+from hmar.checkpoints import build_models, load_weights
+from hmar.config import PATCH_NUMS, ModelConfig, model_preset
+from hmar.pipeline import Pipeline
+from hmar.sampler import make_generator, sample
+from hmar.schedule import validate_schedule
+from tests.conftest import load_fixture
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    # TF32 would change float32 results at the 1e-3 level
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_float32_cuda_sampler_matches_the_reference(conformance_dir, conformance_config):
+    config = ModelConfig.from_dict(conformance_config, "hmar")
+    tokenizer, transformer = build_models(config)
+    load_weights(tokenizer, load_fixture(conformance_dir, conformance_config, "tokenizer"), "tokenizer")
+    load_weights(transformer, load_fixture(conformance_dir, conformance_config, "hmar"), "hmar")
+    tokenizer, transformer = tokenizer.cuda().eval(), transformer.cuda().eval()
+    io = load_fixture(conformance_dir, conformance_config, "hmar_io")
+    schedule = validate_schedule(json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text()), config.patch_nums)
+    labels = torch.tensor(conformance_config["labels"], device="cuda")
+    for case in range(5):
+        if f"generate{case}_args" not in io:
+            continue
+        cfg, top_k, top_p, mask = io[f"generate{case}_args"].tolist()
+        if top_k != 1:
+            continue  # random draws on CUDA follow CUDA's generator, not the CPU reference's
+        result = sample(tokenizer, transformer, labels, schedule, cfg=cfg, top_k=1, top_p=top_p,
+                        generator=make_generator(0, "cuda"), mask_refinement=bool(mask))
+        torch.testing.assert_close(result.images.cpu(), io[f"generate{case}_image"], atol=1e-3, rtol=0)
+
+
+def test_bf16_sampling_at_the_published_size():
+    pipe = Pipeline.random(model_preset("hmar-d16"), device="cuda")
+    gen = pipe.generate([207, 281], steps=14, seed=0)
+    assert gen.images.shape == (2, 3, 256, 256)
+    assert torch.isfinite(gen.images).all() and gen.images.min() >= 0 and gen.images.max() <= 1
+
+
+@pytest.mark.parametrize("resolution", sorted(PATCH_NUMS))
+@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal"])
+def test_attention_implementations_agree(resolution, pattern):
+    sizes = [p * p for p in PATCH_NUMS[resolution]]
+    q, k, v = (torch.randn(2, 4, sum(sizes), 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    reference = masked_sdpa(q.float(), k.float(), v.float(), sizes, pattern, 0.125)
+    names = [n for n in IMPLEMENTATIONS if n != "block_sparse" or kernel_available()]
+    for name in names:
+        out = IMPLEMENTATIONS[name](q, k, v, sizes, pattern, 0.125).float()
+        err = (out - reference).norm() / reference.norm()
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
