@@ -1,0 +1,108 @@
+"""`hmar generate` and `hmar bench` end to end, on a model folder assembled from the conformance
+fixtures (labels and schedule read from the fixture folder)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from hmar.schedule import format_schedule
+from hmar_cli.app import app
+from tests.test_pipeline import _model_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, conformance_dir, conformance_config):
+    return _model_folder(tmp_path_factory.mktemp("cli"), conformance_dir, conformance_config, "hmar")
+
+
+@pytest.fixture(scope="module")
+def reference_args(conformance_dir, conformance_config):
+    schedule = json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text())
+    classes = [arg for label in conformance_config["labels"] for arg in ("--class", str(label))]
+    return classes + ["--seed", str(conformance_config["seed"]), "--cfg", "1.5", "--top-k", "1", "--top-p", "0",
+                      "--schedule", format_schedule(schedule), "--device", "cpu"]
+
+
+def hmar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from hmar_cli.app import main; main()", *args],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_generate_reproduces_the_reference_within_one_level(tmp_path, model_dir, reference_args, conformance_dir, conformance_config):
+    out = tmp_path / "sample.png"
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), *reference_args, "--out", str(out), "--grid", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = torch.load(conformance_dir / conformance_config["files"]["hmar_io"], weights_only=True)["generate0_image"]
+    assert len(summary["images"]) == len(conformance_config["labels"])
+    for i, record in enumerate(summary["images"]):
+        with Image.open(record["path"]) as image:
+            pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+            assert image.text["hmar:seed"] == str(conformance_config["seed"]) and image.text["hmar:top_k"] == "1"
+            assert image.text["hmar:class"] == str(conformance_config["labels"][i])
+        expected = reference[i].permute(1, 2, 0).mul(255).numpy()
+        assert np.abs(pixels - expected).max() <= 1.0
+    assert (tmp_path / "sample-grid.png").is_file()
+
+
+def test_same_seed_same_pixels_and_no_silent_overwrite(tmp_path, model_dir):
+    args = ["generate", "--model", str(model_dir), "--class", "1", "--seed", "5", "--top-k", "8", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a.png")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "b.png")]).exit_code == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    before = (tmp_path / "a.png").read_bytes()
+    again = hmar(*args, "--seed", "6", "--out", str(tmp_path / "a.png"))
+    assert again.returncode == 1 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
+    assert (tmp_path / "a.png").read_bytes() == before
+    assert hmar(*args, "--seed", "6", "--out", str(tmp_path / "a.png"), "--overwrite").returncode == 0
+    assert (tmp_path / "a.png").read_bytes() != before
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--class", "99"], 2, "class 99 is out of range"),
+    (["--class", "nonexistent thing"], 2, "unknown class name"),
+    (["--class", "1", "--schedule", "1;4"], 2, "schedule has 2 scales"),
+    (["--class", "1", "--steps", "100000"], 2, "steps must be between"),
+    (["--class", "1", "--steps", "5", "--schedule", "1;4"], 2, "either --steps or --schedule"),
+    (["--class", "1", "--top-p", "2"], 2, "top-p"),
+])
+def test_bad_input_is_one_line_and_no_output(tmp_path, model_dir, extra, code, message):
+    out = tmp_path / "x.png"
+    result = hmar("generate", "--model", str(model_dir), "--device", "cpu", "--out", str(out), *extra)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_model_and_output_problems(tmp_path, model_dir):
+    missing = hmar("generate", "--model", str(tmp_path / "nowhere"), "--class", "1", "--out", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "no model folder" in missing.stderr
+    unwritable = hmar("generate", "--model", str(model_dir), "--class", "1", "--device", "cpu", "--out", str(tmp_path / "no" / "dir" / "x.png"))
+    assert unwritable.returncode == 1 and "does not exist" in unwritable.stderr
+    debug = hmar("--debug", "generate", "--model", str(tmp_path / "nowhere"), "--class", "1")
+    assert "Traceback" in debug.stderr
+
+
+def test_cuda_requested_without_cuda(tmp_path, model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = hmar("generate", "--model", str(model_dir), "--class", "1", "--device", "cuda", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 1 and "CUDA was requested" in result.stderr
+
+
+def test_bench_commands_run_on_the_cpu():
+    for task in ("train", "sample"):
+        result = hmar("bench", task, "--depth", "2", "--width", "64", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu", "--json")
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)["rows"]
+        assert {r["family"] for r in rows} == {"hmar", "var"}
