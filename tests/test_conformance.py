@@ -20,11 +20,6 @@ from tests.conftest import load_fixture
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["hmar", "var"])
-def family(request):
-    return request.param
-
-
 def _models(conformance_dir, conformance_config, family):
     config = ModelConfig.from_dict(conformance_config, family)
     tokenizer, transformer = build_models(config)
@@ -52,12 +47,14 @@ def _reference_tokens(tokenizer_io, num_scales):
     return [tokenizer_io[f"idx_scale{k}"] for k in range(num_scales)]
 
 
-def test_hmar_teacher_forced_next_scale_logits(conformance_dir, conformance_config, hmar_models, tokenizer_io):
-    config, tokenizer, transformer = hmar_models
-    io = load_fixture(conformance_dir, conformance_config, "hmar_io")
+@pytest.mark.parametrize("family, key", [("hmar", "next_scale_logits"), ("var", "teacher_forced_logits")])
+def test_teacher_forced_logits(request, family, key, conformance_dir, conformance_config, tokenizer_io):
+    """The training forward over all scales (HMAR block-diagonal, VAR block-causal), no label dropout."""
+    config, tokenizer, transformer = request.getfixturevalue(f"{family}_models")
+    io = load_fixture(conformance_dir, conformance_config, f"{family}_io")
     with torch.no_grad():
         logits = transformer.forward_next_scale(io["labels"], tokenizer_io["next_scale_input"])
-    torch.testing.assert_close(logits, io["next_scale_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, io[key], atol=ATOL, rtol=0)
 
 
 def test_hmar_next_scale_logits_scale_by_scale_equal_the_sequence(hmar_models, tokenizer_io, conformance_config):
@@ -142,14 +139,6 @@ def test_hmar_sampler_reproduces_reference(conformance_dir, conformance_config, 
             generator=make_generator(conformance_config["seed"], "cpu"), mask_refinement=bool(mask),
         )
         torch.testing.assert_close(result.images, io[f"generate{case}_image"], atol=ATOL, rtol=0, msg=lambda m: f"case {case}: {m}")
-
-
-def test_var_teacher_forced_logits(conformance_dir, conformance_config, var_models, tokenizer_io):
-    config, tokenizer, transformer = var_models
-    io = load_fixture(conformance_dir, conformance_config, "var_io")
-    with torch.no_grad():
-        logits = transformer.forward_next_scale(io["labels"], tokenizer_io["next_scale_input"])
-    torch.testing.assert_close(logits, io["teacher_forced_logits"], atol=ATOL, rtol=0)
 
 
 def test_var_sampler_reproduces_reference(conformance_dir, conformance_config, var_models):
