@@ -12,10 +12,12 @@ is HMAR's mask-branch view of a scale's own tokens.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hmar.config import TokenizerConfig
+from hmar.errors import ConfigError, InputError
 from hmar.tokenizer_modules import Decoder, Encoder
 
 
@@ -54,12 +56,29 @@ class Quantizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         if config.share_quant_resi < 2:
-            raise ValueError("only partially shared φ (share_quant_resi >= 2, as published) is supported")
+            # VAR's fully shared (1) and per-scale (0) φ store their convs under other keys
+            raise ConfigError(f"share_quant_resi={config.share_quant_resi} is not supported; use 2 or more (published: 4)")
+        if abs(config.quant_resi) <= 1e-6:
+            # VAR replaces φ by the identity then, and its checkpoints hold no φ weights
+            raise ConfigError("quant_resi must be non-zero (published: 0.5)")
         self.embedding = nn.Embedding(config.vocab_size, config.z_channels)
         self.quant_resi = PartiallySharedPhi(config.z_channels, config.quant_resi, config.share_quant_resi)
         # exponential moving average of code hits per scale, kept for usage tracking in training
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(config.patch_nums), config.vocab_size))
+        self.recorded_batches = 0  # not in the state dict, as in VAR: a resumed run restarts the warm-up
 
+    @torch.no_grad()
+    def record_hits(self, hits: torch.Tensor) -> None:
+        """Fold one batch's code hits (K, V) into the EMA: copied at first, then momentum 0.9 for
+        100 batches, 0.99 after (VAR's schedule, counted in batches rather than in scales)."""
+        if self.recorded_batches == 0:
+            self.ema_vocab_hit_SV.copy_(hits)
+        else:
+            keep, new = (0.9, 0.1) if self.recorded_batches < 100 else (0.99, 0.01)
+            self.ema_vocab_hit_SV.mul_(keep).add_(hits.mul(new))
+        self.recorded_batches += 1
+
+    @torch.no_grad()  # argmin has no gradient: don't keep the (N, V) distance graph
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code of each row of `vectors` (N, Cvae), by squared L2 distance."""
         codes = self.embedding.weight
@@ -86,7 +105,7 @@ class MultiScaleVQVAE(nn.Module):
 
     # ---- the residual pyramid ----------------------------------------------------------------
     def phi(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        return self.quantize.quant_resi.at(k / (self.num_scales - 1))(h)
+        return self.quantize.quant_resi.at(k / max(self.num_scales - 1, 1))(h)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Code embeddings of a token map (B, pn²) as (B, Cvae, pn, pn)."""
@@ -102,8 +121,10 @@ class MultiScaleVQVAE(nn.Module):
         """What scale k adds to f̂: φ_k of its code map upsampled to the last scale (B, Cvae, P, P)."""
         return self.phi(self._upsample(self.embed(tokens)), k)
 
-    def add_scale(self, f_hat: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        return f_hat + self.scale_residual(tokens, k)
+    def add_scale(self, f_hat: torch.Tensor | None, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """f̂ after scale k (a new tensor); `f_hat` is None (or zeros) before the first scale."""
+        residual = self.scale_residual(tokens, k)
+        return residual if f_hat is None else f_hat + residual
 
     def downsample(self, f_hat: torch.Tensor, k: int) -> torch.Tensor:
         pn = self.patch_nums[k]
@@ -114,34 +135,45 @@ class MultiScaleVQVAE(nn.Module):
         return self.downsample(self.scale_residual(tokens, k), k)
 
     def tokens_to_f_hat(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        f_hat = self.scale_residual(tokens[0], 0)
-        for k in range(1, len(tokens)):
-            f_hat = self.add_scale(f_hat, tokens[k], k)
+        """The cumulative reconstruction f̂ (B, Cvae, P, P) of the token maps of scales 0..len-1."""
+        f_hat = None
+        for k, idx in enumerate(tokens):
+            f_hat = self.add_scale(f_hat, idx, k)
         return f_hat
 
     def teacher_forcing_input(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """(B, L − pn₀², Cvae): for each scale k ≥ 1, f̂ of the scales before it at scale k's size."""
         inputs, f_hat = [], None
         for k in range(1, self.num_scales):
-            f_hat = self.scale_residual(tokens[k - 1], k - 1) if f_hat is None else self.add_scale(f_hat, tokens[k - 1], k - 1)
+            f_hat = self.add_scale(f_hat, tokens[k - 1], k - 1)
             inputs.append(self.downsample(f_hat, k).flatten(2).transpose(1, 2))
+        if not inputs:  # a single scale has nothing to teacher-force
+            return self.quantize.embedding.weight.new_zeros(tokens[0].shape[0], 0, self.config.z_channels)
         return torch.cat(inputs, dim=1)
 
     # ---- images ------------------------------------------------------------------------------
     def features(self, image: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if image.dim() != 4 or tuple(image.shape[1:]) != (3, size, size):
+            raise InputError(f"the tokenizer takes images of shape (B, 3, {size}, {size}), got {tuple(image.shape)}")
         return self.quant_conv(self.encoder(image))
+
+    def _nearest_tokens(self, rest: torch.Tensor, k: int) -> torch.Tensor:
+        """Scale k's tokens (B, pn²): the nearest code of each vector of the residual at pn_k × pn_k."""
+        z = self.downsample(rest, k)
+        B, C, pn, _ = z.shape
+        return self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Token maps (B, pn²) of an image batch (B, 3, H, W) in [-1, 1]."""
+        """Token maps (B, pn²), row-major, of an image batch (B, 3, H, W) in [-1, 1]."""
         f = self.features(image).float()
-        rest = f.clone()
-        tokens = []
-        for k, pn in enumerate(self.patch_nums):
-            z = self.downsample(rest, k)
-            idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], pn * pn)
-            rest = rest - self.scale_residual(idx, k)
-            tokens.append(idx)
+        # quantisation stays float32 even under autocast: nearest-code ties are decided by rounding
+        with torch.autocast(f.device.type, enabled=False):
+            rest, tokens = f, []
+            for k in range(self.num_scales):
+                tokens.append(self._nearest_tokens(rest, k))
+                rest = rest - self.scale_residual(tokens[-1], k)
         return tokens
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -153,22 +185,40 @@ class MultiScaleVQVAE(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruction (not clamped), VQ loss (codebook + beta·commitment, averaged over scales)
-        and the code hits per scale (K, V) of this batch, for tokenizer training. Gradients reach the
-        encoder through the straight-through estimator."""
+        """One tokenizer training step's worth: (reconstruction, vq_loss, usage).
+
+        reconstruction: the decoder's image (not clamped) of f̂, with the straight-through estimator
+        so that its gradient reaches the encoder. vq_loss: mean over scales of
+        ||f̂_k − sg(f)||² + beta·||sg(f̂_k) − f||² (moves codes and φ towards f, and f towards them).
+        usage: (K,) percent of the vocabulary in use at each scale, VAR's measure: codes whose hit
+        count is at least 8% of a uniform share of the batch's last-scale vectors. In training mode
+        the hits (summed over processes when torch.distributed is up) first update
+        `quantize.ema_vocab_hit_SV` and usage is read from it; in eval mode usage is this batch's.
+        """
         f = self.features(image).float()
         f_detached = f.detach()
-        rest, f_hat = f_detached.clone(), torch.zeros_like(f_detached)
-        hits, vq_loss = [], f.new_zeros(())
-        for k, pn in enumerate(self.patch_nums):
-            z = self.downsample(rest, k)
-            idx = self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
-            hits.append(idx.bincount(minlength=self.config.vocab_size).float())
-            h = self.scale_residual(idx.view(z.shape[0], pn * pn), k)
-            f_hat = f_hat + h
-            rest = rest - h.detach()
-            # the codes (and φ) move towards f; f is pulled towards the codes with weight beta
-            vq_loss = vq_loss + F.mse_loss(f_hat, f_detached) + self.config.beta * F.mse_loss(f_hat.detach(), f)
-        straight_through = f + (f_hat - f).detach()  # decoder gradients reach the encoder
+        with torch.autocast(f.device.type, enabled=False):
+            rest, f_hat = f_detached, None
+            hits, vq_loss = [], f.new_zeros(())
+            for k in range(self.num_scales):
+                idx = self._nearest_tokens(rest, k)
+                hits.append(idx.flatten().bincount(minlength=self.config.vocab_size).float())
+                h = self.scale_residual(idx, k)
+                f_hat = h if f_hat is None else f_hat + h
+                rest = rest - h.detach()
+                vq_loss = vq_loss + F.mse_loss(f_hat, f_detached) + self.config.beta * F.mse_loss(f_hat.detach(), f)
+            vq_loss = vq_loss / self.num_scales
+            hits = torch.stack(hits)
+        straight_through = f + (f_hat - f).detach()  # value f̂, gradient of the identity to f
         reconstruction = self.decoder(self.post_quant_conv(straight_through))
-        return reconstruction, vq_loss / self.num_scales, torch.stack(hits)
+
+        world = 1
+        if self.training:
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(hits)
+                world = dist.get_world_size()
+            self.quantize.record_hits(hits)
+            hits = self.quantize.ema_vocab_hit_SV
+        margin = world * (f.numel() / f.shape[1]) / self.config.vocab_size * 0.08
+        usage = (hits >= margin).float().mean(dim=1) * 100
+        return reconstruction, vq_loss, usage
