@@ -1,0 +1,112 @@
+"""What a training run is told: one dataclass per stage, sharing the options every stage has.
+
+The CLI (`hmar train tokenizer|stage1|stage2`) fills these from its flags; the library API
+(`hmar.train.run_tokenizer/run_stage1/run_stage2`) takes them directly. Sizes are per process: with
+torchrun the global batch is `batch_size` times the number of processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hmar.config import TokenizerConfig, TransformerConfig
+
+LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_decay")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Options every stage shares."""
+
+    data: Path  # image folder in ImageNet layout: one sub-folder per class
+    out: Path  # run folder: checkpoints, metrics.jsonl, samples/, and the exported model
+    steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 1e-4
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to min_lr_ratio·lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05  # on matrices only (no biases, gains or 1-d parameters)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 2.0  # max global gradient norm; 0 turns clipping off
+    ema_decay: float = 0.0  # 0: no EMA; else the exported weights are the EMA's
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
+    device: str = "auto"  # auto: this process's CUDA device under torchrun, else cuda:0 or cpu
+    seed: int = 0
+    num_workers: int = 2  # image decoding processes per training process
+    log_every: int = 10
+    checkpoint_every: int = 500
+    sample_every: int = 0  # 0: no sample grids during training (one is always written at the end)
+    resume: bool = False  # continue the run in `out` from its checkpoint
+    progress: bool = True  # rich progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.data, self.out = Path(self.data), Path(self.out)
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, recorded in the run folder and compared on --resume."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass(kw_only=True)
+class TokenizerTrainConfig(TrainConfig):
+    """Train the multi-scale VQ-VAE: reconstruction + commitment losses, dead-code restarts."""
+
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    lr: float = 2e-4
+    dead_code_every: int = 200  # restart unused codes every N steps (0: never)
+    dead_code_threshold: float = 0.05  # a code is dead when its EMA hits per batch, over all scales, are below this
+
+
+@dataclass(kw_only=True)
+class Stage1Config(TrainConfig):
+    """Markovian next-scale prediction (trunk + next-scale branch)."""
+
+    tokenizer: Path  # a tokenizer folder (from `hmar train tokenizer`) or a model folder
+    model: str | TransformerConfig = "hmar-d16"  # a preset name or an explicit HMAR config
+    cond_drop_rate: float = 0.1  # label dropout for classifier-free guidance
+    loss_weighting: str = "lognormal"
+    lognormal_mu: float = -0.7  # of ln(scale position), position = (k+1)/K in (0, 1]
+    lognormal_sigma: float = 0.75
+    exp_decay_rate: float = 0.5  # exp_decay: weight ∝ exp(-rate·k)
+    token_cache: Path | None = None  # encode the data set once into this file and train from it
+    attention: str = "auto"  # hmar.attention.select_attention name
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tokenizer = Path(self.tokenizer)
+        self.token_cache = None if self.token_cache is None else Path(self.token_cache)
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+
+
+@dataclass(kw_only=True)
+class Stage2Config(TrainConfig):
+    """Masked-prediction fine-tuning of the mask branch, starting from a stage-1 model folder."""
+
+    init: Path  # the stage-1 run's model folder (`<stage1 out>/model`)
+    token_cache: Path | None = None
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.init = Path(self.init)
+        self.token_cache = None if self.token_cache is None else Path(self.token_cache)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
