@@ -1,1 +1,8 @@
-__all__ = []
+"""Triton kernels for HMAR (installed as ``hmar.kernels``); imports no model code.
+
+``block_sparse_attention(q, k, v, block_sizes, pattern="block_diagonal", scale=None)``: attention
+restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton.
+"""
+from .block_sparse_attention import PATTERNS, block_sparse_attention
+
+__all__ = ["block_sparse_attention", "PATTERNS"]

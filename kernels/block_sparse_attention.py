@@ -1,0 +1,590 @@
+"""Block-sparse attention over a sequence of scales, in Triton: forward, backward, autograd wrapper.
+
+The sequence is cut into blocks (HMAR's scales: 1, 4, 9, ... tokens). With the `block_diagonal`
+pattern a query attends to the keys of its own block; with `block_causal` to its own block and all
+earlier ones. Every query therefore attends to one contiguous key range ``[lo[i], hi[i])``, and every
+key is attended by one contiguous query range ``[clo[j], chi[j])``. Both are int32 arrays of length N.
+
+Work is cut along the block structure, on the host, once per (block sizes, pattern, device):
+
+* Row tiles never straddle a block boundary, except that consecutive blocks smaller than the tile
+  are packed together into one tile. A tile therefore needs the union of its rows' key ranges
+  ``[ul, uh)`` and nothing else (no fully-masked key tile is ever visited), and keys inside the
+  intersection ``[il, ih)`` need no mask at all: the kernels run a masked loop over the head of the
+  range, an unmasked loop over its middle and a masked loop over its tail.
+* Tiles are ordered by decreasing work (longest key range first) so the long ones start first.
+* The tables for every tile size the configurations use are packed into one int32 tensor with a
+  small header, so that Triton's autotuner may pick the tile size (keyed on N, head dim, pattern).
+
+Passes: forward (online softmax in base 2, saves the row log-sum-exp), backward preprocess
+(delta = rowsum(dO * O)), a dK/dV pass over key tiles (loops over the queries that see them) and a
+separate dQ pass over query tiles: no atomics, each output written exactly once.
+
+Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use exact-fp32 ("ieee") dots.
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+PATTERNS = ("block_diagonal", "block_causal")
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TILE_SIZES = (16, 32, 64, 128)  # row-tile sizes the tables are built for (header slots 0..3)
+_RECORD = 8  # int32 words per tile record: r0, r1, ul, uh, il, ih, pad, pad
+_HEADER = 8  # offsets of the four tables, then their tile counts
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side layout: per-token ranges and per-tile tables
+# --------------------------------------------------------------------------------------------
+
+def _ranges(block_sizes: tuple[int, ...], pattern: str):
+    sizes = np.asarray(block_sizes, dtype=np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    n = int(ends[-1])
+    tok_start = np.repeat(starts, sizes)
+    tok_end = np.repeat(ends, sizes)
+    if pattern == "block_diagonal":
+        lo, hi = tok_start, tok_end  # query i sees keys [block start, block end)
+        clo, chi = tok_start, tok_end  # key j is seen by queries [block start, block end)
+    else:
+        lo, hi = np.zeros(n, np.int64), tok_end  # own block and everything before it
+        clo, chi = tok_start, np.full(n, n, np.int64)  # own block and everything after it
+    return starts, ends, lo, hi, clo, chi
+
+
+def _tiles(starts, ends, lo, hi, tile: int) -> np.ndarray:
+    """Row tiles aligned to blocks (small consecutive blocks packed), ordered longest range first."""
+    spans = []
+    i, nb = 0, len(starts)
+    while i < nb:
+        size = int(ends[i] - starts[i])
+        if size >= tile:
+            for r0 in range(int(starts[i]), int(ends[i]), tile):
+                spans.append((r0, min(r0 + tile, int(ends[i]))))
+            i += 1
+            continue
+        j = i
+        while j + 1 < nb and ends[j + 1] - starts[i] <= tile:
+            j += 1
+        spans.append((int(starts[i]), int(ends[j])))
+        i = j + 1
+    rec = np.zeros((len(spans), _RECORD), np.int64)
+    for t, (r0, r1) in enumerate(spans):
+        rec[t, :6] = (r0, r1, lo[r0:r1].min(), hi[r0:r1].max(), lo[r0:r1].max(), hi[r0:r1].min())
+    order = np.argsort(-(rec[:, 3] - rec[:, 2]), kind="stable")
+    return rec[order]
+
+
+def _bank(starts, ends, lo, hi) -> np.ndarray:
+    header = np.zeros(_HEADER, np.int64)
+    parts, offset = [], _HEADER
+    for slot, tile in enumerate(TILE_SIZES):
+        rec = _tiles(starts, ends, lo, hi, tile)
+        header[slot], header[4 + slot] = offset, len(rec)
+        parts.append(rec.reshape(-1))
+        offset += rec.size
+    return np.concatenate([header] + parts)
+
+
+class Layout:
+    """Device tables for one (block sizes, pattern, device); built once and cached."""
+
+    def __init__(self, block_sizes: tuple[int, ...], pattern: str, device: torch.device):
+        starts, ends, lo, hi, clo, chi = _ranges(block_sizes, pattern)
+        self.block_sizes, self.pattern, self.n = block_sizes, pattern, int(ends[-1])
+        if self.n >= 2**31 // 2:
+            raise ValueError(f"block_sparse_attention: {self.n} tokens is more than this kernel indexes")
+        as_i32 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=device)  # noqa: E731
+        self.lo, self.hi, self.clo, self.chi = as_i32(lo), as_i32(hi), as_i32(clo), as_i32(chi)
+        row_bank, col_bank = _bank(starts, ends, lo, hi), _bank(starts, ends, clo, chi)
+        self.row_tab, self.col_tab = as_i32(row_bank), as_i32(col_bank)
+        self.row_ntiles = {t: int(row_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
+        self.col_ntiles = {t: int(col_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
+        self.pattern_key = 10 * (1 + PATTERNS.index(pattern))  # autotune key (never 1 nor %16)
+        # useful (unmasked) query-key pairs, for FLOP counts
+        self.pairs = int((hi - lo).sum())
+
+
+@lru_cache(maxsize=64)
+def _layout_cached(block_sizes: tuple[int, ...], pattern: str, device: torch.device) -> Layout:
+    return Layout(block_sizes, pattern, device)
+
+
+def get_layout(block_sizes: Sequence[int], pattern: str, device) -> Layout:
+    return _layout_cached(tuple(int(b) for b in block_sizes), pattern, torch.device(device))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_record(TAB, TILE: tl.constexpr):
+    """This program's (tile, batch*head) and the tile's six table entries."""
+    if TILE == 16:
+        slot = 0
+    elif TILE == 32:
+        slot = 1
+    elif TILE == 64:
+        slot = 2
+    else:
+        slot = 3
+    base = tl.load(TAB + slot)
+    ntiles = tl.load(TAB + 4 + slot)
+    pid = tl.program_id(0)
+    tile = pid % ntiles
+    bh = pid // ntiles
+    rec = TAB + base + tile * 8
+    r0 = tl.load(rec)
+    r1 = tl.load(rec + 1)
+    ul = tl.load(rec + 2)
+    uh = tl.load(rec + 3)
+    il = tl.load(rec + 4)
+    ih = tl.load(rec + 5)
+    return bh, r0, r1, ul, uh, il, ih
+
+
+@triton.jit
+def _phases(ul, uh, il, ih, STEP: tl.constexpr):
+    """Split [ul, uh) (steps of STEP from ul) into masked head [ul, a), unmasked [a, b), masked tail."""
+    a = ul + tl.cdiv(tl.maximum(il - ul, 0), STEP) * STEP
+    b = a + (tl.maximum(ih - a, 0) // STEP) * STEP
+    return tl.minimum(a, uh), a, b
+
+
+@triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the CPU interpreter multiplies bf16 wrongly; the GPU path never sets it.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, bound,
+              lo, hi, qk_scale, offs_d,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :] * svd
+        if MASKED:
+            n_ok = offs_n < bound
+            k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = _mm(q, tl.trans(k), None, PREC, UPCAST)
+        if MASKED:
+            ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            s = tl.where(ok, s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = _mm(p.to(v.dtype), v, acc, PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI,
+              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+              H, N, qk_scale, KEY_PATTERN,
+              HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    bh, r0, r1, ul, uh, il, ih = _tile_record(TAB, BLOCK_M)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    m_ok = offs_m < r1
+    rows = tl.minimum(offs_m, r1 - 1)  # padding rows behave like the tile's last row, never stored
+    lo = tl.load(LO + rows)
+    hi = tl.load(HI + rows)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: rows with no key yet stay NaN-free
+    a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
+                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
+                              lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, b_end, uh, uh,
+                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    acc = acc / l_i[:, None]
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
+               HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    ok = offs_m < N
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=ok)
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+               start, end, bound, clo, chi, qk_scale, offs_d,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+        do_ptrs = do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd
+        if MASKED:
+            m_ok = offs_m < bound
+            q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            lse = tl.load(lse_base + offs_m)
+        st = _mm(k, tl.trans(q), None, PREC, UPCAST)
+        if MASKED:
+            ok = (offs_m[None, :] >= clo[:, None]) & (offs_m[None, :] < chi[:, None])
+            st = tl.where(ok, st * qk_scale, float("-inf"))
+        else:
+            st = st * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_base + offs_m)
+        dv = _mm(pt.to(do.dtype), do, dv, PREC, UPCAST)
+        dpt = _mm(v, tl.trans(do), None, PREC, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk = _mm(dst.to(q.dtype), q, dk, PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TAB, CLO, CHI,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdb, sdh, sdn, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+                   H, N, qk_scale, sm_scale, KEY_PATTERN,
+                   HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Rows of this program are keys [r0, r1); it loops over the queries that attend to them.
+    bh, r0, r1, ul, uh, il, ih = _tile_record(TAB, BLOCK_N)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = r0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    n_ok = offs_n < r1
+    cols = tl.minimum(offs_n, r1 - 1)
+    clo = tl.load(CLO + cols)
+    chi = tl.load(CHI + cols)
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    lse_base = LSE + bh.to(tl.int64) * N
+    delta_base = DELTA + bh.to(tl.int64) * N
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_M)
+    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                        ul, a_end, uh, clo, chi, qk_scale, offs_d, BLOCK_M, True, PREC, UPCAST)
+    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                        a, b_end, uh, clo, chi, qk_scale, offs_d, BLOCK_M, False, PREC, UPCAST)
+    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sqd, sdn, sdd,
+                        b_end, uh, uh, clo, chi, qk_scale, offs_d, BLOCK_M, True, PREC, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * skgb + h * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + b * svgb + h * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, start, end, bound,
+             lo, hi, qk_scale, offs_d,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :] * svd
+        if MASKED:
+            n_ok = offs_n < bound
+            k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _mm(q, tl.trans(k), None, PREC, UPCAST)
+        if MASKED:
+            ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+            s = tl.where(ok, s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _mm(do, tl.trans(v), None, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _mm(ds.to(k.dtype), k, dq, PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TAB, LO, HI,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sdb, sdh, sdn, sdd, sqgb, sqgh, sqgn, sqgd,
+                 H, N, qk_scale, sm_scale, KEY_PATTERN,
+                 HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    bh, r0, r1, ul, uh, il, ih = _tile_record(TAB, BLOCK_M)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    m_ok = offs_m < r1
+    rows = tl.minimum(offs_m, r1 - 1)
+    lo = tl.load(LO + rows)
+    hi = tl.load(HI + rows)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=m_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + rows)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
+                  lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
+                  lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
+    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, b_end, uh, uh,
+                  lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sqgb + h * sqgh + offs_m[:, None] * sqgn + offs_d[None, :] * sqgd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations: (row tile, inner tile, warps, stages). The row tile picks the table.
+# --------------------------------------------------------------------------------------------
+
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+DKDV_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
+
+# Defaults when not autotuning (and the interpreter's: small tiles so tests cross tile edges).
+DEFAULTS = {"fwd": (128, 64, 4, 3), "dkdv": (128, 64, 8, 3), "dq": (128, 64, 8, 3)}
+INTERPRET_DEFAULTS = {"fwd": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+
+
+def _autotuned(kernel, configs, row_key, inner_key):
+    cfgs = [triton.Config({row_key: r, inner_key: n}, num_warps=w, num_stages=s) for r, n, w, s in configs]
+
+    def prune(configs_, named_args, **kwargs):
+        head_d = kwargs.get("HEAD_D", named_args.get("HEAD_D", 64) if isinstance(named_args, dict) else 64)
+        keep = [c for c in configs_ if not (head_d >= 128 and c.kwargs[row_key] * c.kwargs[inner_key] > 128 * 64)]
+        return keep or configs_
+
+    return triton.autotune(cfgs, key=["N", "HEAD_D", "KEY_PATTERN"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
+_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv, DKDV_CONFIGS, "BLOCK_N", "BLOCK_M")
+_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq, DQ_CONFIGS, "BLOCK_M", "BLOCK_N")
+
+
+def _autotune_enabled() -> bool:
+    return not _interpreting() and os.environ.get("HMAR_ATTN_AUTOTUNE", "1") not in ("0", "")
+
+
+def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs):
+    """Launch with an explicit config (`config` or the defaults), or through the autotuner."""
+    if config is None and _autotune_enabled():
+        tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
+        return
+    if config is None:
+        config = (INTERPRET_DEFAULTS if _interpreting() else DEFAULTS)[pass_name]
+    rows, inner, warps, stages = config
+    if rows not in TILE_SIZES:
+        raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
+    extra = {} if _interpreting() else {"num_warps": warps, "num_stages": stages}
+    kernel[(grid_counts[rows],)](*args, **kwargs, **{row_key: rows, inner_key: inner}, **extra)
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _counts(ntiles: dict, bh: int) -> dict:
+    return {t: n * bh for t, n in ntiles.items()}
+
+
+def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None, config=None):
+    """Forward pass; returns (out, lse). `out`/`lse` may be given (tests poison them first)."""
+    B, H, N, D = q.shape
+    if out is None:
+        # (B, N, H, D) memory seen as (B, H, N, D): `out.transpose(1, 2).reshape(B, N, H*D)` is free.
+        out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    args = (q, k, v, out, lse, layout.row_tab, layout.lo, layout.hi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, layout.pattern_key)
+    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    _launch(_attn_fwd, _attn_fwd_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=None, dk=None, dv=None,
+                       configs=None):
+    """Backward pass; returns (dq, dk, dv). `configs` may hold explicit 'dkdv'/'dq' configs."""
+    B, H, N, D = q.shape
+    configs = configs or {}
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    block = 64
+    _bwd_delta[(triton.cdiv(N, block), B * H)](out, do, delta, *_strides(out), *_strides(do), H, N,
+                                               HEAD_D=D, BLOCK=block)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    args = (q, k, v, do, dk, dv, lse, delta, layout.col_tab, layout.clo, layout.chi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            H, N, scale * LOG2E, scale, layout.pattern_key)
+    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, _counts(layout.col_ntiles, B * H), "BLOCK_N", "BLOCK_M", "dkdv",
+            configs.get("dkdv"), args, kwargs)
+    args = (q, k, v, do, dq, lse, delta, layout.row_tab, layout.lo, layout.hi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, N, scale * LOG2E, scale, layout.pattern_key)
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "dq",
+            configs.get("dq"), args, kwargs)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd wrapper and the public function
+# --------------------------------------------------------------------------------------------
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, configs):
+        out, lse = attention_forward(q, k, v, layout, scale, config=(configs or {}).get("fwd"))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.configs = layout, scale, configs
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.layout, ctx.scale, configs=ctx.configs)
+        return dq, dk, dv, None, None, None
+
+
+def _autocast_dtype(device_type: str):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else False
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype()
+
+
+def _check(q, k, v, block_sizes, pattern, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"block_sparse_attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"block_sparse_attention: {name} must be (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"block_sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"block_sparse_attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(f"block_sparse_attention runs on CUDA (or on the CPU under TRITON_INTERPRET=1), got {q.device}; "
+                         "use a reference implementation elsewhere")
+    if pattern not in PATTERNS:
+        raise ValueError(f"block_sparse_attention: unknown pattern {pattern!r}; expected one of {PATTERNS}")
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"block_sparse_attention: head_dim {D} is not supported; supported: {HEAD_DIMS}")
+    try:
+        sizes = tuple(int(b) for b in block_sizes)
+    except TypeError:
+        raise TypeError("block_sparse_attention: block_sizes must be a sequence of positive ints") from None
+    if any(int(b) != b for b in block_sizes) or any(s <= 0 for s in sizes):
+        raise ValueError(f"block_sparse_attention: block_sizes must be positive ints, got {list(block_sizes)}")
+    if sum(sizes) != q.shape[2]:
+        raise ValueError(f"block_sparse_attention: block_sizes sum to {sum(sizes)} but there are {q.shape[2]} tokens")
+    if scale is None:
+        scale = D ** -0.5
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"block_sparse_attention: scale must be finite, got {scale}")
+    return sizes, scale
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_sizes: Sequence[int],
+                           pattern: str = "block_diagonal", scale: float | None = None, *, _configs=None) -> torch.Tensor:
+    """Softmax attention where query i sees keys of its own block (`block_diagonal`) or of its own and
+    all earlier blocks (`block_causal`).
+
+    q, k, v: (batch, heads, tokens, head_dim) on CUDA, fp16/bf16/fp32, any strides, head_dim in
+    16/32/64/128. `block_sizes`: positive ints summing to tokens. `scale`: softmax scale, default
+    head_dim**-0.5. Differentiable in q, k, v. Under CUDA autocast the inputs are cast to the autocast
+    dtype (as SDPA is). Returns (batch, heads, tokens, head_dim) in the inputs' dtype, laid out so that
+    ``out.transpose(1, 2)`` is contiguous.
+    """
+    sizes, scale = _check(q, k, v, block_sizes, pattern, scale)
+    cast = _autocast_dtype(q.device.type)
+    if cast is not None and q.dtype in DTYPES:
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"block_sparse_attention: dtype {q.dtype} is not supported; supported: fp16, bf16, fp32")
+    if q.numel() == 0:
+        return (q + k + v) * 0.0
+    layout = get_layout(sizes, pattern, q.device)
+    return _BlockSparseAttention.apply(q, k, v, layout, scale, _configs)
