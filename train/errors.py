@@ -4,3 +4,7 @@ from hmar.errors import HmarError
 
 class TrainingError(HmarError):
     """A run folder that exists without --resume, a checkpoint that does not fit, out of memory…"""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint was written; --resume continues it."""

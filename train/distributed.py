@@ -1,0 +1,94 @@
+"""One process or many: the same training code under `python`, `torchrun` on one machine, or many.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; with more than one process we join a process group
+(NCCL on CUDA, gloo on the CPU) and wrap the trained module in DistributedDataParallel. Alone, every
+collective here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from hmar.errors import DeviceError
+
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # we started the process group, so we end it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average of a tensor over the processes (a copy, on this process's device)."""
+        tensor = tensor.detach().to(self.device, torch.float32).clone()
+        if self.active:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().to(self.device, torch.float32).clone()
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is True on one (e.g. a stop signal seen by one rank first)."""
+        return bool(self.total(torch.tensor(float(flag))).item() > 0)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if not self.active:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _device(option: str, local_rank: int) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(option)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was requested but no CUDA device is available here; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device_option: str = "auto") -> Processes:
+    """This process's place in the run, joining the process group when torchrun started several."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(device_option, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        owns = True
+    return Processes(rank, world_size, local_rank, device, owns)

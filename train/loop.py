@@ -1,0 +1,210 @@
+"""The training loop every stage shares, and the contract a stage fills in.
+
+A stage supplies an objective module (forward(*inputs) → (loss, logged numbers)), the batches of
+each step, and what to write at the end. The loop owns the rest: the run folder, AdamW (fused on
+CUDA) with warm-up + cosine decay, bf16 autocast on CUDA, gradient clipping, optional EMA, DDP,
+checkpoints every N steps and on SIGTERM/SIGINT, resume, metrics, progress, sample grids, and a
+clear error when a batch does not fit in memory.
+
+Random numbers are reseeded from (seed, step, rank) before every step: with the data order (also a
+function of the step) that makes a resumed run repeat an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hmar.train.checkpoint import CHECKPOINT, StopRequest, load_checkpoint, prepare_run_folder, save_checkpoint
+from hmar.train.data import BatchOrder
+from hmar.train.distributed import Processes
+from hmar.train.ema import ParameterEMA
+from hmar.train.errors import TrainingError, TrainingInterrupted
+from hmar.train.images import save_grid
+from hmar.train.lr_schedule import build_scheduler
+from hmar.train.metrics import MetricsLog, ProgressBar, Throughput
+from hmar.train.options import TrainConfig
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class StepInputs:
+    tensors: tuple  # the objective's positional inputs, on the device
+    images: int  # images in this process's batch
+    skipped: int = 0  # unreadable images left out of it
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: int
+    exported: Path  # the model / tokenizer folder written at the end
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """What a stage provides to `train`. Subclasses set `name`, `config`, `procs`, `objective`, `order`."""
+
+    name: str
+    config: TrainConfig
+    procs: Processes
+    objective: nn.Module
+    order: BatchOrder
+
+    def batches(self, start: int) -> Iterator[StepInputs]:
+        raise NotImplementedError
+
+    def after_step(self, step: int, inputs: StepInputs) -> None:
+        """Hook after the optimiser step `step` (1-based), e.g. dead-code restarts."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def sample_images(self) -> torch.Tensor:
+        """A few images in [0, 1] showing what the model does now (samples or reconstructions)."""
+        raise NotImplementedError
+
+    def export(self, state: dict[str, torch.Tensor]) -> Path:
+        """Write the final artefact from the objective's state dict (the EMA's when enabled)."""
+        raise NotImplementedError
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for name, value in numbers.items():
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            out.update({f"{name}/scale_{k}": float(v) for k, v in enumerate(value.tolist())})
+    return out
+
+
+def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
+    config, procs, objective = stage.config, stage.procs, stage.objective
+    out = config.out
+    prepare_run_folder(out, config.as_dict(), config.resume, procs.is_main)
+    procs.barrier()
+
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=config.lr, betas=config.betas, fused=procs.device.type == "cuda")
+    scheduler = build_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+    ema = ParameterEMA(objective, config.ema_decay) if config.ema_decay > 0 else None
+
+    start = 0
+    if config.resume:
+        state = load_checkpoint(out / CHECKPOINT)
+        objective.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        stage.load_extra_state(state["extra"])
+        start = int(state["step"])
+
+    def checkpoint(step: int) -> None:
+        if procs.is_main:
+            save_checkpoint(out / CHECKPOINT, {
+                "step": step, "model": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else {}, "extra": stage.extra_state(),
+            })
+        procs.barrier()
+
+    model = procs.wrap(objective)
+    log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
+    speed, skipped, last = Throughput(), 0, {}
+    batches = stage.batches(start)
+    objective.train()
+    with StopRequest() as stop, ProgressBar(config.progress and procs.is_main, stage.name, config.steps, start) as bar:
+        for step in range(start, config.steps):
+            inputs = next(batches)
+            seed_step(config.seed, step, procs.rank)
+            try:
+                with _autocast(config, procs.device):
+                    loss, numbers = model(*inputs.tensors)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise TrainingError(
+                        f"out of memory at batch size {config.batch_size} per process on {procs.device}: lower --batch-size "
+                        f"(the global batch is batch size x processes, so more GPUs keep it), or use a smaller model"
+                    ) from None
+                raise
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(objective)
+            done = step + 1
+            stage.after_step(done, inputs)
+            speed.add(inputs.images * procs.world_size)
+            skipped += inputs.skipped
+
+            if done % config.log_every == 0 or done == config.steps:
+                numbers = {"loss": loss.detach(), **numbers}
+                if grad_norm is not None:
+                    numbers["grad_norm"] = grad_norm
+                averaged = {k: procs.mean(v) for k, v in numbers.items()}
+                last = {"step": done, "lr": scheduler.get_last_lr()[0], "images_per_s": speed.read(),
+                        "skipped_images": int(procs.total(torch.tensor(float(skipped))).item()),
+                        "epoch": stage.order.epoch_of(done), "time": time.time(), **_flatten(averaged)}
+                if log is not None:
+                    log.write(last)
+                bar.update(done, last["loss"], last["images_per_s"])
+                if on_step is not None:
+                    on_step(done, last)
+            else:
+                bar.update(done)
+
+            if config.sample_every and done % config.sample_every == 0 and procs.is_main:
+                _write_samples(stage, out / "samples" / f"step_{done:07d}.png")
+            stopping = procs.any(stop.requested is not None)
+            if done % config.checkpoint_every == 0 or done == config.steps or stopping:
+                checkpoint(done)
+            if stopping and done < config.steps:
+                raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume")
+
+    if procs.is_main:
+        _write_samples(stage, out / "samples" / "final.png")
+        exported = stage.export(ema.averaged_state(objective) if ema else objective.state_dict())
+    else:
+        exported = out
+    procs.barrier()
+    return RunResult(out, config.steps, exported, last)
+
+
+def _write_samples(stage: Stage, path: Path) -> None:
+    stage.objective.eval()
+    with torch.no_grad():
+        save_grid(stage.sample_images(), path)
+    stage.objective.train()

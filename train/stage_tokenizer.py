@@ -1,0 +1,108 @@
+"""Tokenizer stage: train the multi-scale VQ-VAE on a new domain, from images alone.
+
+Loss: mean squared reconstruction error plus the VQ loss of `MultiScaleVQVAE.forward` (codes pulled
+to the encoder's features, features committed to their codes with weight beta). Code usage per
+scale is logged; every `dead_code_every` steps, codes whose usage (EMA of hits per batch, summed
+over scales) fell below `dead_code_threshold` are restarted at random encoder feature vectors of the
+current batch (chosen on the main process and broadcast). Writes `<out>/tokenizer`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hmar.tokenizer import MultiScaleVQVAE
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
+from hmar.train.distributed import Processes
+from hmar.train.errors import TrainingError
+from hmar.train.loop import Stage, StepInputs
+from hmar.train.model_folders import write_tokenizer_folder
+from hmar.train.options import TokenizerTrainConfig
+
+TOKENIZER_FOLDER = "tokenizer"
+PREVIEW_IMAGES = 8
+
+
+class ReconstructionObjective(nn.Module):
+    def __init__(self, tokenizer: MultiScaleVQVAE):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, images: torch.Tensor):
+        reconstruction, vq_loss, usage = self.tokenizer(images)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), images)
+        numbers = {"reconstruction": reconstruction_loss.detach(), "vq": vq_loss.detach(), "usage_per_scale": usage.detach()}
+        return reconstruction_loss + vq_loss, numbers
+
+
+class TokenizerStage(Stage):
+    name = "tokenizer"
+
+    def __init__(self, config: TokenizerTrainConfig, procs: Processes):
+        self.config, self.procs = config, procs
+        self.folder = ImageFolder.scan(config.data)
+        torch.manual_seed(config.seed)  # same initial weights on every process
+        self.tokenizer = MultiScaleVQVAE(config.model).to(procs.device)
+        self.objective = ReconstructionObjective(self.tokenizer)
+        self.order = BatchOrder(len(self.folder), config.batch_size, config.seed, procs.rank, procs.world_size)
+        self.restarted = 0
+        self._preview: torch.Tensor | None = None
+
+    def batches(self, start: int) -> Iterator[StepInputs]:
+        previous = None
+        for step, batch in enumerate(image_batches(self.folder, self.config.model.image_size, self.order, start, self.config.steps, self.config.num_workers), start):
+            images = batch.images
+            if batch.labels.numel() == 0:
+                if previous is None:
+                    raise TrainingError(f"no image of the batch of step {step} could be read; check the data folder {self.folder.root}")
+                images = previous
+            previous = images
+            yield StepInputs((images.to(self.procs.device, non_blocking=True),), images.shape[0], batch.skipped)
+
+    @torch.no_grad()
+    def after_step(self, step: int, inputs: StepInputs) -> None:
+        every = self.config.dead_code_every
+        if not every or step % every:
+            return
+        quantize = self.tokenizer.quantize
+        dead = quantize.ema_vocab_hit_SV.sum(dim=0) < self.config.dead_code_threshold
+        if self.procs.active:  # decide on the main process, restart everywhere alike
+            dist.broadcast(dead, src=0)
+        count = int(dead.sum())
+        if count == 0:
+            return
+        features = self.tokenizer.features(inputs.tensors[0]).float()
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        picks = torch.randint(0, vectors.shape[0], (count,), device=vectors.device)
+        codes = quantize.embedding.weight
+        codes[dead] = vectors[picks].to(codes.dtype)
+        alive = quantize.ema_vocab_hit_SV[:, ~dead]
+        quantize.ema_vocab_hit_SV[:, dead] = alive.mean(dim=1, keepdim=True) if alive.numel() else 1.0
+        if self.procs.active:
+            dist.broadcast(codes, src=0)
+            dist.broadcast(quantize.ema_vocab_hit_SV, src=0)
+        self.restarted += count
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"recorded_batches": self.tokenizer.quantize.recorded_batches, "restarted_codes": self.restarted}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.tokenizer.quantize.recorded_batches = int(state["recorded_batches"])
+        self.restarted = int(state["restarted_codes"])
+
+    def sample_images(self) -> torch.Tensor:
+        """Originals (first row) over their reconstructions (second row)."""
+        if self._preview is None:
+            size = self.config.model.image_size
+            picks = [load_image(f, size, False) for f in self.folder.files[:: max(1, len(self.folder) // PREVIEW_IMAGES)]]
+            self._preview = torch.stack([p for p in picks if p is not None][:PREVIEW_IMAGES]).to(self.procs.device)
+        reconstruction = self.tokenizer.decode_tokens(self.tokenizer.encode(self._preview))
+        return torch.cat((self._preview, reconstruction)).add(1).mul(0.5)
+
+    def export(self, state: dict[str, torch.Tensor]) -> Path:
+        return write_tokenizer_folder(self.config.out / TOKENIZER_FOLDER, self.tokenizer, {k.removeprefix("tokenizer."): v for k, v in state.items()})
