@@ -12,23 +12,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import hmar
 from hmar.classes import display_name, resolve_class
 from hmar.errors import InputError
+from hmar.images import check_writable, grid, image_from_array, output_paths, save_png
 from hmar.pipeline import Pipeline
 from hmar.schedule import format_schedule
-from hmar_cli.output import check_writable, grid, output_paths, save_png, to_pil
+from hmar_cli.downloads import model_folder
 
 err_console = Console(stderr=True)
 
 
-def load_pipeline(model: str, device: str) -> Pipeline:
-    """A model folder (config.json + weights)."""
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"no model folder with a config.json at {model!r}")
-    return Pipeline.from_folder(folder, device=device)
+def load_pipeline(model: str, device: str, quiet: bool = False) -> Pipeline:
+    """A registry name (downloaded on first use) or a model folder (config.json + weights)."""
+    return Pipeline.from_folder(model_folder(model, err_console, quiet=quiet), device=device, name=model)
 
 
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="Model folder (config.json + weight files)."),
+    model: str = typer.Option(..., "--model", "-m", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
     classes: list[str] = typer.Option(..., "--class", "-c", help="Class index or name; repeat for several."),
     num: int = typer.Option(1, "--num", "-n", min=1, help="Images per class."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps in all (HMAR: 14 is the authors' default)."),
@@ -47,7 +45,7 @@ def generate(
     """Generate images of the given classes."""
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, quiet=as_json)
     labels = [resolve_class(c, pipe.num_classes, pipe.config.class_names) for c in classes for _ in range(num)]
     settings = pipe.settings(steps=steps, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, count=len(labels))
     paths = output_paths(out, len(labels))
@@ -64,7 +62,7 @@ def generate(
 
         gen = pipe.generate(labels, progress=advance, steps=steps, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
 
-    images = [to_pil(image) for image in gen.images]
+    images = [image_from_array(image.permute(1, 2, 0).numpy()) for image in gen.images]
     common = {
         "Software": f"hmar {hmar.__version__}", "hmar:model": pipe.name or model, "hmar:seed": str(settings.seed),
         "hmar:cfg": str(settings.cfg), "hmar:top_k": str(settings.top_k), "hmar:top_p": str(settings.top_p),

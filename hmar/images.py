@@ -1,0 +1,428 @@
+"""Image files in and out, for generation and the editing commands.
+
+Reading: any image Pillow decodes, in any mode (RGBA, LA, palette, grayscale, 1-bit, CMYK, 16-bit),
+turned upright by its EXIF orientation and flattened to 8-bit RGB: transparency is composited on
+white (or dropped). Masks are read the same way but composited on black, then white (luminance above
+50 %) means "regenerate". Every failure is an `InputError` that names the file and the problem, and
+images above a pixel limit are refused before they are decoded (decompression bombs).
+
+Editing at the model's resolution (`plan_edit`): the model sees a square window of the image, the
+largest centred square (side = the shorter edge), moved to contain the region to regenerate and grown
+past the image edges (edge pixels repeated) when the region is wider than that; the window is resized
+to the model resolution. The result is resized back and blended in only where the (dilated,
+feathered) mask is above zero, so every other pixel of the output is the input pixel, bit for bit.
+
+Writing: PNG with text metadata, written to a temporary file beside the target and moved into place,
+never replacing an existing file unless asked; output names from a template; grids.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from hmar.errors import HmarError, InputError
+
+MAX_PIXELS = 120_000_000  # larger images are refused unread (Pillow's own hard limit is ~179 MP)
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class OutputError(HmarError):
+    """An output that cannot be written (exists without --overwrite, missing or read-only folder)."""
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def load_image(path: str | os.PathLike, *, alpha: str = "white", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file as upright 8-bit RGB. `alpha`: "white" composites transparency on white,
+    "drop" discards it."""
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
+    image = _decode(Path(path), "image", max_pixels)
+    return _to_rgb(image, WHITE if alpha == "white" else None)
+
+
+@dataclass(frozen=True)
+class Mask:
+    regenerate: np.ndarray  # (H, W) bool: True where new pixels are generated
+    notes: tuple[str, ...] = ()  # things the user should know (resizing…)
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS) -> Mask:
+    """A mask file for an image of `size` (W, H): white (> 50 %) = regenerate, black = keep;
+    transparent areas count as black. A mask of another size is resized to the image."""
+    image = _decode(Path(path), "mask", max_pixels)
+    gray = _to_rgb(image, BLACK).convert("L")
+    notes = []
+    if gray.size != tuple(size):
+        notes.append(f"mask {Path(path).name} is {gray.size[0]}x{gray.size[1]} but the image is "
+                     f"{size[0]}x{size[1]}: the mask was resized to the image")
+        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
+    return Mask(np.asarray(gray) > 127, tuple(notes))
+
+
+def _decode(path: Path, what: str, max_pixels: int) -> Image.Image:
+    """Open, check the pixel count, decode fully and apply the EXIF orientation."""
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(path) as image:
+                _check_pixels(path, what, image.size, max_pixels)
+                image.load()
+                return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} {path} has more pixels than Pillow's safety limit allows (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} {path} is not an image (or not in a format Pillow can read)") from None
+    except PermissionError:
+        raise InputError(f"cannot read {what} {path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what} {path} is corrupt or truncated ({detail})") from None
+
+
+def _check_pixels(path: Path, what: str, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise InputError(f"{what} {path} is {width}x{height} = {width * height:,} pixels, more than the limit of "
+                         f"{max_pixels:,} (a decompression bomb, or simply too large: downscale it first)")
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """Any mode → 8-bit RGB; transparency composited on `background` (None: dropped)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        image = Image.fromarray(_to_8bit(np.asarray(image), image.mode), mode="L")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        if background is None:
+            return rgba.convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel 16-bit pixels (0..65535) or floats (0..1, else 0..255) → uint8."""
+    values = values.astype(np.float64)
+    if mode in _SIXTEEN_BIT_MODES:
+        values = values / 257.0
+    elif values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+# ---- masks and boxes --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in pixels: x0, y0 inclusive, x1, y1 exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+def parse_box(text: str) -> Box:
+    """`x0,y0,x1,y1` (integers; x1 > x0, y1 > y0)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4 or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        raise InputError(f"box must be four integers x0,y0,x1,y1, got {text!r}")
+    box = Box(*(int(p) for p in parts))
+    if box.x1 <= box.x0 or box.y1 <= box.y0:
+        raise InputError(f"box {text} is empty: it needs x1 > x0 and y1 > y0")
+    return box
+
+
+def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool, True inside `box`, which must lie within an image of `size` (W, H)."""
+    width, height = size
+    if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
+        raise InputError(f"box {box.x0},{box.y0},{box.x1},{box.y1} reaches outside the {width}x{height} image "
+                         f"(x must be within 0..{width}, y within 0..{height})")
+    regenerate = np.zeros((height, width), dtype=bool)
+    regenerate[box.y0:box.y1, box.x0:box.x1] = True
+    return regenerate
+
+
+def mask_notes(regenerate: np.ndarray) -> tuple[str, ...]:
+    """Refuses a mask with nothing to regenerate; notes one that covers everything."""
+    if not regenerate.any():
+        raise InputError("the mask selects nothing to regenerate (it is all black): nothing to do")
+    if regenerate.all():
+        return ("the mask covers the whole image: this is the same as generating a new image",)
+    return ()
+
+
+def dilate(regenerate: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow the region to regenerate by `pixels` in every direction (a round brush)."""
+    _check_pixels_option("dilate", pixels)
+    if pixels == 0:
+        return regenerate.copy()
+    brush = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(regenerate.astype(np.uint8), brush).astype(bool)
+
+
+def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
+    """Blend weight of the generated pixels, (H, W) float32: 0 exactly outside the region, rising
+    to 1 over `pixels` inside it (0: a hard edge)."""
+    _check_pixels_option("feather", pixels)
+    if pixels == 0:
+        return regenerate.astype(np.float32)
+    distance = cv2.distanceTransform(regenerate.astype(np.uint8), cv2.DIST_L2, 5)
+    return np.clip(distance / float(pixels), 0.0, 1.0).astype(np.float32)
+
+
+def _check_pixels_option(name: str, pixels: int) -> None:
+    if int(pixels) != pixels or pixels < 0:
+        raise InputError(f"--{name} must be a whole number of pixels >= 0, got {pixels}")
+
+
+# ---- the model's view and back ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """A square of the image in pixels; it may reach past the image edges (edge pixels repeat)."""
+
+    x0: int
+    y0: int
+    side: int
+
+
+def square_window(size: tuple[int, int], regenerate: np.ndarray) -> Window:
+    """The centred square of side min(W, H), moved to contain the region, grown to fit it if needed."""
+    width, height = size
+    ys, xs = np.nonzero(regenerate)
+    if xs.size == 0:
+        left, top, right, bottom = 0, 0, width, height
+    else:
+        left, top, right, bottom = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    side = max(min(width, height), right - left, bottom - top)
+    return Window(_place(left, right, side, width), _place(top, bottom, side, height), side)
+
+
+def _place(start: int, stop: int, side: int, extent: int) -> int:
+    """Start of a span of `side` covering [start, stop) and as much of [0, extent) as possible."""
+    if side >= extent:
+        return (extent - side) // 2
+    return int(np.clip(round((start + stop - side) / 2), 0, extent - side))
+
+
+def crop_window(pixels: np.ndarray, window: Window) -> np.ndarray:
+    """The window's pixels of an (H, W, …) array, edge pixels repeated outside the image."""
+    height, width = pixels.shape[:2]
+    pad = (max(0, -window.y0), max(0, window.y0 + window.side - height),
+           max(0, -window.x0), max(0, window.x0 + window.side - width))
+    if any(pad):
+        pixels = cv2.copyMakeBorder(pixels, *pad, cv2.BORDER_REPLICATE)
+    y0, x0 = window.y0 + pad[0], window.x0 + pad[2]
+    return pixels[y0:y0 + window.side, x0:x0 + window.side]
+
+
+def _resize(pixels: np.ndarray, side: int) -> np.ndarray:
+    shrinking = side < pixels.shape[0]
+    return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def _resize_mask(share: np.ndarray, side: int) -> np.ndarray:
+    """A 0/1 float mask resized so that any output pixel touching the region gets a share > 0."""
+    shrinking = side < share.shape[0]
+    return cv2.resize(share, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+@dataclass
+class EditPlan:
+    """An edit of one image: what the model sees, and how its output goes back."""
+
+    original: Image.Image  # RGB, the full input
+    alpha: np.ndarray  # (H, W) float32 blend weight of generated pixels; 0 = the input pixel, exactly
+    window: Window
+    model_image: np.ndarray  # (S, S, 3) uint8: the window at the model resolution
+    model_keep: np.ndarray  # (S, S) bool: pixels whose tokens are forced (False = regenerate)
+    notes: tuple[str, ...] = field(default=())
+
+    def composite(self, generated: Image.Image | np.ndarray) -> Image.Image:
+        """The model's (S, S) output placed back at the original size: generated pixels blended in
+        by `alpha`, all others the input's own."""
+        result = np.asarray(generated.convert("RGB") if isinstance(generated, Image.Image) else generated)
+        if result.shape != self.model_image.shape or result.dtype != np.uint8:
+            raise ValueError(f"generated image must be uint8 {self.model_image.shape}, got {result.dtype} {result.shape}")
+        original = np.asarray(self.original)
+        height, width = original.shape[:2]
+        window = _resize(result, self.window.side)
+        full = np.zeros_like(original)
+        y0, x0 = max(0, self.window.y0), max(0, self.window.x0)
+        y1, x1 = min(height, self.window.y0 + self.window.side), min(width, self.window.x0 + self.window.side)
+        full[y0:y1, x0:x1] = window[y0 - self.window.y0:y1 - self.window.y0, x0 - self.window.x0:x1 - self.window.x0]
+        weight = self.alpha[..., None]
+        blended = np.rint(weight * full + (1.0 - weight) * original).astype(np.uint8)
+        return Image.fromarray(np.where(weight > 0, blended, original), mode="RGB")
+
+
+def plan_edit(image: Image.Image, regenerate: np.ndarray, resolution: int, *, dilate_pixels: int = 0,
+              feather_pixels: int = 0) -> EditPlan:
+    """Prepare an edit of `image` (RGB) regenerating `regenerate` (H, W) bool at a model of
+    `resolution` px: dilate, feather, choose the window, resize."""
+    if regenerate.shape != (image.height, image.width):
+        raise ValueError(f"mask shape {regenerate.shape} does not match the image {image.height}x{image.width}")
+    mask_notes(regenerate)  # refuses an empty mask
+    grown = dilate(regenerate, dilate_pixels)
+    notes = mask_notes(grown)
+    alpha = feather(grown, feather_pixels)
+    window = square_window(image.size, grown)
+    model_image = _resize(crop_window(np.asarray(image.convert("RGB")), window), resolution)
+    share = _resize_mask(crop_window(grown.astype(np.float32), window), resolution)
+    return EditPlan(image.convert("RGB"), alpha, window, np.ascontiguousarray(model_image), share <= 1e-6, notes)
+
+
+# ---- outpainting ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Margins:
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`WxH` → (W, H)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+    if not match or int(match[1]) == 0 or int(match[2]) == 0:
+        raise InputError(f"size must look like WIDTHxHEIGHT, e.g. 512x384, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def outpaint_margins(size: tuple[int, int], *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+                     expand: float | None = None, to: tuple[int, int] | None = None,
+                     max_pixels: int = MAX_PIXELS) -> Margins:
+    """How far to extend an image of `size` (W, H): explicit sides, a factor `expand` on both
+    dimensions (centred), or a target size `to` (centred). Exactly one way."""
+    width, height = size
+    sides = (left, top, right, bottom)
+    chosen = [bool(any(sides)), expand is not None, to is not None]
+    if sum(chosen) != 1:
+        raise InputError("give exactly one of --left/--right/--top/--bottom, --expand or --to")
+    if any(s < 0 for s in sides):
+        raise InputError(f"margins must be >= 0 pixels, got left {left}, top {top}, right {right}, bottom {bottom}")
+    if expand is not None:
+        if not expand > 1.0:
+            raise InputError(f"--expand must be more than 1 (1.5 = half as large again), got {expand}")
+        to = (round(width * expand), round(height * expand))
+    if to is not None:
+        new_width, new_height = to
+        if new_width < width or new_height < height or (new_width, new_height) == (width, height):
+            raise InputError(f"--to {new_width}x{new_height} does not enlarge the {width}x{height} image "
+                             f"(outpainting only grows the canvas)")
+        extra_x, extra_y = new_width - width, new_height - height
+        sides = (extra_x // 2, extra_y // 2, extra_x - extra_x // 2, extra_y - extra_y // 2)
+    margins = Margins(*sides)
+    new_size = (width + margins.left + margins.right, height + margins.top + margins.bottom)
+    if new_size[0] * new_size[1] > max_pixels:
+        raise InputError(f"the extended canvas {new_size[0]}x{new_size[1]} has more than {max_pixels:,} pixels")
+    return margins
+
+
+def extend_canvas(image: Image.Image, margins: Margins) -> tuple[Image.Image, np.ndarray]:
+    """The image on a larger canvas (new area filled with repeated edge pixels) and the (H, W) bool
+    mask of the new area, to regenerate."""
+    pixels = cv2.copyMakeBorder(np.asarray(image.convert("RGB")), margins.top, margins.bottom, margins.left,
+                                margins.right, cv2.BORDER_REPLICATE)
+    regenerate = np.ones(pixels.shape[:2], dtype=bool)
+    regenerate[margins.top:margins.top + image.height, margins.left:margins.left + image.width] = False
+    return Image.fromarray(pixels, mode="RGB"), regenerate
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def image_from_array(pixels: np.ndarray) -> Image.Image:
+    """(H, W, 3) floats in [0, 1] → 8-bit RGB (rounded to the nearest level)."""
+    levels = np.rint(np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0) * np.float32(255.0))
+    return Image.fromarray(levels.astype(np.uint8), mode="RGB")
+
+
+def output_paths(template: str, count: int) -> list[Path]:
+    """One path per image: `{i}` in the template is the index; else one image keeps the name and
+    several get `-0`, `-1` … before the suffix."""
+    if Path(template).suffix.lower() != ".png":
+        raise InputError(f"output must be a .png file, got {template!r}")
+    if "{i}" in template:
+        return [Path(template.replace("{i}", str(i))) for i in range(count)]
+    path = Path(template)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
+    """Fail before any work when an output exists (without `overwrite`) or its folder is unusable."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path} exists; pass --overwrite to replace it")
+        folder = _folder_of(path)
+        if not folder.is_dir():
+            raise OutputError(f"output folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise OutputError(f"output folder {folder} is not writable")
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool = False) -> None:
+    """Write a PNG with text `metadata` atomically: a temporary file beside the target, then a
+    rename. Without `overwrite` an existing file is never replaced (also not one that appears
+    meanwhile)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    folder = _folder_of(path)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG", pnginfo=info)
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _move_without_replacing(Path(temporary), path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _move_without_replacing(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # atomic, and fails if the target exists
+    except FileExistsError:
+        raise OutputError(f"{target} exists; pass --overwrite to replace it") from None
+    except OSError:  # file systems without hard links: check, then rename
+        if target.exists():
+            raise OutputError(f"{target} exists; pass --overwrite to replace it") from None
+        os.replace(source, target)
+
+
+def _folder_of(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side, `columns` per row (default: up to 8), on white."""
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    canvas = Image.new("RGB", (columns * width, rows * height), WHITE)
+    for i, image in enumerate(images):
+        canvas.paste(image, ((i % columns) * width, (i // columns) * height))
+    return canvas

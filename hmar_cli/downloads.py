@@ -1,0 +1,52 @@
+"""Model downloads on the terminal: the size first, then a rich progress bar per transfer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from hmar import hub
+
+
+def format_size(size: float) -> str:
+    """Bytes in decimal units, as the Hub shows them: 436.0 MB, 1.9 GB."""
+    if size < 1000:
+        return f"{int(size)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            return f"{size:.1f} {unit}"
+
+
+def download_with_progress(name: str, console: Console, token: str | None = None, force: bool = False,
+                           quiet: bool = False) -> Path:
+    """Download a registry model (announcing what and how much first) and return its folder."""
+    plan = hub.download_plan(name, token=token)
+    wanted = [f for f in plan if force or not f.cached]
+    if wanted and not quiet:
+        total = sum(f.size for f in wanted)
+        approx = "" if all(f.size_is_exact for f in wanted) else "about "
+        parts = ", ".join(f"{f.filename} ({format_size(f.size)}, {f.repo_id})" for f in wanted)
+        console.print(f"Downloading {hub.registry_entry(name).name}: {approx}{format_size(total)} — {parts}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, disable=quiet or not wanted) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(event: hub.DownloadEvent) -> None:
+            if event.label not in tasks:
+                tasks[event.label] = progress.add_task(event.label, total=event.total)
+            progress.update(tasks[event.label], completed=event.done, total=event.total)
+
+        return hub.download(name, progress=report, token=token, force=force)
+
+
+def model_folder(name_or_path: str, console: Console, quiet: bool = False) -> Path:
+    """What `--model` names, as a folder; a registry model missing from the cache is downloaded
+    first unless downloads are off (then the error says how to get it)."""
+    try:
+        return hub.resolve_model(name_or_path)
+    except hub.ModelNotCachedError:
+        if hub.is_offline():
+            raise
+        return download_with_progress(name_or_path, console, quiet=quiet)

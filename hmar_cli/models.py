@@ -1,0 +1,145 @@
+"""`hmar models ls|download|info|rm`: the registry, the download cache and model folders."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hmar import hub
+from hmar.config import ModelConfig, model_preset
+from hmar_cli.downloads import download_with_progress, format_size
+
+app = typer.Typer(help="List, download, inspect and remove models.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def _status(entry: hub.ModelEntry) -> str:
+    if entry.source == "bundled":
+        return "bundled"
+    if entry.cached:
+        return "yes"
+    return "partly" if len(entry.missing) < len(entry.files) else "no"
+
+
+@app.command("ls")
+def list_models(as_json: bool = JSON_OPTION) -> None:
+    """Every known model: size, whether it is on this machine, what it is."""
+    entries = hub.list_models()
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries]))
+        return
+    table = Table(show_edge=False)
+    for column, justify in (("name", "left"), ("size", "right"), ("cached", "left"), ("description", "left")):
+        table.add_column(column.upper(), justify=justify, no_wrap=column != "description")
+    for e in entries:
+        table.add_row(e.name, format_size(e.size), _status(e), e.description)
+    console.print(table)
+    console.print(f"Hugging Face cache: {hub.hf_cache_dir()}" + ("  (offline: HF_HUB_OFFLINE)" if hub.is_offline() else ""))
+
+
+@app.command("download")
+def download(
+    names: list[str] = typer.Argument(..., help="Registry names, e.g. hmar-d16 var-d16."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the stored login)."),
+    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Download models into the Hugging Face cache (resumes interrupted downloads)."""
+    entries = [hub.registry_entry(name) for name in names]  # every name checked before any download
+    records = []
+    for entry in entries:
+        folder = download_with_progress(entry.name, err_console, token=token, force=force, quiet=as_json)
+        records.append({"name": entry.name, "path": str(folder)})
+        if not as_json:
+            err_console.print(f"{entry.name} is ready: {folder}")
+    if as_json:
+        print(json.dumps(records))
+
+
+@app.command("info")
+def info(name: str = typer.Argument(..., help="A registry name or a model folder."), as_json: bool = JSON_OPTION) -> None:
+    """What a model is, its files and where they are."""
+    entry = _registry_entry_or_none(name)
+    if entry is None:
+        details = _folder_details(name)
+    else:
+        status = hub.model_info(entry.name)
+        details = {**status.as_dict(), "folder": str(hub.resolve_model(entry.name)) if status.cached else None}
+        if entry.preset:
+            details["config"] = _config_summary(model_preset(entry.preset))
+        elif entry.bundled_dir is not None:
+            details["config"] = _config_summary(ModelConfig.load(entry.bundled_dir / "config.json"))
+    if as_json:
+        print(json.dumps(details))
+        return
+    for key in ("name", "family", "source", "description", "folder"):
+        if details.get(key):
+            console.print(f"[bold]{key}[/bold]: {details[key]}")
+    if "config" in details:
+        console.print("[bold]config[/bold]: " + ", ".join(f"{k} {v}" for k, v in details["config"].items()))
+    table = Table(show_edge=False)
+    for column in ("ROLE", "FILE", "SIZE", "LOCAL PATH"):
+        table.add_column(column, justify="right" if column == "SIZE" else "left")
+    for f in details["files"]:
+        table.add_row(f["role"], f["filename"], format_size(f["size"]), f["local_path"] or "[dim]not downloaded[/dim]")
+    console.print(table)
+
+
+def _registry_entry_or_none(name: str) -> hub.RegistryEntry | None:
+    try:
+        return hub.registry_entry(name)
+    except hub.ModelNotFoundError:
+        return None
+
+
+def _folder_details(name: str) -> dict:
+    folder = hub.resolve_model(name)  # a folder, or ModelNotFoundError with suggestions
+    config = ModelConfig.load(folder / "config.json")
+    files = []
+    for role, filename in config.files.items():
+        path = folder / filename
+        files.append({"role": role, "filename": filename, "size": path.stat().st_size if path.is_file() else 0,
+                      "repo_id": None, "local_path": str(path) if path.is_file() else None})
+    return {"name": folder.name, "family": config.family, "source": "folder", "description": "model folder",
+            "folder": str(folder), "size": sum(f["size"] for f in files), "cached": all(f["local_path"] for f in files),
+            "files": files, "config": _config_summary(config)}
+
+
+def _config_summary(config: ModelConfig) -> dict:
+    t = config.transformer
+    return {"resolution": config.tokenizer.image_size, "depth": t.depth, "width": t.width, "heads": t.num_heads,
+            "classes": t.num_classes, "vocabulary": config.tokenizer.vocab_size, "scales": len(config.patch_nums)}
+
+
+@app.command("rm")
+def remove(
+    name: str = typer.Argument(..., help="A registry name."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete a model's weights from the cache (files another cached model shares are kept)."""
+    status = hub.model_info(name)
+    present = [f for f in status.files if f.local_path is not None]
+    if status.source != "bundled" and not present:
+        if as_json:
+            print(json.dumps({"name": status.name, "removed": [], "kept": [], "freed": 0}))
+        else:
+            err_console.print(f"{status.name} is not in the cache; nothing to remove")
+        return
+    if not yes and status.source != "bundled":
+        typer.confirm(f"Remove {status.name} ({format_size(sum(f.size for f in present))}) from {hub.hf_cache_dir()}?", abort=True)
+    removal = hub.remove(status.name)
+    if as_json:
+        print(json.dumps({"name": status.name, **removal.as_dict()}))
+        return
+    for path in removal.removed:
+        err_console.print(f"removed {path}")
+    for path, needed_by in removal.kept:
+        err_console.print(f"kept {path} (also used by {needed_by})")
+    err_console.print(f"freed {format_size(removal.freed)}")
