@@ -26,7 +26,7 @@ from hmar.train.distributed import Processes
 from hmar.train.ema import ParameterEMA
 from hmar.train.errors import TrainingError, TrainingInterrupted
 from hmar.train.images import save_grid
-from hmar.train.lr_schedule import build_scheduler
+from hmar.train.lr_schedule import build_scheduler, warmup_cosine
 from hmar.train.metrics import MetricsLog, ProgressBar, Throughput
 from hmar.train.options import TrainConfig
 
@@ -126,6 +126,9 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         objective.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # the stored learning rate came from the old total; --resume may change `steps`
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         stage.load_extra_state(state["extra"])
