@@ -205,8 +205,8 @@ def square_window(size: tuple[int, int], regenerate: np.ndarray) -> Window:
     """The centred square of side min(W, H), moved to contain the region, grown to fit it if needed."""
     width, height = size
     ys, xs = np.nonzero(regenerate)
-    if xs.size == 0:
-        left, top, right, bottom = 0, 0, width, height
+    if xs.size == 0:  # nothing to contain: the centred square
+        left, top, right, bottom = width // 2, height // 2, width // 2, height // 2
     else:
         left, top, right, bottom = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     side = max(min(width, height), right - left, bottom - top)

@@ -1,0 +1,386 @@
+"""hmar.images: reading any image (and every way it can be bad), masks and boxes, the model's view of
+an edit and the way back (bit-exact outside the mask), outpaint canvases, atomic PNG writing."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmar import images
+from hmar.errors import HmarError, InputError
+from hmar.images import Box, Margins, OutputError
+
+
+def random_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- reading: modes ---------------------------------------------------------------------------
+def test_rgba_is_composited_on_white_or_its_alpha_dropped(tmp_path):
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)
+    pixels[..., 0] = 200
+    pixels[:2, :, 3] = 255  # top half opaque red-ish, bottom half fully transparent
+    Image.fromarray(pixels, mode="RGBA").save(tmp_path / "a.png")
+    white = np.asarray(images.load_image(tmp_path / "a.png"))
+    assert white.shape == (4, 4, 3) and white.dtype == np.uint8
+    assert (white[:2] == (200, 0, 0)).all() and (white[2:] == 255).all()
+    dropped = np.asarray(images.load_image(tmp_path / "a.png", alpha="drop"))
+    assert (dropped == (200, 0, 0)).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "1", "CMYK", "I;16"])
+def test_every_mode_becomes_8bit_rgb(tmp_path, mode):
+    source = random_rgb(16, 12)
+    converted = source.convert("L").convert(mode) if mode == "I;16" else source.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    if mode == "I;16":
+        converted = Image.fromarray(np.asarray(source.convert("L")).astype(np.uint16) * 257)
+    converted.save(path)
+    loaded = images.load_image(path)
+    assert loaded.mode == "RGB" and loaded.size == (16, 12)
+
+
+def test_sixteen_bit_grayscale_scales_to_eight_bits(tmp_path):
+    values = np.array([[0, 257 * 100, 65535, 257 * 7]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    loaded = np.asarray(images.load_image(tmp_path / "deep.png"))
+    assert loaded[0, :, 0].tolist() == [0, 100, 255, 7]
+
+
+def test_palette_transparency_is_composited(tmp_path):
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "p.png", transparency=1)
+    loaded = np.asarray(images.load_image(tmp_path / "p.png"))
+    assert loaded[0, 0].tolist() == [10, 20, 30] and loaded[0, 1].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    source = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    source.save(tmp_path / "phone.jpg", exif=exif)
+    assert images.load_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+# ---- reading: bad files -----------------------------------------------------------------------
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    good = png_bytes(random_rgb(64, 64))
+    (tmp_path / "notes.txt").write_text("not an image at all")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)
+    start = good.index(b"IDAT") + 8
+    corrupt[start:start + 64] = bytes(64)
+    (tmp_path / "corrupt.png").write_bytes(bytes(corrupt))
+    (tmp_path / "folder.png").mkdir()
+    return {name: tmp_path / name for name in ("notes.txt", "empty.png", "truncated.png", "corrupt.png", "folder.png")}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.png", "image not found"),
+    ("folder.png", "is a folder, not an image file"),
+    ("notes.txt", "is not an image"),
+    ("empty.png", "is not an image"),
+    ("truncated.png", "is corrupt or truncated"),
+    ("corrupt.png", "is corrupt or truncated"),
+])
+def test_bad_image_files_are_one_line_input_errors(tmp_path, name, message):
+    _bad_files(tmp_path)
+    with pytest.raises(InputError, match=message) as caught:
+        images.load_image(tmp_path / name)
+    assert str(tmp_path / name) in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_image(tmp_path):
+    path = tmp_path / "secret.png"
+    random_rgb(4, 4).save(path)
+    path.chmod(0)
+    with pytest.raises(InputError, match="permission denied"):
+        images.load_image(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny file that claims to be a huge RGB PNG (its pixel data is missing)."""
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    with pytest.raises(InputError, match="decompression bomb"):
+        images.load_image(tmp_path / "bomb.png")
+    (tmp_path / "big.png").write_bytes(_png_header_only(12_000, 11_000))
+    with pytest.raises(InputError, match=r"12000x11000 = 132,000,000 pixels, more than the limit"):
+        images.load_image(tmp_path / "big.png")
+    random_rgb(20, 20).save(tmp_path / "small.png")
+    with pytest.raises(InputError, match="more than the limit of 100"):
+        images.load_image(tmp_path / "small.png", max_pixels=100)
+    with pytest.raises(InputError, match="more than the limit of 100"):
+        images.load_mask(tmp_path / "small.png", (20, 20), max_pixels=100)
+
+
+# ---- masks and boxes --------------------------------------------------------------------------
+def test_mask_threshold_transparency_and_resizing(tmp_path):
+    gray = np.array([[0, 127, 128, 255]], dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "m.png")
+    mask = images.load_mask(tmp_path / "m.png", (4, 1))
+    assert mask.regenerate.tolist() == [[False, False, True, True]] and mask.notes == ()
+
+    rgba = np.zeros((1, 2, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[0, 0, 3] = 255  # opaque white: regenerate; transparent white: keep
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    assert images.load_mask(tmp_path / "alpha.png", (2, 1)).regenerate.tolist() == [[True, False]]
+
+    half = np.zeros((10, 10), dtype=np.uint8)
+    half[:, 5:] = 255
+    Image.fromarray(half, mode="L").save(tmp_path / "small.png")
+    resized = images.load_mask(tmp_path / "small.png", (40, 20))
+    assert resized.regenerate.shape == (20, 40)
+    assert resized.regenerate[:, :18].sum() == 0 and resized.regenerate[:, 22:].all()
+    assert "is 10x10 but the image is 40x20" in resized.notes[0]
+
+
+def test_unreadable_mask_is_an_input_error(tmp_path):
+    (tmp_path / "m.png").write_text("nope")
+    with pytest.raises(InputError, match="mask .* is not an image"):
+        images.load_mask(tmp_path / "m.png", (4, 4))
+
+
+def test_empty_mask_refused_full_mask_noted():
+    with pytest.raises(InputError, match="nothing to do"):
+        images.mask_notes(np.zeros((4, 4), dtype=bool))
+    assert "same as generating" in images.mask_notes(np.ones((4, 4), dtype=bool))[0]
+    assert images.mask_notes(np.eye(4, dtype=bool)) == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,2,3", "four integers"), ("a,b,c,d", "four integers"), ("1.5,2,3,4", "four integers"),
+    ("10,10,5,20", "is empty"), ("10,10,20,10", "is empty"),
+])
+def test_bad_boxes(text, message):
+    with pytest.raises(InputError, match=message):
+        images.parse_box(text)
+
+
+def test_box_mask_and_boxes_outside_the_image():
+    assert images.parse_box(" 1, 2,3 ,4") == Box(1, 2, 3, 4)
+    mask = images.box_mask(Box(1, 2, 3, 4), (5, 6))
+    assert mask.shape == (6, 5) and mask.sum() == 4 and mask[2:4, 1:3].all()
+    assert images.box_mask(Box(0, 0, 5, 6), (5, 6)).all()
+    for box in (Box(-1, 0, 3, 3), Box(0, 0, 6, 3), Box(0, 0, 3, 7)):
+        with pytest.raises(InputError, match="reaches outside the 5x6 image"):
+            images.box_mask(box, (5, 6))
+
+
+def test_dilate_and_feather():
+    region = np.zeros((21, 21), dtype=bool)
+    region[10, 10] = True
+    grown = images.dilate(region, 3)
+    assert grown.sum() > 9 and grown[10, 7] and grown[7, 10] and not grown[10, 6] and not grown[7, 7]
+    assert (images.dilate(region, 0) == region).all()
+
+    block = np.zeros((30, 30), dtype=bool)
+    block[5:25, 5:25] = True
+    alpha = images.feather(block, 4)
+    assert alpha.dtype == np.float32
+    assert (alpha[~block] == 0).all() and (alpha[block] > 0).all()
+    assert alpha[15, 15] == 1.0 and 0 < alpha[5, 15] < 1 and alpha[5, 15] < alpha[7, 15]
+    assert (images.feather(block, 0) == block).all()
+    with pytest.raises(InputError, match="--dilate must be"):
+        images.dilate(block, -1)
+
+
+# ---- the model's view and back: bit-exact outside the mask --------------------------------------
+@pytest.mark.parametrize("size, box, dilate, feather", [
+    ((300, 200), Box(20, 30, 90, 120), 0, 0),     # landscape, region left of centre
+    ((200, 300), Box(150, 250, 200, 300), 4, 6),   # portrait, region in a corner
+    ((320, 100), Box(0, 10, 300, 60), 2, 3),      # region wider than the short side: window leaves the image
+    ((64, 64), Box(8, 8, 40, 40), 0, 5),          # square, smaller than the model
+])
+def test_composite_keeps_every_pixel_outside_the_mask_bit_for_bit(size, box, dilate, feather):
+    resolution = 80
+    original = random_rgb(*size, seed=1)
+    plan = images.plan_edit(original, images.box_mask(box, size), resolution, dilate_pixels=dilate, feather_pixels=feather)
+    assert plan.model_image.shape == (resolution, resolution, 3) and plan.model_keep.shape == (resolution, resolution)
+    assert 0 < (~plan.model_keep).sum() < resolution * resolution
+
+    generated = np.full((resolution, resolution, 3), 7, dtype=np.uint8)
+    result = np.asarray(plan.composite(generated))
+    before = np.asarray(original)
+    assert result.shape == before.shape
+    untouched = plan.alpha == 0
+    assert np.array_equal(result[untouched], before[untouched])
+    assert (plan.alpha[images.box_mask(box, size)] > 0).all()
+    assert (result[plan.alpha == 1] == 7).all() and (plan.alpha == 1).any()
+
+
+def test_window_contains_the_region_and_is_centred_otherwise():
+    region = np.zeros((100, 300), dtype=bool)
+    assert images.square_window((300, 100), region) == images.Window(100, 0, 100)
+    region[40:60, 250:290] = True
+    window = images.square_window((300, 100), region)
+    assert window.side == 100 and window.x0 <= 250 and window.x0 + 100 >= 290 and window.x0 + 100 <= 300
+    region[:, 10:290] = True
+    wide = images.square_window((300, 100), region)
+    assert wide.side == 280 and wide.y0 < 0 and wide.x0 == 10
+
+
+def test_model_keep_matches_the_region_on_the_model_grid():
+    original = random_rgb(160, 160)
+    region = images.box_mask(Box(0, 0, 80, 160), (160, 160))
+    plan = images.plan_edit(original, region, 80)
+    assert plan.window == images.Window(0, 0, 160)
+    assert (~plan.model_keep[:, :40]).all() and plan.model_keep[:, 40:].all()
+
+
+def test_plan_edit_refuses_an_empty_mask_and_notes_a_full_one():
+    original = random_rgb(32, 32)
+    with pytest.raises(InputError, match="nothing to do"):
+        images.plan_edit(original, np.zeros((32, 32), dtype=bool), 16)
+    assert "same as generating" in images.plan_edit(original, np.ones((32, 32), dtype=bool), 16).notes[0]
+    corner = np.zeros((32, 32), dtype=bool)
+    corner[0, 0] = True
+    assert "same as generating" in images.plan_edit(original, corner, 16, dilate_pixels=60).notes[0]
+
+
+# ---- outpainting ------------------------------------------------------------------------------
+def test_outpaint_margins_three_ways():
+    assert images.outpaint_margins((100, 50), left=10, bottom=5) == Margins(10, 0, 0, 5)
+    assert images.outpaint_margins((100, 50), expand=1.5) == Margins(25, 12, 25, 13)
+    assert images.outpaint_margins((100, 50), to=(101, 80)) == Margins(0, 15, 1, 15)
+    assert images.parse_size("512x384") == (512, 384) and images.parse_size("64×64") == (64, 64)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "exactly one of"),
+    ({"left": 10, "expand": 1.5}, "exactly one of"),
+    ({"left": -5, "right": 10}, ">= 0"),
+    ({"expand": 1.0}, "more than 1"),
+    ({"to": (90, 60)}, "does not enlarge"),
+    ({"to": (100, 50)}, "does not enlarge"),
+    ({"expand": 2000.0}, "more than"),
+])
+def test_bad_outpaint_options(options, message):
+    with pytest.raises(InputError, match=message):
+        images.outpaint_margins((100, 50), **options)
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "ax4", "0x10", "10x0"])
+def test_bad_sizes(text):
+    with pytest.raises(InputError, match="WIDTHxHEIGHT"):
+        images.parse_size(text)
+
+
+def test_outpaint_keeps_the_original_pixels_bit_for_bit():
+    original = random_rgb(120, 90, seed=3)
+    margins = images.outpaint_margins(original.size, left=30, top=10, right=5)
+    canvas, regenerate = images.extend_canvas(original, margins)
+    assert canvas.size == (155, 100) and regenerate.sum() == 155 * 100 - 120 * 90
+    inside = (slice(10, 100), slice(30, 150))
+    assert np.array_equal(np.asarray(canvas)[inside], np.asarray(original)) and not regenerate[inside].any()
+    plan = images.plan_edit(canvas, regenerate, 64, feather_pixels=8)
+    result = np.asarray(plan.composite(np.zeros((64, 64, 3), dtype=np.uint8)))
+    assert np.array_equal(result[inside], np.asarray(original))
+    assert (result[regenerate & (plan.alpha == 1)] == 0).all()
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def test_image_from_array_rounds_like_the_tensor_path():
+    pixels = torch.rand(3, 17, 9) * 1.2 - 0.1
+    expected = pixels.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(images.image_from_array(pixels.permute(1, 2, 0).numpy())), expected)
+
+
+def test_output_paths():
+    assert images.output_paths("out.png", 1) == [Path("out.png")]
+    assert images.output_paths("dir/out.png", 2) == [Path("dir/out-0.png"), Path("dir/out-1.png")]
+    assert images.output_paths("s{i}.png", 2) == [Path("s0.png"), Path("s1.png")]
+    with pytest.raises(InputError, match="must be a .png"):
+        images.output_paths("out.jpg", 1)
+
+
+def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
+    path = tmp_path / "x.png"
+    first = random_rgb(8, 8, seed=1)
+    images.save_png(first, path, {"hmar:seed": "3", "Software": "hmar 0.1.0"})
+    with Image.open(path) as written:
+        assert written.text == {"hmar:seed": "3", "Software": "hmar 0.1.0"}
+        assert np.array_equal(np.asarray(written), np.asarray(first))
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match="exists; pass --overwrite") as caught:
+        images.save_png(random_rgb(8, 8, seed=2), path, {})
+    assert caught.value.exit_code == 1 and path.read_bytes() == before
+    images.save_png(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
+    assert path.read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "x.png"
+    real_save = Image.Image.save
+
+    def save_and_race(self, stream, *args, **kwargs):
+        path.write_bytes(b"someone else's")
+        return real_save(self, stream, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_and_race)
+    with pytest.raises(OutputError, match="exists"):
+        images.save_png(random_rgb(4, 4), path, {})
+    assert path.read_bytes() == b"someone else's" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def broken_save(self, stream, *args, **kwargs):
+        stream.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError):
+        images.save_png(random_rgb(4, 4), tmp_path / "x.png", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable(tmp_path):
+    (tmp_path / "taken.png").write_bytes(b"x")
+    images.check_writable([tmp_path / "free.png"], overwrite=False)
+    images.check_writable([tmp_path / "taken.png"], overwrite=True)
+    with pytest.raises(OutputError, match="exists"):
+        images.check_writable([tmp_path / "taken.png"], overwrite=False)
+    with pytest.raises(OutputError, match="does not exist"):
+        images.check_writable([tmp_path / "no" / "x.png"], overwrite=False)
+    with pytest.raises(OutputError, match="cannot write"):
+        images.save_png(random_rgb(2, 2), tmp_path / "no" / "x.png", {})
+
+
+def test_grid_layout():
+    tiles = [random_rgb(10, 6, seed=i) for i in range(5)]
+    sheet = images.grid(tiles, columns=2)
+    assert sheet.size == (20, 18)
+    assert np.array_equal(np.asarray(sheet)[6:12, 10:20], np.asarray(tiles[3]))
+    assert (np.asarray(sheet)[12:, 10:] == 255).all()
+    assert issubclass(OutputError, HmarError)
