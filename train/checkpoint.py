@@ -42,23 +42,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise TrainingError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def prepare_run_folder(out: Path, options: dict[str, Any], resume: bool, is_main: bool) -> None:
-    """A new run needs an empty (or new) folder; a resumed one its own folder with the same options."""
-    record = out / RUN_OPTIONS
+def check_run_folder(out: Path, options: dict[str, Any], resume: bool) -> None:
+    """A new run needs an empty (or new) folder; a resumed one its own folder with the same options.
+    Read-only, so that every process can check before any of them writes."""
     if not resume:
         if out.exists() and any(out.iterdir()):
             raise TrainingError(f"run folder {out} exists and is not empty; pass --resume to continue that run or choose another --out")
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(options, indent=2) + "\n")
         return
     if not (out / CHECKPOINT).is_file():
         raise TrainingError(f"no checkpoint in {out}; nothing to resume (start without --resume)")
+    record = out / RUN_OPTIONS
     previous = json.loads(record.read_text()) if record.is_file() else {}
     changed = sorted(k for k in set(options) | set(previous) if k not in RESUMABLE_CHANGES and options.get(k) != previous.get(k))
     if changed:
         detail = ", ".join(f"{k}: {previous.get(k)!r} -> {options.get(k)!r}" for k in changed[:3])
         raise TrainingError(f"--resume with other options than the run in {out} was started with ({detail}); resume with the same options")
+
+
+def start_run_folder(out: Path, options: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_OPTIONS).write_text(json.dumps(options, indent=2) + "\n")
 
 
 class StopRequest:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hmar.train.checkpoint import CHECKPOINT, StopRequest, load_checkpoint, prepare_run_folder, save_checkpoint
+from hmar.train.checkpoint import CHECKPOINT, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
 from hmar.train.data import BatchOrder
 from hmar.train.distributed import Processes
 from hmar.train.ema import ParameterEMA
@@ -112,7 +112,10 @@ def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
 def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     config, procs, objective = stage.config, stage.procs, stage.objective
     out = config.out
-    prepare_run_folder(out, config.as_dict(), config.resume, procs.is_main)
+    check_run_folder(out, config.as_dict(), config.resume)
+    procs.barrier()  # every process has checked before the main one writes
+    if procs.is_main and not config.resume:
+        start_run_folder(out, config.as_dict())
     procs.barrier()
 
     params = [p for p in objective.parameters() if p.requires_grad]

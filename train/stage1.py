@@ -29,9 +29,11 @@ from hmar.train.losses import next_scale_loss, scale_weights
 from hmar.train.model_folders import load_tokenizer, write_model_folder
 from hmar.train.options import Stage1Config
 from hmar.train.token_batches import token_batches
-from hmar.transformer import ScaleTransformer
+from hmar.transformer import HMAR, ScaleTransformer
 
 MODEL_FOLDER = "model"
+# HMAR's mask branch: untouched in stage 1 (stage 2 starts it from the next-scale branch)
+MASK_BRANCH = ("mask_blocks", "mask_head_nm", "mask_head", "mask_embed")
 PREVIEW_IMAGES = 16
 
 
@@ -77,6 +79,9 @@ class Stage1(Stage):
         self.model_config = ModelConfig(self.tokenizer.config, transformer, class_names=self.folder.class_names)
         torch.manual_seed(config.seed)  # same initial weights on every process
         model = build_models(self.model_config)[1].to(procs.device)
+        if isinstance(model, HMAR):
+            for name in MASK_BRANCH:
+                getattr(model, name).requires_grad_(False)
         patch_nums = self.tokenizer.patch_nums
         weights = scale_weights(config.loss_weighting, patch_nums, config.lognormal_mu, config.lognormal_sigma, config.exp_decay_rate)
         self.objective = NextScaleObjective(model, select_attention(config.attention, procs.device), weights.to(procs.device))

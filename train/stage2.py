@@ -25,12 +25,9 @@ from hmar.train.loop import Stage, StepInputs
 from hmar.train.losses import masked_token_loss
 from hmar.train.model_folders import load_model_folder, write_model_folder
 from hmar.train.options import Stage2Config
-from hmar.train.stage1 import MODEL_FOLDER, preview_samples, teacher_inputs
+from hmar.train.stage1 import MASK_BRANCH, MODEL_FOLDER, preview_samples, teacher_inputs
 from hmar.train.token_batches import token_batches
 from hmar.transformer import HMAR
-
-MASK_BRANCH = ("mask_blocks", "mask_head_nm", "mask_head", "mask_embed")
-
 
 def draw_masks(batch: int, patch_nums: Sequence[int], device: torch.device) -> torch.Tensor:
     """(B, Σ pn²) bool over the given scales: per sample and scale, ⌈γ·pn²⌉ random positions, γ ~ U(0,1)."""
