@@ -210,11 +210,51 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, 
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2**x for x <= 0 on the FMA pipe (Cody-Waite split + cubic, rel. error 1.4e-4, far under bf16's
+    rounding of P): lets half of a tile's exponentials bypass the MUFU unit, which at head dim 64 is
+    as busy as the tensor cores."""
+    x = tl.maximum(x, -126.0)
+    xi = tl.floor(x)
+    f = x - xi
+    p = 0.0778225360556388 * f + 0.22587184826754556
+    p = p * f + 0.6961693895660717
+    p = p * f + 0.9998641508044009
+    bits = p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, qk_scale, offs_d,
+                    BLOCK_N: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Unmasked key tiles as two halves: one half's exponentials on MUFU, the other's on the FMA pipe.
+    for n0 in range(start, end, BLOCK_N):
+        offs_a = n0 + tl.arange(0, HALF)
+        offs_b = offs_a + HALF
+        ka = tl.load(k_base + offs_a[:, None] * skn + offs_d[None, :] * skd)
+        kb = tl.load(k_base + offs_b[:, None] * skn + offs_d[None, :] * skd)
+        sa = _mm(q, tl.trans(ka), None, PREC, UPCAST) * qk_scale
+        sb = _mm(q, tl.trans(kb), None, PREC, UPCAST) * qk_scale
+        m_new = tl.maximum(m_i, tl.maximum(tl.max(sa, 1), tl.max(sb, 1)))
+        pa = tl.math.exp2(sa - m_new[:, None])
+        pb = _exp2_fma(sb - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
+        acc = acc * alpha[:, None]
+        va = tl.load(v_base + offs_a[:, None] * svn + offs_d[None, :] * svd)
+        vb = tl.load(v_base + offs_b[:, None] * svn + offs_d[None, :] * svd)
+        acc = _mm(pa.to(va.dtype), va, acc, PREC, UPCAST)
+        acc = _mm(pb.to(vb.dtype), vb, acc, PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
               H, N, qk_scale, KEY_PATTERN,
               HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT_EXP: tl.constexpr = False):
     bh, r0, r1, ul, uh, il, ih = _tile_record(TAB, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -234,30 +274,18 @@ def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI,
     a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
                               lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
-                              lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
+    if SPLIT_EXP:
+        acc, l_i, m_i = _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end,
+                                        qk_scale, offs_d, BLOCK_N, BLOCK_N // 2, PREC, UPCAST)
+    else:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
+                                  lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, b_end, uh, uh,
                               lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              acc.to(O.dtype.element_ty), mask=m_ok[:, None])
-
-
-@triton.jit
-def _bwd_delta(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
-               HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
-    ok = offs_m < N
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=ok)
 
 
 @triton.jit
@@ -363,9 +391,9 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, start, e
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TAB, LO, HI,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, TAB, LO, HI,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sdb, sdh, sdn, sdd, sqgb, sqgh, sqgn, sqgd,
+                 sob, soh, son, sod, sdb, sdh, sdn, sdd, sqgb, sqgh, sqgn, sqgd,
                  H, N, qk_scale, sm_scale, KEY_PATTERN,
                  HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -381,7 +409,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TAB, LO, HI,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=m_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=m_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows)
+    # delta = rowsum(dO * O) for this tile's rows (tiles partition the rows: each written once);
+    # the dK/dV pass, launched after this one, reads it.
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=m_ok)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
@@ -401,21 +433,35 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TAB, LO, HI,
 # Configurations: (row tile, inner tile, warps, stages). The row tile picks the table.
 # --------------------------------------------------------------------------------------------
 
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+_SPLIT = {"SPLIT_EXP": True}
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+               (64, 128, 4, 3), (64, 32, 4, 2), (128, 64, 4, 4),
+               (128, 128, 8, 3, _SPLIT), (128, 128, 4, 3, _SPLIT), (128, 64, 4, 3, _SPLIT), (128, 64, 8, 3, _SPLIT)]
 DKDV_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 
-# Defaults when not autotuning (and the interpreter's: small tiles so tests cross tile edges).
-DEFAULTS = {"fwd": (128, 64, 4, 3), "dkdv": (128, 64, 8, 3), "dq": (128, 64, 8, 3)}
-INTERPRET_DEFAULTS = {"fwd": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+
+def default_config(pass_name: str, head_d: int, dtype: torch.dtype):
+    """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0) or under the interpreter."""
+    if _interpreting():
+        return (16, 16, 1, 1)  # small tiles so the CPU tests cross tile edges
+    if dtype == torch.float32:
+        return (64, 32, 4, 2)
+    if head_d >= 128:
+        return {"fwd": (128, 64, 8, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}[pass_name]
+    return {"fwd": (128, 64, 4, 3), "dkdv": (128, 64, 8, 3), "dq": (128, 64, 8, 3)}[pass_name]
 
 
 def _autotuned(kernel, configs, row_key, inner_key):
-    cfgs = [triton.Config({row_key: r, inner_key: n}, num_warps=w, num_stages=s) for r, n, w, s in configs]
+    cfgs = [triton.Config({row_key: c[0], inner_key: c[1], **(c[4] if len(c) > 4 else {})}, num_warps=c[2],
+                          num_stages=c[3]) for c in configs]
 
     def prune(configs_, named_args, **kwargs):
         head_d = kwargs.get("HEAD_D", named_args.get("HEAD_D", 64) if isinstance(named_args, dict) else 64)
-        keep = [c for c in configs_ if not (head_d >= 128 and c.kwargs[row_key] * c.kwargs[inner_key] > 128 * 64)]
+        q = named_args.get("Q") if isinstance(named_args, dict) else None
+        fp32 = q is not None and getattr(q, "dtype", None) == torch.float32
+        keep = [c for c in configs_ if not (head_d >= 128 and c.kwargs[row_key] * c.kwargs[inner_key] > 128 * 64)
+                and not (fp32 and c.kwargs.get("SPLIT_EXP"))]  # fp32 callers get exact exponentials
         return keep or configs_
 
     return triton.autotune(cfgs, key=["N", "HEAD_D", "KEY_PATTERN"], prune_configs_by={"early_config_prune": prune})(kernel)
@@ -430,17 +476,39 @@ def _autotune_enabled() -> bool:
     return not _interpreting() and os.environ.get("HMAR_ATTN_AUTOTUNE", "1") not in ("0", "")
 
 
-def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs):
-    """Launch with an explicit config (`config` or the defaults), or through the autotuner."""
+_PICKED: dict = {}  # (pass, N, head dim, pattern, dtype) -> the autotuner's choice, launched directly after
+
+
+def picked_configs() -> dict:
+    """What the autotuner chose so far: {(pass, N, head_dim, pattern_key, dtype): (rows, inner, warps, stages, extra)}."""
+    return dict(_PICKED)
+
+
+def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, dtype):
+    """Launch with an explicit config (`config` or the default), or through the autotuner.
+
+    After the autotuner has run once for a key, later calls skip its Python dispatch and launch the
+    chosen configuration directly (the per-call host cost matters at 256 px, where a pass is ~50 us).
+    """
+    extra = {}
     if config is None and _autotune_enabled():
-        tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
-        return
+        key = (pass_name, args[-3] if pass_name == "fwd" else args[-4], kwargs["HEAD_D"], args[-1], dtype)
+        config = _PICKED.get(key)
+        if config is None:
+            tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
+            best = tuned.best_config
+            rest = {k: v for k, v in best.kwargs.items() if k not in (row_key, inner_key)}
+            _PICKED[key] = (best.kwargs[row_key], best.kwargs[inner_key], best.num_warps, best.num_stages, rest)
+            return
     if config is None:
-        config = (INTERPRET_DEFAULTS if _interpreting() else DEFAULTS)[pass_name]
-    rows, inner, warps, stages = config
+        config = default_config(pass_name, kwargs["HEAD_D"], dtype)
+    rows, inner, warps, stages = config[:4]
+    if len(config) > 4:
+        extra = dict(config[4])
     if rows not in TILE_SIZES:
         raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
-    extra = {} if _interpreting() else {"num_warps": warps, "num_stages": stages}
+    if not _interpreting():
+        extra.update(num_warps=warps, num_stages=stages)
     kernel[(grid_counts[rows],)](*args, **kwargs, **{row_key: rows, inner_key: inner}, **extra)
 
 
@@ -468,7 +536,7 @@ def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None,
     args = (q, k, v, out, lse, layout.row_tab, layout.lo, layout.hi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, layout.pattern_key)
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
-    _launch(_attn_fwd, _attn_fwd_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs)
+    _launch(_attn_fwd, _attn_fwd_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs, q.dtype)
     return out, lse
 
 
@@ -481,21 +549,18 @@ def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=N
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    block = 64
-    _bwd_delta[(triton.cdiv(N, block), B * H)](out, do, delta, *_strides(out), *_strides(do), H, N,
-                                               HEAD_D=D, BLOCK=block)
     upcast = _interpreting() and q.dtype == torch.bfloat16
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    args = (q, k, v, out, do, dq, lse, delta, layout.row_tab, layout.lo, layout.hi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+            H, N, scale * LOG2E, scale, layout.pattern_key)
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "dq",
+            configs.get("dq"), args, kwargs, q.dtype)
     args = (q, k, v, do, dk, dv, lse, delta, layout.col_tab, layout.clo, layout.chi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             H, N, scale * LOG2E, scale, layout.pattern_key)
     _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, _counts(layout.col_ntiles, B * H), "BLOCK_N", "BLOCK_M", "dkdv",
-            configs.get("dkdv"), args, kwargs)
-    args = (q, k, v, do, dq, lse, delta, layout.row_tab, layout.lo, layout.hi,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, N, scale * LOG2E, scale, layout.pattern_key)
-    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "dq",
-            configs.get("dq"), args, kwargs)
+            configs.get("dkdv"), args, kwargs, q.dtype)
     return dq, dk, dv
 
 
@@ -541,9 +606,6 @@ def _check(q, k, v, block_sizes, pattern, scale):
         raise ValueError(f"block_sparse_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"block_sparse_attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
-        raise ValueError(f"block_sparse_attention runs on CUDA (or on the CPU under TRITON_INTERPRET=1), got {q.device}; "
-                         "use a reference implementation elsewhere")
     if pattern not in PATTERNS:
         raise ValueError(f"block_sparse_attention: unknown pattern {pattern!r}; expected one of {PATTERNS}")
     D = q.shape[-1]
@@ -562,6 +624,9 @@ def _check(q, k, v, block_sizes, pattern, scale):
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"block_sparse_attention: scale must be finite, got {scale}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(f"block_sparse_attention runs on CUDA (or on the CPU under TRITON_INTERPRET=1), got {q.device}; "
+                         "use a reference implementation elsewhere")
     return sizes, scale
 
 

@@ -5,7 +5,8 @@ variable must be set before Triton decorates the kernels), on small shapes with 
 of 1 token, blocks larger than the 16-row tile, packed small blocks), both patterns. Forward and all
 three gradients are compared with a float64 masked-softmax reference computed on the same (rounded)
 inputs, by ||x - ref|| / ||ref||. Bounds: fp32 1e-5, fp16 2e-3, bf16 1.5e-2 (bf16 rounds the output,
-P and dS to 8 bits; measured about 4e-3 / 8e-3 at these sizes). Every output buffer is filled with NaN
+P and dS to 8 bits; measured about 4e-3 / 8e-3 at these sizes); cases with the forward's
+split exponential (half on the FMA pipe, cubic with rel. error 1.4e-4) allow 3e-4. Every output buffer is filled with NaN
 before the kernel runs, and must come back finite.
 
 GPU (marked `gpu`, skipped without CUDA): the issue's real sizes (256/512/1024 px patch_nums), bf16,
@@ -36,7 +37,11 @@ CPU_CASES = [
     ("causal-d32-strided-default-scale", "float16", 32, [5, 1, 40, 2], "block_causal", None, "bnhd"),
     ("diag-one-block", "float32", 16, [33], "block_diagonal", None, "contiguous"),
     ("causal-all-ones", "float32", 16, [1] * 19, "block_causal", 2.0, "contiguous"),
+    ("diag-split-exp-bf16", "bfloat16", 16, [3, 70, 2, 40], "block_diagonal", None, "contiguous"),
+    ("causal-split-exp-fp32", "float32", 16, [3, 70, 2, 40], "block_causal", 0.5, "contiguous"),
 ]
+# forward configuration per case (row tile, key tile, warps, stages, extra); default: the interpreter's
+CPU_FWD_CONFIG = {name: (16, 32, 1, 1, {"SPLIT_EXP": True}) for name in ("diag-split-exp-bf16", "causal-split-exp-fp32")}
 
 
 # ------------------------------------------------------------------ interpreter worker (subprocess)
@@ -68,14 +73,15 @@ def _worker(cases):
         sc = D ** -0.5 if scale is None else scale
         layout_ = bsa.get_layout(sizes, pattern, q.device)
         nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
-        out, lse = bsa.attention_forward(q, k, v, layout_, sc, out=nan(q), lse=torch.full((shape[0] * shape[1], shape[2]), float("nan")))
+        out, lse = bsa.attention_forward(q, k, v, layout_, sc, out=nan(q), lse=torch.full((shape[0] * shape[1], shape[2]), float("nan")),
+                                         config=CPU_FWD_CONFIG.get(name))
         dq, dk, dv = bsa.attention_backward(do, q, k, v, out, lse, layout_, sc, dq=nan(q), dk=nan(k), dv=nan(v))
         err = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
         res = {"finite": bool(all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))),
                "out": err(out, ref), "dq": err(dq, qr.grad), "dk": err(dk, kr.grad), "dv": err(dv, vr.grad)}
         # the autograd wrapper computes the same thing
         q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale)
+        o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale, _configs={"fwd": CPU_FWD_CONFIG.get(name)})
         o2.backward(do)
         res["autograd_same"] = bool(torch.equal(o2, out) and torch.equal(q2.grad, dq) and torch.equal(k2.grad, dk)
                                     and torch.equal(v2.grad, dv))
@@ -99,6 +105,8 @@ def test_interpreter_matches_float64_reference(interpreted, case):
     res = interpreted[name]
     assert res["finite"], f"{name}: a poisoned output element was not written"
     bound = BOUNDS_CPU[dtype_name]
+    if name in CPU_FWD_CONFIG:  # the FMA-pipe exp2 (rel. error 1.4e-4) in the forward
+        bound = max(bound, 3e-4)
     for key in ("out", "dq", "dk", "dv"):
         assert res[key] <= bound, f"{name}: {key} rel. error {res[key]:.2e} > {bound:.0e}"
     assert res["autograd_same"], f"{name}: autograd wrapper differs from the direct kernel calls"
