@@ -364,6 +364,11 @@ def _fetch(entry: RegistryEntry, progress: DownloadProgress | None, token: str |
 
     import hmar
 
+    if is_offline():  # nothing can be fetched: what is cached is all there is
+        status = _entry_status(entry)
+        if not status.cached:
+            raise ModelNotCachedError(_not_cached_message(status, offline=True))
+        return resolve_model(entry.name)
     for _, hub_file in entry.hub_files:
         if cached_path(hub_file) is not None and not force:
             continue
@@ -384,8 +389,8 @@ def _hub_errors(entry: RegistryEntry, hub_file: HubFile):
     where = f"{hub_file.filename} from {hub_file.repo_id}"
     try:
         yield
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        if is_offline():
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
+        if is_offline() or isinstance(exc, errors.OfflineModeIsEnabled):
             raise ModelNotCachedError(_not_cached_message(_entry_status(entry), offline=True)) from None
         raise ModelNotCachedError(f"could not reach the Hugging Face Hub to download {where}; check the connection "
                                   f"(or HF_ENDPOINT), or copy a Hugging Face cache holding it into {hf_cache_dir()}") from None
@@ -436,9 +441,10 @@ class Removal:
         return {"removed": list(self.removed), "kept": [{"file": f, "needed_by": m} for f, m in self.kept], "freed": self.freed}
 
 
-def remove(name: str) -> Removal:
+def remove(name: str, dry_run: bool = False) -> Removal:
     """Delete a hub model's weights from the Hugging Face cache (all revisions), keeping files that
-    another cached model shares (the tokenizer), and its synthesised model folder."""
+    another cached model shares (the tokenizer), and its synthesised model folder. `dry_run`: only
+    say what would go."""
     entry = registry_entry(name)
     if entry.bundled_dir is not None:
         raise InputError(f"{entry.name} is bundled with the package and cannot be removed")
@@ -449,15 +455,16 @@ def remove(name: str) -> Removal:
                 still_needed.setdefault(f, other.name)
     doomed = [f for _, f in entry.hub_files if f not in still_needed]
     kept = tuple((f"{f.repo_id}/{f.filename}", still_needed[f]) for _, f in entry.hub_files if f in still_needed and cached_path(f))
-    removed, freed = _delete_from_hf_cache(doomed)
-    synthesised = hmar_cache_dir() / "models" / entry.name / "config.json"
-    synthesised.unlink(missing_ok=True)
-    if synthesised.parent.is_dir() and not any(synthesised.parent.iterdir()):
-        synthesised.parent.rmdir()
+    removed, freed = _delete_from_hf_cache(doomed, dry_run)
+    if not dry_run:
+        synthesised = hmar_cache_dir() / "models" / entry.name / "config.json"
+        synthesised.unlink(missing_ok=True)
+        if synthesised.parent.is_dir() and not any(synthesised.parent.iterdir()):
+            synthesised.parent.rmdir()
     return Removal(tuple(removed), kept, freed)
 
 
-def _delete_from_hf_cache(files: list[HubFile]) -> tuple[list[str], int]:
+def _delete_from_hf_cache(files: list[HubFile], dry_run: bool) -> tuple[list[str], int]:
     """Unlink the snapshot entries of `files` in every cached revision, and each blob no other
     cached file still points to (the same rule as `hf cache rm` for single files)."""
     from huggingface_hub import scan_cache_dir
@@ -477,11 +484,10 @@ def _delete_from_hf_cache(files: list[HubFile]) -> tuple[list[str], int]:
                     selected.append((key, cached))
                 else:
                     retained_blobs.add(cached.blob_path)
-    for _, cached in selected:
-        cached.file_path.unlink(missing_ok=True)
-    freed = 0
-    for blob, size in {cached.blob_path: cached.size_on_disk for _, cached in selected}.items():
-        if blob not in retained_blobs:
+    blobs = {cached.blob_path: cached.size_on_disk for _, cached in selected if cached.blob_path not in retained_blobs}
+    if not dry_run:
+        for _, cached in selected:
+            cached.file_path.unlink(missing_ok=True)
+        for blob in blobs:
             blob.unlink(missing_ok=True)
-            freed += size
-    return sorted({f"{repo_id}/{filename}" for (repo_id, filename), _ in selected}), freed
+    return sorted({f"{repo_id}/{filename}" for (repo_id, filename), _ in selected}), sum(blobs.values())

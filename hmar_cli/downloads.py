@@ -22,6 +22,8 @@ def format_size(size: float) -> str:
 def download_with_progress(name: str, console: Console, token: str | None = None, force: bool = False,
                            quiet: bool = False) -> Path:
     """Download a registry model (announcing what and how much first) and return its folder."""
+    if hub.is_offline():
+        return hub.download(name, token=token)  # the cache only: its folder, or how to get it
     plan = hub.download_plan(name, token=token)
     wanted = [f for f in plan if force or not f.cached]
     if wanted and not quiet:

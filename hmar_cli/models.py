@@ -124,22 +124,18 @@ def remove(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Delete a model's weights from the cache (files another cached model shares are kept)."""
-    status = hub.model_info(name)
-    present = [f for f in status.files if f.local_path is not None]
-    if status.source != "bundled" and not present:
-        if as_json:
-            print(json.dumps({"name": status.name, "removed": [], "kept": [], "freed": 0}))
-        else:
-            err_console.print(f"{status.name} is not in the cache; nothing to remove")
-        return
-    if not yes and status.source != "bundled":
-        typer.confirm(f"Remove {status.name} ({format_size(sum(f.size for f in present))}) from {hub.hf_cache_dir()}?", abort=True)
-    removal = hub.remove(status.name)
+    plan = hub.remove(name, dry_run=True)
+    if plan.removed and not yes:
+        typer.confirm(f"Remove {', '.join(plan.removed)} ({format_size(plan.freed)}) from {hub.hf_cache_dir()}?", abort=True)
+    removal = hub.remove(name) if plan.removed else plan
     if as_json:
-        print(json.dumps({"name": status.name, **removal.as_dict()}))
+        print(json.dumps({"name": hub.registry_entry(name).name, **removal.as_dict()}))
         return
+    if not removal.removed:
+        err_console.print(f"{hub.registry_entry(name).name} has no files of its own in the cache; nothing to remove")
     for path in removal.removed:
         err_console.print(f"removed {path}")
     for path, needed_by in removal.kept:
         err_console.print(f"kept {path} (also used by {needed_by})")
-    err_console.print(f"freed {format_size(removal.freed)}")
+    if removal.removed:
+        err_console.print(f"freed {format_size(removal.freed)}")

@@ -242,16 +242,17 @@ def test_hub_failures_become_one_line_errors(fake_hub, failure, kind, message):
     assert isinstance(caught.value, HmarError) and "\n" not in str(caught.value)
 
 
-def test_offline_download_through_the_real_library_is_a_clear_error(hub_cache, monkeypatch):
-    """The real hf_hub_download in offline mode (env var read by a fresh process is covered by the
-    CLI tests): it raises, and hmar turns that into its offline message."""
+def test_offline_download_fails_before_touching_the_hub(fake_hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def offline(*args, **options):
-        raise hf_errors.OfflineModeIsEnabled("offline")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(hub.ModelNotCachedError, match="downloads are off"):
+        hub.download("var-d16")
+    assert fake_hub.calls == []
+
+
+def test_the_hubs_own_offline_refusal_gets_the_offline_message(fake_hub):
+    """huggingface_hub may know it is offline when hmar's check did not (the variable set later)."""
+    fake_hub.failure = hf_errors.OfflineModeIsEnabled("offline")
+    with pytest.raises(hub.ModelNotCachedError, match="downloads are off.*on a connected machine"):
         hub.download("var-d16")
 
 

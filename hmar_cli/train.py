@@ -1,0 +1,130 @@
+"""`hmar train data|tokenizer|stage1|stage2`: thin commands over `hmar.train`.
+
+The same command runs on one CPU, one GPU or, under `torchrun --nproc_per_node N -m hmar_cli.app …`
+(or `torchrun $(which hmar) …`), on many. Options every stage shares are added to each command by
+`shared_options`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hmar.config import TokenizerConfig, TransformerConfig, tokenizer_preset
+from hmar.errors import InputError
+
+app = typer.Typer(help="Train a tokenizer, stage 1 (next-scale) and stage 2 (mask branch).", no_args_is_help=True)
+
+
+def _shared(
+    data: Path = typer.Option(..., "--data", help="Image folder in ImageNet layout (one sub-folder per class)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (new, or the run to --resume)."),
+    steps: int = typer.Option(1000, "--steps", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Per process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (stage default if unset)."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+    ema_decay: float = typer.Option(0.0, "--ema", help="EMA decay of the exported weights (0: off)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+    num_workers: int = typer.Option(2, "--workers", min=0),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    sample_every: int = typer.Option(0, "--sample-every", min=0),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+) -> dict:
+    options = {k: v for k, v in locals().items() if v is not None}
+    return options
+
+
+def shared_options(command):
+    """Give `command` the shared options as parameters; it receives them as one dict `shared`."""
+    extra = list(inspect.signature(_shared).parameters.values())
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "shared"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        shared = _shared(**{p.name: kwargs.pop(p.name) for p in extra})
+        return command(shared=shared, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + extra)
+    return wrapper
+
+
+def _read_section(path: Path, kind: type, what: str):
+    try:
+        values = json.loads(path.read_text())
+        return kind(**values)
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise InputError(f"cannot use {path} as a {what} config: {exc}") from None
+
+
+def _build(config_class, **options):
+    try:
+        return config_class(**options)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _report(result) -> None:
+    typer.echo(f"trained {result.steps} steps; wrote {result.exported}")
+
+
+@app.command("data")
+def data(
+    out: Path = typer.Option(..., "--out", help="New folder for the data set."),
+    images_per_class: int = typer.Option(500, "--images-per-class", min=1),
+    size: int = typer.Option(64, "--size", help="Image side in pixels (64–512)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write the procedural 10-class data set (shapes and patterns) anyone can regenerate offline."""
+    from hmar.train import write_dataset
+
+    typer.echo(f"wrote {write_dataset(out, images_per_class=images_per_class, size=size, seed=seed)}")
+
+
+@app.command("tokenizer")
+@shared_options
+def tokenizer(
+    resolution: int = typer.Option(256, "--resolution", help="Published tokenizer shape at this resolution."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON tokenizer section (sizes) instead of --resolution."),
+    shared: dict = None,
+) -> None:
+    """Train the multi-scale VQ-VAE on the images; writes <out>/tokenizer."""
+    from hmar.train import TokenizerTrainConfig, run_tokenizer
+
+    model = _read_section(config, TokenizerConfig, "tokenizer") if config else tokenizer_preset(resolution)
+    _report(run_tokenizer(_build(TokenizerTrainConfig, model=model, **shared)))
+
+
+@app.command("stage1")
+@shared_options
+def stage1(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (from `hmar train tokenizer`) or a model folder."),
+    model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes."),
+    loss_weighting: str = typer.Option("lognormal", "--loss-weighting", help="lognormal, unweighted, equal, linear, sqrt or exp_decay."),
+    token_cache: Optional[Path] = typer.Option(None, "--token-cache", help="Encode the images once into this file."),
+    shared: dict = None,
+) -> None:
+    """Markovian next-scale prediction; writes the model folder <out>/model."""
+    from hmar.train import Stage1Config, run_stage1
+
+    transformer = _read_section(Path(model), TransformerConfig, "transformer") if model.endswith(".json") else model
+    config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache, **shared)
+    _report(run_stage1(config))
+
+
+@app.command("stage2")
+@shared_options
+def stage2(
+    init: Path = typer.Option(..., "--init", help="The stage-1 model folder (<stage1 out>/model)."),
+    token_cache: Optional[Path] = typer.Option(None, "--token-cache"),
+    shared: dict = None,
+) -> None:
+    """Fine-tune the mask branch (base frozen, mask ratio ~ U(0,1)); writes <out>/model."""
+    from hmar.train import Stage2Config, run_stage2
+
+    _report(run_stage2(_build(Stage2Config, init=init, token_cache=token_cache, **shared)))
