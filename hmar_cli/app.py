@@ -12,7 +12,7 @@ import traceback
 import typer
 from typer.core import TyperGroup
 
-from hmar_cli import bench, env, generate, models
+from hmar_cli import bench, env, generate, models, train
 from hmar_cli.state import state
 
 # click's exception classes: Typer re-exports BadParameter from them (newer Typer vendors click)
@@ -65,6 +65,7 @@ app.command("generate")(generate.generate)
 app.add_typer(models.app, name="models")
 app.command("env")(env.env)
 app.add_typer(bench.app, name="bench")
+app.add_typer(train.app, name="train")
 
 
 @app.callback()

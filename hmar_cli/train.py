@@ -36,8 +36,7 @@ def _shared(
     sample_every: int = typer.Option(0, "--sample-every", min=0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
 ) -> dict:
-    options = {k: v for k, v in locals().items() if v is not None}
-    return options
+    return {k: v for k, v in locals().items() if v is not None}
 
 
 def shared_options(command):
