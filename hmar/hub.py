@@ -3,7 +3,8 @@
 A model is a folder holding `config.json` plus the weight files it names. `resolve_model` turns what a
 user types after `--model` into such a folder:
 
-* a path to a model folder (or to its `config.json`) is used as it is;
+* a path to a model folder (or to its `config.json`) is used as it is (an existing folder wins over
+  a registry name spelled the same);
 * a bundled model (a folder under `hmar/bundled/`, e.g. `hmar-tiny`) ships inside the package;
 * a hub model (`hmar-d16` … `var-d30`) lives in the Hugging Face cache, where `huggingface_hub`
   downloads it (resumable; `HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and tokens apply as for any
@@ -192,20 +193,16 @@ class ModelEntry:
 
 
 def _entry_status(entry: RegistryEntry) -> ModelEntry:
+    files = []
     if entry.bundled_dir is not None:
-        files_section = json.loads((entry.bundled_dir / "config.json").read_text()).get("files", {})
-        files = tuple(
-            ModelFile(role, name, path.stat().st_size if path.is_file() else 0, None, path if path.is_file() else None)
-            for role, name in files_section.items() for path in [entry.bundled_dir / name]
-        )
-    else:
-        files = []
-        for role, hub_file in entry.hub_files:
-            local = cached_path(hub_file)
-            size = local.stat().st_size if local else hub_file.size
-            files.append(ModelFile(role, hub_file.filename, size, hub_file.repo_id, local))
-        files = tuple(files)
-    return ModelEntry(entry.name, entry.family, entry.description, entry.source, files)
+        for role, filename in json.loads((entry.bundled_dir / "config.json").read_text()).get("files", {}).items():
+            path = entry.bundled_dir / filename
+            present = path.is_file()
+            files.append(ModelFile(role, filename, path.stat().st_size if present else 0, None, path if present else None))
+    for role, hub_file in entry.hub_files:
+        local = cached_path(hub_file)
+        files.append(ModelFile(role, hub_file.filename, local.stat().st_size if local else hub_file.size, hub_file.repo_id, local))
+    return ModelEntry(entry.name, entry.family, entry.description, entry.source, tuple(files))
 
 
 def list_models() -> list[ModelEntry]:
@@ -218,12 +215,14 @@ def model_info(name: str) -> ModelEntry:
 
 def registry_entry(name: str) -> RegistryEntry:
     """The registry entry of `name` (case, `_`/`-` forgiven); ModelNotFoundError with suggestions."""
-    known = registry()
-    key = _normal(name)
-    for entry_name, entry in known.items():
-        if _normal(entry_name) == key:
-            return entry
-    raise ModelNotFoundError(_unknown_message(name, list(known)))
+    entry = _find_entry(name)
+    if entry is None:
+        raise ModelNotFoundError(_unknown_message(name, list(registry())))
+    return entry
+
+
+def _find_entry(name: str) -> RegistryEntry | None:
+    return next((e for n, e in registry().items() if _normal(n) == _normal(name)), None)
 
 
 def _normal(name: str) -> str:
@@ -247,8 +246,8 @@ def resolve_model(name_or_path: str | os.PathLike, download: bool = False,
         return path.parent
     if (path / "config.json").is_file():
         return path
-    if _normal(text) in {_normal(n) for n in registry()}:
-        entry = registry_entry(text)
+    entry = _find_entry(text)
+    if entry is not None:
         if entry.bundled_dir is not None:
             return entry.bundled_dir
         status = _entry_status(entry)

@@ -45,12 +45,12 @@ def generate(
     """Generate images of the given classes."""
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
+    paths = output_paths(out, len(classes) * num)  # checked before a model is loaded (or downloaded)
+    grid_path = Path(out.replace("{i}", "")).with_name(Path(out.replace("{i}", "")).stem + "-grid.png") if make_grid else None
+    check_writable(paths + ([grid_path] if grid_path else []), overwrite)
     pipe = load_pipeline(model, device, quiet=as_json)
     labels = [resolve_class(c, pipe.num_classes, pipe.config.class_names) for c in classes for _ in range(num)]
     settings = pipe.settings(steps=steps, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, count=len(labels))
-    paths = output_paths(out, len(labels))
-    grid_path = Path(out.replace("{i}", "")).with_name(Path(out.replace("{i}", "")).stem + "-grid.png") if make_grid else None
-    check_writable(paths + ([grid_path] if grid_path else []), overwrite)
 
     total = sum(len(e) for e in settings.schedule) * -(-len(labels) // settings.batch_size)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
