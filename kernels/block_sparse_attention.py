@@ -435,8 +435,11 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, TAB, LO, HI,
 
 _SPLIT = {"SPLIT_EXP": True}
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-               (64, 128, 4, 3), (64, 32, 4, 2), (128, 64, 4, 4),
-               (128, 128, 8, 3, _SPLIT), (128, 128, 4, 3, _SPLIT), (128, 64, 4, 3, _SPLIT), (128, 64, 8, 3, _SPLIT)]
+               (64, 128, 4, 3), (64, 32, 4, 2), (128, 64, 4, 4)]
+# The split exponential (half of each unmasked tile's exp2 on the FMA pipe) never won the H100
+# autotuning at any benchmark shape (see BENCHMARKS.md), so it is not a candidate by default; it stays
+# selectable through an explicit forward config, e.g. (128, 128, 8, 3, _SPLIT), and is tested.
+SPLIT_FWD_CONFIGS = [(128, 128, 8, 3, _SPLIT), (128, 128, 4, 3, _SPLIT), (128, 64, 4, 3, _SPLIT), (128, 64, 8, 3, _SPLIT)]
 DKDV_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 
