@@ -85,7 +85,7 @@ def forward_flops(config: ModelConfig, batch: int) -> float:
     return batch * (depth * (linear + attention) + head)
 
 
-def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device) -> Callable[[], None]:
+def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto") -> Callable[[], None]:
     """One stage-1 step on random tokens: teacher-forced forward, cross entropy, backward, AdamW."""
     _, transformer = build_models(config)
     transformer.to(device).train()
@@ -93,13 +93,13 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device) ->
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
     teacher = torch.randn(batch_size, L - first, config.tokenizer.z_channels, device=device)
     targets = torch.randint(0, config.tokenizer.vocab_size, (batch_size, L), device=device)
-    attention = select_attention("auto", device)
+    attend = select_attention(attention, device)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, fused=device.type == "cuda")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = transformer.forward_next_scale(labels, teacher, attention=attention)
+            logits = transformer.forward_next_scale(labels, teacher, attention=attend)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         loss.backward()
         optimizer.step()
@@ -146,9 +146,13 @@ def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, dev
     return rows
 
 
-def bench_train(tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None, warmup: int = 3, iters: int = 10) -> list[BenchRow]:
+def bench_train(
+    tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None,
+    warmup: int = 3, iters: int = 10, attention: str = "auto",
+) -> list[BenchRow]:
+    """`attention`: the implementation both families use (auto: the Triton kernel on CUDA)."""
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    fns = {f: train_step_fn(c, batch_size, device) for f, c in configs.items()}
+    fns = {f: train_step_fn(c, batch_size, device, attention) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
     return _compare("train", fns, batch_size, device, warmup, iters, flops)
