@@ -46,6 +46,8 @@ class TokenizerConfig:
             raise ConfigError(f"patch_nums must be positive, got {self.patch_nums}")
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             raise ConfigError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+        if any(self.ch * m % 32 for m in self.ch_mult):  # the VQ-VAE's GroupNorms use 32 groups
+            raise ConfigError(f"ch {self.ch} times each of ch_mult {self.ch_mult} must be a multiple of 32")
         if self.image_size != self.patch_nums[-1] * self.downsample:
             raise ConfigError(
                 f"image_size {self.image_size} does not match patch_nums[-1]={self.patch_nums[-1]} "

@@ -39,7 +39,7 @@ class HmarGroup(TyperGroup):
             _fail(exc.format_message() + hint, exc.exit_code)
         except click_errors.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             _fail("aborted", 1)
         except Exception as exc:  # anything else is a bug in hmar
             _fail(f"{type(exc).__name__}: {exc} (a bug in hmar; run with --debug for the traceback)", 1, exc)

@@ -28,6 +28,7 @@ def _shared(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (stage default if unset)."),
     warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
     ema_decay: float = typer.Option(0.0, "--ema", help="EMA decay of the exported weights (0: off)."),
+    export_dtype: str = typer.Option("float32", "--export-dtype", help="float32, float16 or bfloat16 weight files."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
@@ -41,8 +42,9 @@ def _shared(
 
 def shared_options(command):
     """Give `command` the shared options as parameters; it receives them as one dict `shared`."""
-    extra = list(inspect.signature(_shared).parameters.values())
-    own = [p for p in inspect.signature(command).parameters.values() if p.name != "shared"]
+    # eval_str: the annotations are strings (postponed evaluation) and Typer needs the types
+    extra = list(inspect.signature(_shared, eval_str=True).parameters.values())
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "shared"]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
@@ -78,11 +80,12 @@ def data(
     images_per_class: int = typer.Option(500, "--images-per-class", min=1),
     size: int = typer.Option(64, "--size", help="Image side in pixels (64–512)."),
     seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes rendering in parallel (same files for any number)."),
 ) -> None:
     """Write the procedural 10-class data set (shapes and patterns) anyone can regenerate offline."""
     from hmar.train import write_dataset
 
-    typer.echo(f"wrote {write_dataset(out, images_per_class=images_per_class, size=size, seed=seed)}")
+    typer.echo(f"wrote {write_dataset(out, images_per_class=images_per_class, size=size, seed=seed, workers=workers)}")
 
 
 @app.command("tokenizer")

@@ -28,9 +28,11 @@ TOKENIZER_WEIGHTS = "tokenizer.safetensors"
 MODEL_CONFIG = "config.json"
 
 
-def save_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_weights(state: Mapping[str, torch.Tensor], path: Path, dtype: str = "float32") -> None:
+    """Floating-point tensors are stored as `dtype`; integer buffers keep theirs."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    cast = getattr(torch, dtype)
+    save_file({k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -40,9 +42,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_tokenizer_folder(folder: Path, tokenizer: MultiScaleVQVAE, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+def write_tokenizer_folder(folder: Path, tokenizer: MultiScaleVQVAE, state: Mapping[str, torch.Tensor] | None = None,
+                           dtype: str = "float32") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(state if state is not None else tokenizer.state_dict(), folder / TOKENIZER_WEIGHTS)
+    save_weights(state if state is not None else tokenizer.state_dict(), folder / TOKENIZER_WEIGHTS, dtype)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(tokenizer.config).items()}
     _write_text(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
@@ -73,12 +76,13 @@ def write_model_folder(
     config: ModelConfig,
     tokenizer_state: Mapping[str, torch.Tensor],
     transformer_state: Mapping[str, torch.Tensor],
+    dtype: str = "float32",
 ) -> Path:
     """Weights plus config.json (written last, so a folder with a config is complete)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"tokenizer": TOKENIZER_WEIGHTS, config.family: f"{config.family}.safetensors"}
-    save_weights(tokenizer_state, folder / files["tokenizer"])
-    save_weights(transformer_state, folder / files[config.family])
+    save_weights(tokenizer_state, folder / files["tokenizer"], dtype)
+    save_weights(transformer_state, folder / files[config.family], dtype)
     data = dataclasses.replace(config, files=files).to_dict()
     _write_text(folder / MODEL_CONFIG, json.dumps(data, indent=2) + "\n")
     return folder

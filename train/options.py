@@ -15,6 +15,7 @@ from hmar.config import TokenizerConfig, TransformerConfig
 
 LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_decay")
 PRECISIONS = ("auto", "bf16", "fp32")
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(kw_only=True)
@@ -32,6 +33,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 2.0  # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.0  # 0: no EMA; else the exported weights are the EMA's
+    export_dtype: str = "float32"  # of the exported weight files (float16 halves a shipped model)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     device: str = "auto"  # auto: this process's CUDA device under torchrun, else cuda:0 or cpu
     seed: int = 0
@@ -47,6 +49,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -99,5 +99,5 @@ class Stage1(Stage):
         transformer_state = {k.removeprefix("model."): v for k, v in state.items()}
         sampling = {"steps": len(self.tokenizer.patch_nums)}  # one step per scale until stage 2
         config = dataclasses.replace(self.model_config, sampling=sampling)
-        return write_model_folder(self.config.out / MODEL_FOLDER, config, self.tokenizer.state_dict(), transformer_state)
+        return write_model_folder(self.config.out / MODEL_FOLDER, config, self.tokenizer.state_dict(), transformer_state, self.config.export_dtype)
 

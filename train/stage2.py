@@ -96,4 +96,4 @@ class Stage2(Stage):
     def export(self, state: dict[str, torch.Tensor]) -> Path:
         transformer_state = {k.removeprefix("model."): v for k, v in state.items()}
         config = dataclasses.replace(self.model_config, files={}, sampling={})  # the published defaults
-        return write_model_folder(self.config.out / MODEL_FOLDER, config, self.tokenizer.state_dict(), transformer_state)
+        return write_model_folder(self.config.out / MODEL_FOLDER, config, self.tokenizer.state_dict(), transformer_state, self.config.export_dtype)

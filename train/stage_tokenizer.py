@@ -105,4 +105,4 @@ class TokenizerStage(Stage):
         return torch.cat((self._preview, reconstruction)).add(1).mul(0.5)
 
     def export(self, state: dict[str, torch.Tensor]) -> Path:
-        return write_tokenizer_folder(self.config.out / TOKENIZER_FOLDER, self.tokenizer, {k.removeprefix("tokenizer."): v for k, v in state.items()})
+        return write_tokenizer_folder(self.config.out / TOKENIZER_FOLDER, self.tokenizer, {k.removeprefix("tokenizer."): v for k, v in state.items()}, self.config.export_dtype)

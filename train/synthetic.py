@@ -8,6 +8,7 @@ background (a flat colour or a two-colour gradient). Image i of class c depends 
 from __future__ import annotations
 
 import math
+import multiprocessing
 from pathlib import Path
 from typing import Callable
 
@@ -164,18 +165,33 @@ def render(class_name: str, index: int, seed: int = 0, size: int = 64) -> Image.
     return canvas.resize((size, size), Image.LANCZOS)
 
 
-def write_dataset(root: str | Path, images_per_class: int = 500, size: int = 64, seed: int = 0, classes: list[str] | None = None) -> Path:
-    """Write the data set as PNGs in ImageNet layout under `root` (created; must not hold images yet)."""
+def write_dataset(root: str | Path, images_per_class: int = 500, size: int = 64, seed: int = 0,
+                  classes: list[str] | None = None, workers: int = 1) -> Path:
+    """Write the data set as PNGs in ImageNet layout under `root` (created; must not hold images yet).
+    `workers` processes render in parallel; the files do not depend on it (each image is a pure
+    function of seed, class, index and size)."""
     if not 64 <= size <= 512:
         raise InputError(f"synthetic images are 64 to 512 px, got {size}")
     if images_per_class <= 0:
         raise InputError(f"images per class must be positive, got {images_per_class}")
+    if workers <= 0:
+        raise InputError(f"workers must be positive, got {workers}")
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root} exists and is not empty; choose a new folder for the synthetic data set")
+    jobs = []
     for name in classes or list(CLASSES):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(images_per_class):
-            render(name, i, seed, size).save(folder / f"{name}_{i:05d}.png")
+        (root / name).mkdir(parents=True, exist_ok=True)
+        jobs += [(root / name / f"{name}_{i:05d}.png", name, i, seed, size) for i in range(images_per_class)]
+    if workers == 1:
+        for job in jobs:
+            _write_one(job)
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_one, jobs, chunksize=64)
     return root
+
+
+def _write_one(job: tuple[Path, str, int, int, int]) -> None:
+    path, name, index, seed, size = job
+    render(name, index, seed, size).save(path)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduces the bundled hmar-tiny model from nothing but this repository: the procedural 10-class
+# data set at 128 px, the tokenizer, stage 1 and stage 2 (float16 weight files, 28.5 MB in all).
+#
+#   bash recipes/hmar-tiny/train.sh [RUN_FOLDER]        # default runs/hmar-tiny
+#
+# STAGES picks what to run (default all four, in order), so the work can be split over several
+# sessions or machines; each stage reads the previous one's output from RUN_FOLDER. The bundled
+# model is RUN_FOLDER/stage2/model. Numbers below are the ones used for the shipped weights.
+set -euo pipefail
+RUN=${1:-runs/hmar-tiny}
+RECIPE=$(cd "$(dirname "$0")" && pwd)
+STAGES=${STAGES:-"data tokenizer stage1 stage2"}
+WORKERS=${WORKERS:-8}
+
+for stage in $STAGES; do
+  case $stage in
+    data)
+      hmar train data --out "$RUN/data" --images-per-class "${IMAGES_PER_CLASS:-2000}" --size 128 --seed 0 --workers "$WORKERS" ;;
+    tokenizer)
+      hmar train tokenizer --data "$RUN/data" --out "$RUN/tokenizer" --config "$RECIPE/tokenizer.json" \
+        --steps "${TOKENIZER_STEPS:-4000}" --batch-size "${TOKENIZER_BATCH:-64}" --lr 3e-4 --warmup-steps 200 \
+        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 1000 --seed 0 ;;
+    stage1)
+      hmar train stage1 --data "$RUN/data" --out "$RUN/stage1" --tokenizer "$RUN/tokenizer/tokenizer" \
+        --model "$RECIPE/hmar.json" --token-cache "$RUN/tokens.pt" \
+        --steps "${STAGE1_STEPS:-6000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 4e-4 --warmup-steps 300 --ema 0.999 \
+        --workers "$WORKERS" --checkpoint-every 2000 --seed 0 ;;
+    stage2)
+      hmar train stage2 --data "$RUN/data" --out "$RUN/stage2" --init "$RUN/stage1/model" --token-cache "$RUN/tokens.pt" \
+        --steps "${STAGE2_STEPS:-2000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 2e-4 --warmup-steps 100 --ema 0.999 \
+        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 2000 --seed 0 ;;
+    *) echo "unknown stage $stage (expected data, tokenizer, stage1, stage2)" >&2; exit 2 ;;
+  esac
+done
