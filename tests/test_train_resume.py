@@ -35,9 +35,10 @@ def _options(workspace, out: Path) -> dict:
                 checkpoint_every=3, cond_drop_rate=0.5, ema_decay=0.9, **quiet())
 
 
-def _start(spec: dict) -> subprocess.Popen:
+def _start(spec: dict, new_session: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(HELPER), json.dumps(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(HELPER), json.dumps(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
 def _wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -87,6 +88,19 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_resume_finishes_the_same_run
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4  # written at the signal, not at the next interval
     run_stage1(Stage1Config(model=tiny_transformer_config(), resume=True, **options))
     assert _losses(out) == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_writes_the_checkpoint(workspace):
+    # `timeout` and Ctrl-C signal the whole process group, DataLoader workers included
+    out = workspace["root"] / "group"
+    options = {**_options(workspace, out), "num_workers": 1}
+    process = _start({"stage": "stage1", "model": spec_of(tiny_transformer_config()), "sleep_at_step": 4, "sleep_seconds": 2, **options},
+                     new_session=True)
+    _wait_for_step(out, 4, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "continue with --resume" in stderr and "DataLoader worker" not in stderr
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4
 
 
 class _Crash(Exception):

@@ -8,6 +8,8 @@ processes (each process takes its contiguous share of the global batch).
 """
 from __future__ import annotations
 
+import signal
+
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -146,6 +148,14 @@ class _Steps(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: leave SIGINT/SIGTERM to the training process. Ctrl-C or `timeout`
+    signal the whole process group; a worker killed by it would crash the run before the trainer
+    could write its checkpoint. Workers still exit when the trainer stops or dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def image_batches(folder: ImageFolder, size: int, order: BatchOrder, start: int, stop: int, num_workers: int) -> Iterator[ImageBatch]:
     """The image batches of steps start..stop-1, decoded by `num_workers` processes."""
     loader = torch.utils.data.DataLoader(
@@ -154,6 +164,7 @@ def image_batches(folder: ImageFolder, size: int, order: BatchOrder, start: int,
         num_workers=num_workers,
         collate_fn=collate_readable,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         # its own generator, so that starting the loader does not draw from the global RNG
         generator=torch.Generator().manual_seed(order.seed),
     )

@@ -11,6 +11,7 @@ function of the step) that makes a resumed run repeat an uninterrupted one exact
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +149,11 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     model = procs.wrap(objective)
     log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
     speed, skipped, last = Throughput(), 0, {}
-    batches = stage.batches(start)
     objective.train()
-    with StopRequest() as stop, ProgressBar(config.progress and procs.is_main, stage.name, config.steps, start) as bar:
+    # closing: however the loop ends, the batch generators finish now, and with them any DataLoader
+    # workers (they ignore stop signals, so they must be told to exit)
+    with StopRequest() as stop, ProgressBar(config.progress and procs.is_main, stage.name, config.steps, start) as bar, \
+            contextlib.closing(stage.batches(start)) as batches:
         for step in range(start, config.steps):
             inputs = next(batches)
             seed_step(config.seed, step, procs.rank)

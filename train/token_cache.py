@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.train.data import ImageBatches, ImageFolder, collate_readable
+from hmar.train.data import ImageBatches, ImageFolder, collate_readable, ignore_stop_signals
 from hmar.train.errors import TrainingError
 
 ENCODE_BATCH = 64
@@ -53,7 +53,7 @@ def encode_folder(folder: ImageFolder, tokenizer: MultiScaleVQVAE, device: torch
     loader = torch.utils.data.DataLoader(
         ImageBatches(folder, size),
         batch_sampler=[keys[s:s + ENCODE_BATCH] for s in range(0, len(keys), ENCODE_BATCH)],
-        num_workers=num_workers, collate_fn=_collate_with_keys,
+        num_workers=num_workers, collate_fn=_collate_with_keys, worker_init_fn=ignore_stop_signals,
     )
     L = tokenizer.config.num_tokens
     dtype = torch.int16 if tokenizer.config.vocab_size <= 2**15 else torch.int32
