@@ -31,6 +31,7 @@ def _shared(
     export_dtype: str = typer.Option("float32", "--export-dtype", help="float32, float16 or bfloat16 weight files."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
     device: str = typer.Option("auto", "--device"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on CUDA)."),
     seed: int = typer.Option(0, "--seed"),
     num_workers: int = typer.Option(2, "--workers", min=0),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),

@@ -21,7 +21,7 @@ from hmar.train.errors import TrainingError
 CHECKPOINT = "checkpoint.pt"
 RUN_OPTIONS = "run.json"
 # Options a resumed run may change; any other difference is refused.
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device"})
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile"})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

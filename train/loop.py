@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hmar.compile import compile_blocks, eager, wanted as compile_wanted
 from hmar.train.checkpoint import CHECKPOINT, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
 from hmar.train.data import BatchOrder
 from hmar.train.distributed import Processes
@@ -146,6 +147,9 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             })
         procs.barrier()
 
+    compiled = compile_wanted(config.compile, procs.device)
+    if compiled:
+        compile_blocks(objective)
     model = procs.wrap(objective)
     log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
     speed, skipped, last = Throughput(), 0, {}
@@ -196,7 +200,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
                 bar.update(done)
 
             if config.sample_every and done % config.sample_every == 0 and procs.is_main:
-                _write_samples(stage, out / "samples" / f"step_{done:07d}.png")
+                _write_samples(stage, out / "samples" / f"step_{done:07d}.png", compiled)
             stopping = procs.any(stop.requested is not None)
             if done % config.checkpoint_every == 0 or done == config.steps or stopping:
                 checkpoint(done)
@@ -204,7 +208,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
                 raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume")
 
     if procs.is_main:
-        _write_samples(stage, out / "samples" / "final.png")
+        _write_samples(stage, out / "samples" / "final.png", compiled)
         exported = stage.export(ema.averaged_state(objective) if ema else objective.state_dict())
     else:
         exported = out
@@ -212,8 +216,8 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     return RunResult(out, config.steps, exported, last)
 
 
-def _write_samples(stage: Stage, path: Path) -> None:
+def _write_samples(stage: Stage, path: Path, compiled: bool) -> None:
     stage.objective.eval()
-    with torch.no_grad():
+    with torch.no_grad(), (eager() if compiled else contextlib.nullcontext()):
         save_grid(stage.sample_images(), path)
     stage.objective.train()

@@ -36,6 +36,7 @@ class TrainConfig:
     export_dtype: str = "float32"  # of the exported weight files (float16 halves a shipped model)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     device: str = "auto"  # auto: this process's CUDA device under torchrun, else cuda:0 or cpu
+    compile: bool | None = None  # torch.compile the transformer blocks (hmar.compile); None: on CUDA only
     seed: int = 0
     num_workers: int = 2  # image decoding processes per training process
     log_every: int = 10

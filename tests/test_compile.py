@@ -1,0 +1,49 @@
+"""Regional compilation (hmar.compile): compiled blocks compute what eager blocks do, in the model and
+in a training run."""
+from __future__ import annotations
+
+import torch
+
+from hmar.compile import compile_blocks, eager, wanted
+from hmar.config import ModelConfig
+from hmar.pipeline import Pipeline
+from hmar.train import Stage1Config, run_stage1
+from hmar.train.metrics import read_metrics
+from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
+
+
+def test_default_is_compiled_on_cuda_only():
+    assert wanted(None, torch.device("cuda")) and not wanted(None, torch.device("cpu"))
+    assert wanted(True, torch.device("cpu")) and not wanted(False, torch.device("cuda"))
+
+
+def test_compiled_blocks_give_the_eager_logits_and_gradients():
+    pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
+    model = pipe.transformer.train()
+    labels = torch.tensor([1, 3])
+    teacher = torch.randn(2, sum(model.block_sizes[1:]), pipe.tokenizer.config.z_channels)  # f̂ inputs of scales 1…K-1
+
+    def run():
+        model.zero_grad()
+        logits = model.forward_next_scale(labels, teacher)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reference, reference_grads = run()
+    assert compile_blocks(model) == len(model.base_blocks) + len(model.ns_blocks) + len(model.mask_blocks) + 2
+    logits, grads = run()
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+    with eager():  # other shapes run without recompiling
+        model.forward_next_scale(labels[:1], teacher[:1])
+
+
+def test_a_compiled_training_run_logs_the_eager_losses(tmp_path):
+    data, tokenizer = make_data(tmp_path / "data"), make_tokenizer_folder(tmp_path / "tokenizer")
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled_{compiled}"
+        run_stage1(Stage1Config(data=data, out=out, tokenizer=tokenizer, model=tiny_transformer_config(), steps=3, compile=compiled, **quiet()))
+        losses[compiled] = [r["loss"] for r in read_metrics(out)]
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
