@@ -2,8 +2,9 @@
 
 Both families are built at the same depth and width (random weights) and timed alternately in one
 run, so that their ratio is measured under the same conditions: warm-up first, then medians of CUDA
-event timings (wall clock on the CPU), and peak memory on CUDA. `hmar bench train|sample` prints
-these rows; the functions also run on the CPU at small sizes so that CI exercises them.
+event timings (wall clock on the CPU), and peak memory on CUDA. The training step computes the loss
+the way the stage-1 trainer does. `hmar bench train|sample` prints these rows; the functions also run
+on the CPU at small sizes so that CI exercises them.
 """
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from hmar.attention import select_attention
+from hmar.attention import AttentionFn, select_attention
 from hmar.checkpoints import build_models
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
+from hmar.train.losses import next_scale_loss, scale_weights, score_logits
+from hmar.train.stage1 import NextScaleObjective
+from hmar.transformer import ScaleTransformer
+
+LOSS_PATHS = ("chunked", "logits")
 
 
 @dataclass
@@ -85,23 +90,40 @@ def forward_flops(config: ModelConfig, batch: int) -> float:
     return batch * (depth * (linear + attention) + head)
 
 
-def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto") -> Callable[[], None]:
-    """One stage-1 step on random tokens: teacher-forced forward, cross entropy, backward, AdamW."""
+def stage1_loss_fn(transformer: ScaleTransformer, attend: AttentionFn, weights: torch.Tensor, loss: str = "chunked") -> Callable[..., torch.Tensor]:
+    """The stage-1 loss of (labels, teacher input, targets) with per-scale `weights`: "chunked" is the
+    trainer's (logits head applied in chunks); "logits" scores all float32 logits at once, as the
+    trainer did before, to measure what the chunked loss changes."""
+    if loss not in LOSS_PATHS:
+        raise ValueError(f"unknown loss path {loss!r}; expected one of {LOSS_PATHS}")
+    objective = NextScaleObjective(transformer, attend, weights)
+    if loss == "chunked":
+        return lambda *inputs: objective(*inputs)[0]
+
+    def all_logits(labels: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = transformer.forward_next_scale(labels, teacher, attend)
+        return next_scale_loss(score_logits(logits, targets), weights, transformer.patch_nums)[0]
+
+    return all_logits
+
+
+def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked") -> Callable[[], None]:
+    """One stage-1 step on random tokens: teacher-forced forward, the stage-1 loss, backward, AdamW."""
     _, transformer = build_models(config)
     transformer.to(device).train()
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
     teacher = torch.randn(batch_size, L - first, config.tokenizer.z_channels, device=device)
     targets = torch.randint(0, config.tokenizer.vocab_size, (batch_size, L), device=device)
-    attend = select_attention(attention, device)
+    weights = scale_weights("lognormal", config.patch_nums).to(device)  # the trainer's default
+    loss_of = stage1_loss_fn(transformer, select_attention(attention, device), weights, loss)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, fused=device.type == "cuda")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = transformer.forward_next_scale(labels, teacher, attention=attend)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
-        loss.backward()
+            value = loss_of(labels, teacher, targets)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -148,11 +170,12 @@ def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, dev
 
 def bench_train(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None,
-    warmup: int = 3, iters: int = 10, attention: str = "auto",
+    warmup: int = 3, iters: int = 10, attention: str = "auto", loss: str = "chunked",
 ) -> list[BenchRow]:
-    """`attention`: the implementation both families use (auto: the Triton kernel on CUDA)."""
+    """`attention`: the implementation both families use (auto: the Triton kernel on CUDA); `loss`:
+    see `stage1_loss_fn`."""
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    fns = {f: train_step_fn(c, batch_size, device, attention) for f, c in configs.items()}
+    fns = {f: train_step_fn(c, batch_size, device, attention, loss) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
     return _compare("train", fns, batch_size, device, warmup, iters, flops)

@@ -134,7 +134,7 @@ class AdaLNBlock(nn.Module):
             mods = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attend, cache)
-        x = x + drop_path(h.mul_(gamma1), self.drop_path_rate, self.training)
+        x = x + drop_path(h.mul(gamma1), self.drop_path_rate, self.training)  # not in place: under compile, h is a graph output autograd keeps
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
         return x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
 
@@ -274,23 +274,38 @@ class HMAR(ScaleTransformer):
         own = torch.where(masked.unsqueeze(-1), self.mask_embed.weight[0].to(own.dtype), own)
         return ctx + own + self.word_embed_bias + self.level_position(k)
 
+    @property
+    def next_scale_head(self) -> nn.Linear:
+        return self.ns_head
+
     def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
         """Logits (B, l, V) of the next-scale branch for one scale's tokens."""
-        x = self._run(self.ns_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
-        return self.ns_head(self.ns_head_nm(x.float(), cond_BD)).float()
+        return self.ns_head(self._next_scale_features(x, cond, cond_BD, attend)).float()
 
     def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
         """Logits (B, l, V) of the mask branch for one scale's tokens."""
+        return self.mask_head(self._masked_features(x, cond, cond_BD, attend)).float()
+
+    def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self._run(self.ns_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
+        return self.ns_head_nm(x.float(), cond_BD)
+
+    def _masked_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self._run(self.mask_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
-        return self.mask_head(self.mask_head_nm(x.float(), cond_BD)).float()
+        return self.mask_head_nm(x.float(), cond_BD)
 
     # ---- all scales at once (training) --------------------------------------------------------
     def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
         """Teacher-forced next-scale logits (B, L, V). `teacher_input` (B, L - first, Cvae): f̂ of
         earlier scales at each scale's size (`MultiScaleVQVAE.teacher_forcing_input`)."""
+        return self.ns_head(self.forward_next_scale_features(labels, teacher_input, attention)).float()
+
+    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+        """What `forward_next_scale` feeds its logits head (`next_scale_head`): (B, L, C), so that a
+        loss can apply the head a chunk at a time."""
         rest = self.word_embed(teacher_input.float()) + self.word_embed_bias
         x, cond_BD, cond = self._sequence_inputs(labels, rest)
-        return self.next_scale(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
+        return self._next_scale_features(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
 
     def forward_masked(
         self,
@@ -302,11 +317,16 @@ class HMAR(ScaleTransformer):
     ) -> torch.Tensor:
         """Mask-branch logits (B, L, V) for all scales. `scale_input` (B, L - first, Cvae): each
         scale's own tokens (`MultiScaleVQVAE.scale_input`, flattened); `masked` (B, L - first) bool."""
+        return self.mask_head(self.forward_masked_features(labels, teacher_input, scale_input, masked, attention)).float()
+
+    def forward_masked_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, scale_input: torch.Tensor, masked: torch.Tensor,
+                                attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+        """What `forward_masked` feeds its logits head (`mask_head`): (B, L, C)."""
         own = self.word_embed(scale_input.float())
         own = torch.where(masked.unsqueeze(-1), self.mask_embed.weight[0].to(own.dtype), own)
         rest = self.word_embed(teacher_input.float()) + own + self.word_embed_bias
         x, cond_BD, cond = self._sequence_inputs(labels, rest)
-        return self.masked(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
+        return self._masked_features(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
 
     def init_mask_branch_from_next_scale(self) -> None:
         """Stage 2 starts the mask branch as a copy of the trained next-scale branch."""
@@ -337,10 +357,18 @@ class VAR(ScaleTransformer):
             x = block(x, cond, dense_attend, (cache, i))
         return self.head(self.head_nm(x.float(), cond_BD)).float()
 
+    @property
+    def next_scale_head(self) -> nn.Linear:
+        return self.head
+
     def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+        return self.head(self.forward_next_scale_features(labels, teacher_input, attention)).float()
+
+    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+        """What `forward_next_scale` feeds its logits head (`next_scale_head`): (B, L, C)."""
         x, cond_BD, cond = self._sequence_inputs(labels, self.word_embed(teacher_input.float()))
         x = self._run(self.blocks, x, cond, sequence_attend(attention, self.block_sizes, self.pattern))
-        return self.head(self.head_nm(x.float(), cond_BD)).float()
+        return self.head_nm(x.float(), cond_BD)
 
 
 def build_transformer(config: TransformerConfig, patch_nums: Sequence[int], vocab_size: int, z_channels: int) -> ScaleTransformer:

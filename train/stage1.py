@@ -25,7 +25,7 @@ from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import BatchOrder, ImageFolder
 from hmar.train.distributed import Processes
 from hmar.train.loop import Stage, StepInputs
-from hmar.train.losses import next_scale_loss, scale_weights
+from hmar.train.losses import LOGITS_PER_CHUNK, next_scale_loss, scale_weights, score_features
 from hmar.train.model_folders import load_tokenizer, write_model_folder
 from hmar.train.options import Stage1Config
 from hmar.train.token_batches import token_batches
@@ -38,16 +38,18 @@ PREVIEW_IMAGES = 16
 
 
 class NextScaleObjective(nn.Module):
-    """The transformer plus its stage-1 loss, as one module (so DDP sees a forward call)."""
+    """The transformer plus its stage-1 loss, as one module (so DDP sees a forward call). The logits
+    head runs inside the loss, a chunk of tokens at a time (`score_features`)."""
 
-    def __init__(self, model: ScaleTransformer, attention: AttentionFn, weights: torch.Tensor):
+    def __init__(self, model: ScaleTransformer, attention: AttentionFn, weights: torch.Tensor, logits_per_chunk: int = LOGITS_PER_CHUNK):
         super().__init__()
-        self.model, self.attention = model, attention
+        self.model, self.attention, self.logits_per_chunk = model, attention, logits_per_chunk
         self.register_buffer("weights", weights, persistent=False)
 
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, targets: torch.Tensor):
-        logits = self.model.forward_next_scale(labels, teacher_input, self.attention)
-        loss, stats = next_scale_loss(logits, targets, self.weights, self.model.patch_nums)
+        features = self.model.forward_next_scale_features(labels, teacher_input, self.attention)
+        scores = score_features(features, self.model.next_scale_head, targets, self.logits_per_chunk)
+        loss, stats = next_scale_loss(scores, self.weights, self.model.patch_nums)
         return loss, {"loss_per_scale": stats.loss, "acc_per_scale": stats.accuracy}
 
 

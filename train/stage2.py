@@ -22,7 +22,7 @@ from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import BatchOrder, ImageFolder
 from hmar.train.distributed import Processes
 from hmar.train.loop import Stage, StepInputs
-from hmar.train.losses import masked_token_loss
+from hmar.train.losses import LOGITS_PER_CHUNK, masked_token_loss, score_features
 from hmar.train.model_folders import load_model_folder, write_model_folder
 from hmar.train.options import Stage2Config
 from hmar.train.stage1 import MASK_BRANCH, MODEL_FOLDER, preview_samples, teacher_inputs
@@ -42,15 +42,19 @@ def draw_masks(batch: int, patch_nums: Sequence[int], device: torch.device) -> t
 
 
 class MaskedObjective(nn.Module):
-    def __init__(self, model: HMAR, attention: AttentionFn):
+    """The mask branch plus its loss; the logits head runs only on the masked tokens, in chunks."""
+
+    def __init__(self, model: HMAR, attention: AttentionFn, logits_per_chunk: int = LOGITS_PER_CHUNK):
         super().__init__()
-        self.model, self.attention = model, attention
+        self.model, self.attention, self.logits_per_chunk = model, attention, logits_per_chunk
 
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, scale_input: torch.Tensor, targets: torch.Tensor):
         rest = self.model.patch_nums[1:]
         masked = draw_masks(labels.shape[0], rest, labels.device)
-        logits = self.model.forward_masked(labels, teacher_input, scale_input, masked, self.attention)
-        loss, stats = masked_token_loss(logits[:, self.model.block_sizes[0]:], targets, masked, rest)
+        features = self.model.forward_masked_features(labels, teacher_input, scale_input, masked, self.attention)
+        hidden = features[:, self.model.block_sizes[0]:][masked]
+        scores = score_features(hidden, self.model.mask_head, targets[masked], self.logits_per_chunk)
+        loss, stats = masked_token_loss(scores, masked, rest)
         numbers = {}
         for k in range(1, len(self.model.patch_nums)):  # scale 0 has no mask-branch input
             numbers[f"loss_per_scale/scale_{k}"] = stats.loss[k - 1]
