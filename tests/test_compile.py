@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hmar.attention import per_scale_sdpa
 from hmar.compile import compile_blocks, eager, wanted
 from hmar.config import ModelConfig
 from hmar.pipeline import Pipeline
@@ -18,6 +19,8 @@ def test_default_is_compiled_on_cuda_only():
 
 
 def test_compiled_blocks_give_the_eager_logits_and_gradients():
+    # attention outside the graphs, as the Triton kernel on CUDA: each block compiles in pieces
+    opaque_attention = torch.compiler.disable(per_scale_sdpa)
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
     model = pipe.transformer.train()
     labels = torch.tensor([1, 3])
@@ -25,18 +28,20 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients():
 
     def run():
         model.zero_grad()
-        logits = model.forward_next_scale(labels, teacher)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as training on CUDA runs
+            logits = model.forward_next_scale(labels, teacher, opaque_attention).float()
         logits.square().mean().backward()
         return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     reference, reference_grads = run()
     assert compile_blocks(model) == len(model.base_blocks) + len(model.ns_blocks) + len(model.mask_blocks) + 2
     logits, grads = run()
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    # bf16: fused and unfused element-wise code round differently
+    torch.testing.assert_close(logits, reference, rtol=2e-2, atol=2e-2)
     for grad, expected in zip(grads, reference_grads):
-        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(grad, expected, rtol=5e-2, atol=5e-3)
     with eager():  # other shapes run without recompiling
-        model.forward_next_scale(labels[:1], teacher[:1])
+        model.forward_next_scale(labels[:1], teacher[:1], opaque_attention)
 
 
 def test_a_compiled_training_run_logs_the_eager_losses(tmp_path):
