@@ -12,7 +12,7 @@ import traceback
 import typer
 from typer.core import TyperGroup
 
-from hmar_cli import bench, env, generate, models, train
+from hmar_cli import bench, editing, env, generate, models, train
 from hmar_cli.state import state
 
 # click's exception classes: Typer re-exports BadParameter from them (newer Typer vendors click)
@@ -62,6 +62,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("generate")(generate.generate)
+app.command("inpaint")(editing.inpaint)
+app.command("outpaint")(editing.outpaint)
+app.command("edit")(editing.edit)
 app.add_typer(models.app, name="models")
 app.command("env")(env.env)
 app.add_typer(bench.app, name="bench")

@@ -2,12 +2,10 @@
 
 The same command runs on one CPU, one GPU or, under `torchrun --nproc_per_node N -m hmar_cli.app …`
 (or `torchrun $(which hmar) …`), on many. Options every stage shares are added to each command by
-`shared_options`.
+`shared_options` (see `hmar_cli.options`).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -16,6 +14,7 @@ import typer
 
 from hmar.config import TokenizerConfig, TransformerConfig, tokenizer_preset
 from hmar.errors import InputError
+from hmar_cli.options import option_group
 
 app = typer.Typer(help="Train a tokenizer, stage 1 (next-scale) and stage 2 (mask branch).", no_args_is_help=True)
 
@@ -41,19 +40,7 @@ def _shared(
     return {k: v for k, v in locals().items() if v is not None}
 
 
-def shared_options(command):
-    """Give `command` the shared options as parameters; it receives them as one dict `shared`."""
-    # eval_str: the annotations are strings (postponed evaluation) and Typer needs the types
-    extra = list(inspect.signature(_shared, eval_str=True).parameters.values())
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "shared"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        shared = _shared(**{p.name: kwargs.pop(p.name) for p in extra})
-        return command(shared=shared, **kwargs)
-
-    wrapper.__signature__ = inspect.Signature(own + extra)
-    return wrapper
+shared_options = option_group(_shared, "shared")
 
 
 def _read_section(path: Path, kind: type, what: str):

@@ -1,8 +1,10 @@
-"""Shared test fixtures: the conformance folder (HMAR_CONFORMANCE_DIR or ../shared/conformance)."""
+"""Shared test fixtures: the conformance folder (HMAR_CONFORMANCE_DIR or ../shared/conformance) and
+model folders assembled from it."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,26 @@ def conformance_config(conformance_dir: Path) -> dict:
 def load_fixture(conformance_dir: Path, config: dict, role: str):
     """A `.pth`/`.pt` named by config['files'][role], loaded the only safe way."""
     return torch.load(conformance_dir / config["files"][role], map_location="cpu", weights_only=True)
+
+
+def assemble_model_folder(parent: Path, conformance_dir: Path, config: dict, family: str) -> Path:
+    """A model folder (config.json + weight files) of the fixtures' tokenizer and `family` (hmar or
+    var) sections, in `parent`."""
+    folder = parent / f"tiny-{family}"
+    folder.mkdir()
+    roles = ("tokenizer", family)
+    for role in roles:
+        shutil.copy(conformance_dir / config["files"][role], folder / config["files"][role])
+    data = {"tokenizer": config["tokenizer"], family: config[family], "files": {r: config["files"][r] for r in roles}}
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def conformance_models(tmp_path_factory, conformance_dir: Path, conformance_config: dict) -> dict[str, Path]:
+    """The HMAR and VAR model folders of the fixtures, assembled once per session (do not change them)."""
+    parent = tmp_path_factory.mktemp("models")
+    return {family: assemble_model_folder(parent, conformance_dir, conformance_config, family) for family in ("hmar", "var")}
 
 
 @pytest.fixture(autouse=True)

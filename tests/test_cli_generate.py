@@ -15,14 +15,13 @@ from typer.testing import CliRunner
 
 from hmar.schedule import format_schedule
 from hmar_cli.app import app
-from tests.test_pipeline import _model_folder
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, conformance_dir, conformance_config):
-    return _model_folder(tmp_path_factory.mktemp("cli"), conformance_dir, conformance_config, "hmar")
+def model_dir(conformance_models):
+    return conformance_models["hmar"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,16 @@ def test_same_seed_same_pixels_and_no_silent_overwrite(tmp_path, model_dir):
     assert (tmp_path / "a.png").read_bytes() == before
     assert hmar(*args, "--seed", "6", "--out", str(tmp_path / "a.png"), "--overwrite").returncode == 0
     assert (tmp_path / "a.png").read_bytes() != before
+
+
+def test_without_a_seed_a_fresh_one_is_recorded_and_repeats_the_image(tmp_path, model_dir):
+    args = ["generate", "--model", str(model_dir), "--class", "2", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a.png")]).exit_code == 0
+    with Image.open(tmp_path / "a.png") as first:
+        seed = first.text["hmar:seed"]
+    assert seed.isdigit()
+    assert runner.invoke(app, [*args, "--seed", seed, "--out", str(tmp_path / "b.png")]).exit_code == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
 @pytest.mark.parametrize("extra, code, message", [

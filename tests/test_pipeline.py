@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,21 +13,9 @@ from hmar.pipeline import Pipeline
 from hmar.schedule import format_schedule
 
 
-def _model_folder(tmp_path, conformance_dir, conformance_config, family):
-    folder = tmp_path / f"tiny-{family}"
-    folder.mkdir()
-    for role in ("tokenizer", family):
-        shutil.copy(conformance_dir / conformance_config["files"][role], folder / conformance_config["files"][role])
-    data = {"tokenizer": conformance_config["tokenizer"], family: conformance_config[family],
-            "files": {r: conformance_config["files"][r] for r in ("tokenizer", family)}}
-    (folder / "config.json").write_text(json.dumps(data))
-    return folder
-
-
 @pytest.fixture(scope="module", params=["hmar", "var"])
-def pipe(request, tmp_path_factory, conformance_dir, conformance_config):
-    folder = _model_folder(tmp_path_factory.mktemp("models"), conformance_dir, conformance_config, request.param)
-    return Pipeline.from_folder(folder, device="cpu")
+def pipe(request, conformance_models):
+    return Pipeline.from_folder(conformance_models[request.param], device="cpu")
 
 
 @pytest.fixture(scope="module")

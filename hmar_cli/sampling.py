@@ -1,0 +1,132 @@
+"""What the sampling commands (generate, inpaint, outpaint, edit) share: the model and sampling
+options, loading the model, the progress bar, the PNG metadata that makes every output
+reproducible, notes, and the closing report (one line, or a JSON summary with --json)."""
+from __future__ import annotations
+
+import json
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import hmar
+from hmar.classes import display_name
+from hmar.errors import InputError
+from hmar.images import save_png
+from hmar.pipeline import Pipeline, SamplingSettings
+from hmar.sampler import ProgressCallback
+from hmar.schedule import format_schedule
+from hmar_cli.downloads import model_folder
+from hmar_cli.options import option_group
+
+err_console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The options every sampling command takes (added to it by `with_sampling_options`)."""
+
+    model: str
+    steps: int | None
+    schedule: str | None
+    cfg: float | None
+    top_k: int | None
+    top_p: float | None
+    seed: int
+    batch_size: int | None
+    device: str
+    overwrite: bool
+    as_json: bool
+
+    def sampler_options(self) -> dict:
+        """The keyword arguments of `Pipeline.settings`, `generate` and `edit`."""
+        return {"steps": self.steps, "schedule": self.schedule, "cfg": self.cfg, "top_k": self.top_k,
+                "top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_pipeline(self) -> Pipeline:
+        """A registry name (downloaded on first use) or a model folder (config.json + weights)."""
+        folder = model_folder(self.model, err_console, quiet=self.as_json)
+        return Pipeline.from_folder(folder, device=self.device, name=self.model)
+
+
+def _sampling_options(
+    model: str = typer.Option(..., "--model", "-m", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps in all (HMAR: 14 is the authors' default)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help='Tokens per step per scale, e.g. "1;1,3;1,1,2,5;16;…".'),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance strength."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus filtering (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, recorded in the PNG); same seed and settings give the same pixels."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> SamplingOptions:
+    if steps is not None and schedule is not None:
+        raise InputError("give either --steps or --schedule, not both")
+    # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json)
+
+
+#: gives a command the shared options; it receives them as one `SamplingOptions` argument `options`
+with_sampling_options = option_group(_sampling_options, "options")
+
+
+@contextmanager
+def sampling_progress(settings: SamplingSettings, count: int, quiet: bool) -> Iterator[ProgressCallback]:
+    """A transient bar on stderr over every step of every batch of `count` images (none when
+    stderr is no terminal: logs get no bar residue); yields the callback to hand to the pipeline."""
+    batches = -(-count // settings.batch_size)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as progress:
+        task = progress.add_task("sampling", total=sum(len(steps) for steps in settings.schedule) * batches)
+
+        def advance(event) -> None:
+            progress.update(task, advance=1, description=f"scale {event.scale + 1}/{len(settings.schedule)} step {event.step + 1}/{event.steps_in_scale}")
+
+        yield advance
+
+
+def settings_metadata(pipe: Pipeline, settings: SamplingSettings) -> dict[str, str]:
+    """PNG text metadata: everything besides the class that decides the pixels."""
+    return {
+        "Software": f"hmar {hmar.__version__}", "hmar:model": pipe.name, "hmar:seed": str(settings.seed),
+        "hmar:cfg": str(settings.cfg), "hmar:top_k": str(settings.top_k), "hmar:top_p": str(settings.top_p),
+        "hmar:schedule": format_schedule(settings.schedule), "hmar:batch_size": str(settings.batch_size),
+    }
+
+
+def save_images(pipe: Pipeline, images: Sequence[Image.Image], labels: Sequence[int | None], paths: Sequence[Path],
+                metadata: dict[str, str], overwrite: bool) -> list[dict]:
+    """Write each image with `metadata` and its class (None: the null class); one record each."""
+    records = []
+    for index, (image, label, path) in enumerate(zip(images, labels, paths)):
+        name = display_name(pipe.num_classes if label is None else label, pipe.num_classes, pipe.config.class_names)
+        own = {"hmar:class": "none" if label is None else str(label), "hmar:class_name": name, "hmar:index": str(index)}
+        save_png(image, path, {**metadata, **own}, overwrite)
+        records.append({"path": str(path), "class": label, "class_name": name})
+    return records
+
+
+def note(message: str) -> None:
+    """Something the user should know that is no error: one line on stderr."""
+    typer.echo(f"note: {message}", err=True)
+
+
+def report(options: SamplingOptions, pipe: Pipeline, metadata: dict[str, str], records: list[dict],
+           also_written: Sequence[Path] = (), **summary) -> None:
+    """The closing report: one line on stderr, or with --json a summary on stdout (device, images,
+    the settings from `metadata` and whatever `summary` adds)."""
+    if options.as_json:
+        settings = {key.split(":", 1)[1]: value for key, value in metadata.items() if key.startswith("hmar:") and key != "hmar:model"}
+        print(json.dumps({"model": pipe.name, "device": str(pipe.device), "images": records, **summary, **settings}))
+    else:
+        written = ", ".join(record["path"] for record in records) + "".join(f" and {path}" for path in also_written)
+        err_console.print(f"wrote {len(records)} image(s): {written}", markup=False, highlight=False, soft_wrap=True)

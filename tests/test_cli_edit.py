@@ -1,0 +1,270 @@
+"""`hmar inpaint`, `hmar outpaint` and `hmar edit` end to end (Typer's CliRunner, and real `hmar`
+processes) on the model folders assembled from the conformance fixtures (random weights: these tests
+check the mechanics — untouched pixels, sizes, metadata, determinism, errors — not the pictures)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from hmar import images
+from hmar_cli.app import app
+from tests.test_images import _bad_files, _png_header_only, random_rgb
+
+runner = CliRunner()
+BOX = (12, 10, 40, 30)  # x0, y0, x1, y1 in the 64x48 test photo
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    path = tmp_path / "photo.png"
+    random_rgb(64, 48, seed=7).save(path)
+    return path
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def invoke(model: Path, command: str, *args: str):
+    return runner.invoke(app, [command, *args, "--model", str(model), "--device", "cpu"])
+
+
+def succeeded(result) -> None:
+    assert result.exit_code == 0, result.output + result.stderr
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def box_region(size: tuple[int, int], box=BOX) -> np.ndarray:
+    return images.box_mask(images.Box(*box), size)
+
+
+# ---- the input's pixels survive -------------------------------------------------------------------
+def _save_rgba(path: Path) -> None:
+    rgba = np.asarray(random_rgb(64, 48, seed=1).convert("RGBA")).copy()
+    rgba[:, :20, 3] = 90  # partly transparent: composited on white when read
+    Image.fromarray(rgba, mode="RGBA").save(path)
+
+
+def _save_sixteen_bit(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(2).integers(0, 65536, (48, 64), dtype=np.uint16)).save(path)
+
+
+def _save_exif_rotated(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: stored 48x64, displayed 64x48
+    random_rgb(48, 64, seed=3).save(path, exif=exif, quality=95)
+
+
+INPUTS = {
+    "rgb.png": lambda path: random_rgb(64, 48, seed=0).save(path),
+    "rgba.png": _save_rgba,
+    "gray.png": lambda path: random_rgb(64, 48, seed=4).convert("L").save(path),
+    "deep.png": _save_sixteen_bit,
+    "phone.jpg": _save_exif_rotated,
+}
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_inpaint_keeps_every_pixel_outside_the_region_bit_for_bit(tmp_path, conformance_models, name):
+    source = tmp_path / name
+    INPUTS[name](source)
+    before = np.asarray(images.load_image(source))  # the upright 8-bit RGB the command reads
+    assert before.shape == (48, 64, 3)
+    out = tmp_path / "out.png"
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(source), "--box", ",".join(map(str, BOX)), "--seed", "0", "--out", str(out)))
+    after = pixels(out)
+    region = box_region((64, 48))
+    assert after.shape == before.shape
+    assert np.array_equal(after[~region], before[~region])
+    assert (after[region] != before[region]).any()
+
+
+def test_dilate_and_feather_leave_everything_beyond_the_grown_region(tmp_path, conformance_models, photo):
+    out = tmp_path / "out.png"
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", "20,15,30,25", "--dilate", "3", "--feather", "4",
+                     "--seed", "0", "--out", str(out)))
+    grown = images.dilate(box_region((64, 48), (20, 15, 30, 25)), 3)
+    before, after = pixels(photo), pixels(out)
+    assert np.array_equal(after[~grown], before[~grown]) and (after[grown] != before[grown]).any()
+    with Image.open(out) as written:
+        assert written.text["hmar:dilate"] == "3" and written.text["hmar:feather"] == "4"
+
+
+@pytest.mark.parametrize("args, size, offset", [
+    (["--left", "8", "--top", "4", "--right", "20"], (92, 52), (8, 4)),
+    (["--expand", "1.5"], (96, 72), (16, 12)),
+    (["--to", "100x50"], (100, 50), (18, 1)),
+])
+def test_outpaint_keeps_the_original_at_its_offset(tmp_path, conformance_models, photo, args, size, offset):
+    out = tmp_path / "wide.png"
+    succeeded(invoke(conformance_models["hmar"], "outpaint", str(photo), *args, "--seed", "1", "--out", str(out)))
+    after = pixels(out)
+    assert after.shape == (size[1], size[0], 3)
+    x, y = offset
+    assert np.array_equal(after[y:y + 48, x:x + 64], pixels(photo))
+    with Image.open(out) as written:
+        assert written.text["hmar:command"] == "outpaint" and written.text["hmar:source_size"] == "64x48"
+
+
+def test_a_var_model_folder_edits_too(tmp_path, conformance_models, photo):
+    out = tmp_path / "var.png"
+    succeeded(invoke(conformance_models["var"], "edit", str(photo), "--class", "2", "--box", ",".join(map(str, BOX)), "--out", str(out)))
+    region = box_region((64, 48))
+    assert np.array_equal(pixels(out)[~region], pixels(photo)[~region])
+    steps = invoke(conformance_models["var"], "inpaint", str(photo), "--box", "0,0,8,8", "--steps", "7", "--out", str(tmp_path / "x.png"))
+    assert steps.exit_code == 2 and "VAR models sample exactly one step per scale" in steps.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---- metadata, notes, determinism, outputs --------------------------------------------------------
+def test_metadata_notes_and_json_summary(tmp_path, conformance_models, photo):
+    small_mask = np.zeros((24, 32), dtype=np.uint8)
+    small_mask[5:15, 6:20] = 255
+    Image.fromarray(small_mask).save(tmp_path / "mask.png")
+    out = tmp_path / "cat.png"
+    result = invoke(conformance_models["hmar"], "edit", str(photo), "--class", "class 3", "--mask", str(tmp_path / "mask.png"),
+                    "--seed", "9", "--top-k", "5", "--top-p", "0.8", "--cfg", "2", "--steps", "6", "--json", "--out", str(out))
+    succeeded(result)
+    note = "note: mask mask.png is 32x24 but the image is 64x48: the mask was resized to the image"
+    assert result.stderr.strip() == note
+    summary = json.loads(result.stdout)
+    assert summary["notes"] == [note.removeprefix("note: ")] and summary["size"] == [64, 48]
+    assert summary["images"] == [{"path": str(out), "class": 3, "class_name": "class 3"}]
+    with Image.open(out) as written:
+        text = written.text
+    assert text["Software"].startswith("hmar ") and text["hmar:model"] == str(conformance_models["hmar"])
+    assert {k: text[f"hmar:{k}"] for k in ("command", "source", "mask", "class", "seed", "cfg", "top_k", "top_p")} == {
+        "command": "edit", "source": "photo.png", "mask": "mask.png", "class": "3", "seed": "9", "cfg": "2.0", "top_k": "5", "top_p": "0.8"}
+    assert len(text["hmar:schedule"].split(";")) == 5 and summary["schedule"] == text["hmar:schedule"]
+
+
+def test_full_mask_is_noted_and_default_output_names(tmp_path, conformance_models, photo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    whole = invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", "0,0,64,48", "--num", "2")
+    succeeded(whole)
+    assert "note: the mask covers the whole image: this is the same as generating a new image" in whole.stderr.splitlines()
+    assert (tmp_path / "photo-inpainted-0.png").is_file() and (tmp_path / "photo-inpainted-1.png").is_file()
+    succeeded(invoke(conformance_models["hmar"], "outpaint", str(photo), "--bottom", "10"))
+    with Image.open(tmp_path / "photo-outpainted.png") as written:
+        assert written.size == (64, 58) and written.text["hmar:class"] == "none"
+
+
+def test_same_seed_same_pixels_and_variants_differ(tmp_path, conformance_models, photo):
+    args = ["inpaint", str(photo), "--box", ",".join(map(str, BOX)), "--num", "2"]
+    succeeded(invoke(conformance_models["hmar"], *args, "--out", str(tmp_path / "a.png")))
+    with Image.open(tmp_path / "a-0.png") as first:
+        seed = first.text["hmar:seed"]  # a fresh seed, recorded
+    succeeded(invoke(conformance_models["hmar"], *args, "--seed", seed, "--out", str(tmp_path / "b.png")))
+    assert (tmp_path / "a-0.png").read_bytes() == (tmp_path / "b-0.png").read_bytes()
+    assert (tmp_path / "a-1.png").read_bytes() == (tmp_path / "b-1.png").read_bytes()
+    assert not np.array_equal(pixels(tmp_path / "a-0.png"), pixels(tmp_path / "a-1.png"))
+
+
+def test_an_existing_output_is_refused_before_the_model_loads(tmp_path, photo, out_dir):
+    taken = out_dir / "taken.png"
+    taken.write_bytes(b"mine")
+    result = invoke(tmp_path / "no-such-model", "inpaint", str(photo), "--box", "0,0,8,8", "--out", str(taken))
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: {taken} exists; pass --overwrite to replace it"
+    assert taken.read_bytes() == b"mine"
+
+
+# ---- bad input: one line, the right exit code, no output ----------------------------------------
+def _bad_inputs(folder: Path) -> None:
+    _bad_files(folder)  # notes.txt, empty.png, truncated.png, corrupt.png, folder.png
+    (folder / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    Image.new("L", (64, 48), 0).save(folder / "black.png")
+    Image.new("L", (64, 48), 255).save(folder / "white.png")
+    random_rgb(64, 48).save(folder / "photo.png")
+
+
+@pytest.mark.parametrize("command, args, code, message", [
+    ("inpaint", ["missing.png", "--box", "0,0,8,8"], 2, "image not found"),
+    ("inpaint", ["folder.png", "--box", "0,0,8,8"], 2, "is a folder, not an image file"),
+    ("inpaint", ["notes.txt", "--box", "0,0,8,8"], 2, "is not an image"),
+    ("inpaint", ["empty.png", "--box", "0,0,8,8"], 2, "is not an image"),
+    ("inpaint", ["truncated.png", "--box", "0,0,8,8"], 2, "is corrupt or truncated"),
+    ("outpaint", ["corrupt.png", "--left", "8"], 2, "is corrupt or truncated"),
+    ("edit", ["bomb.png", "--class", "1", "--box", "0,0,8,8"], 2, "decompression bomb"),
+    ("inpaint", ["photo.png", "--mask", "notes.txt"], 2, "error: mask "),
+    ("inpaint", ["photo.png", "--mask", "nowhere.png"], 2, "mask not found"),
+    ("inpaint", ["photo.png", "--mask", "black.png"], 2, "selects nothing to regenerate"),
+    ("inpaint", ["photo.png", "--mask", "white.png", "--box", "0,0,8,8"], 2, "either --mask FILE or --box"),
+    ("edit", ["photo.png", "--class", "1"], 2, "either --mask FILE or --box"),
+    ("inpaint", ["photo.png", "--box", "50,40,70,48"], 2, "reaches outside the 64x48 image"),
+    ("inpaint", ["photo.png", "--box", "1,2,3"], 2, "four integers"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--dilate", "-1"], 2, "--dilate"),
+    ("edit", ["photo.png", "--box", "0,0,8,8"], 2, "Missing option '--class'"),
+    ("edit", ["photo.png", "--class", "10", "--box", "0,0,8,8"], 2, "class 10 is out of range: this model has classes 0..9"),
+    ("edit", ["photo.png", "--class", "clas 3", "--box", "0,0,8,8"], 2, "unknown class name 'clas 3'; did you mean 'class 3'"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "1;4"], 2, "schedule has 2 scales"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "1;4;9;16;24"], 2, "sums to 24"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "100000"], 2, "steps must be between"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "6", "--schedule", "1;4;9;16;25"], 2, "either --steps or --schedule"),
+    ("outpaint", ["photo.png"], 2, "give exactly one of --left/--right/--top/--bottom, --expand or --to"),
+    ("outpaint", ["photo.png", "--left", "4", "--expand", "2"], 2, "give exactly one of"),
+    ("outpaint", ["photo.png", "--expand", "0.5"], 2, "--expand must be more than 1"),
+    ("outpaint", ["photo.png", "--to", "60x60"], 2, "does not enlarge the 64x48 image"),
+    ("outpaint", ["photo.png", "--to", "wide"], 2, "WIDTHxHEIGHT"),
+    ("outpaint", ["photo.png", "--to", "100x100", "--out", "x.jpg"], 2, "output must be a .png file"),
+])
+def test_bad_input_is_one_line_with_its_exit_code_and_no_output(tmp_path, conformance_models, monkeypatch, command, args, code, message):
+    _bad_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    result = invoke(conformance_models["hmar"], command, *args)
+    assert result.exit_code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_model_device_and_output_problems(tmp_path, conformance_models, photo, out_dir):
+    broken = shutil.copytree(conformance_models["hmar"], tmp_path / "broken")
+    (broken / json.loads((broken / "config.json").read_text())["files"]["hmar"]).unlink()
+    cases = [
+        (tmp_path / "no-such-model", ["--out", str(out_dir / "a.png")], 2, "no model folder"),
+        (broken, ["--out", str(out_dir / "a.png")], 1, "weight file not found"),
+        (conformance_models["hmar"], ["--out", str(tmp_path / "no" / "dir" / "a.png")], 1, "output folder"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((conformance_models["hmar"], ["--out", str(out_dir / "a.png"), "--device", "cuda"], 1, "CUDA was requested"))
+    for model, extra, code, message in cases:
+        result = runner.invoke(app, ["inpaint", str(photo), "--box", "0,0,8,8", "--model", str(model), *extra])
+        assert result.exit_code == code and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+# ---- a real process ---------------------------------------------------------------------------
+def hmar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hmar_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_real_processes_write_notes_and_fail_in_one_line(tmp_path, conformance_models, photo):
+    model = ["--model", str(conformance_models["hmar"]), "--device", "cpu"]
+    done = hmar("inpaint", str(photo), "--box", "0,0,64,48", "--seed", "2", "--out", str(tmp_path / "a.png"), *model)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["note: the mask covers the whole image: this is the same as generating a new image",
+                                        f"wrote 1 image(s): {tmp_path / 'a.png'}"]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    failed = hmar("outpaint", str(tmp_path / "bad.png"), "--left", "5", "--out", str(tmp_path / "b.png"), *model)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [f"error: image {tmp_path / 'bad.png'} is corrupt or truncated (Truncated File Read)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "bad.png", "photo.png"]
