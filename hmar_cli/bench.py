@@ -1,7 +1,11 @@
-"""`hmar bench train|sample`: HMAR against VAR in our engine, same shapes, one run."""
+"""`hmar bench attention|train|sample`: the attention kernel against its baselines, and HMAR against
+VAR in our engine, same shapes, one run. Each prints a rich table, or JSON with --json, and can draw
+a PNG bar chart (--chart); each also runs on the CPU at small sizes."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -9,16 +13,39 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hmar.benchmark import BenchRow, bench_sample, bench_train
+from hmar.benchmark import LOSS_PATHS, BenchRow, bench_sample, bench_train
 from hmar.config import tokenizer_preset
+from hmar.errors import InputError
+from hmar.images import check_writable
 from hmar.pipeline import resolve_device
+from hmar_cli.charts import Group, write_chart
 
-app = typer.Typer(help="Benchmarks: HMAR vs VAR, side by side in one run.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: the attention kernel, and HMAR vs VAR, side by side in one run.", no_args_is_help=True)
 console = Console()
 
+CHART_HELP = "Also draw the median times as a PNG bar chart here."
 
-def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict) -> None:
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+def _chart_target(chart: Optional[Path], overwrite: bool) -> None:
+    """Fail before the benchmark runs when its chart could not be written."""
+    if chart is None:
+        return
+    if chart.suffix.lower() != ".png":
+        raise InputError(f"--chart must name a .png file, got {str(chart)!r}")
+    check_writable([chart], overwrite)
+
+
+def _environment(device: torch.device) -> dict:
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device: torch.device, chart: Optional[Path], overwrite: bool) -> None:
+    env = _environment(device)
+    if chart is not None:
+        shape_text = ", ".join(f"{k} {v}" for k, v in shape.items())
+        groups: list[Group] = [(f"{title}: {shape_text}", [(r.family.upper(), r.median_ms) for r in rows])]
+        write_chart(chart, f"{title}, median ms: {env['device']}, torch {env['torch']}", groups,
+                    {"environment": json.dumps(env), "shape": json.dumps(shape)}, overwrite)
     if as_json:
         print(json.dumps({"environment": env, "shape": shape, "rows": [r.as_dict() for r in rows]}))
         return
@@ -37,11 +64,18 @@ def train(
     depth: int = typer.Option(16, "--depth", min=1), resolution: int = typer.Option(256, "--resolution"),
     batch_size: int = typer.Option(32, "--batch-size", min=1), width: Optional[int] = typer.Option(None, "--width", min=8),
     device: str = typer.Option("auto", "--device"), warmup: int = typer.Option(3, "--warmup", min=0),
-    iters: int = typer.Option(10, "--iters", min=1), as_json: bool = typer.Option(False, "--json"),
+    iters: int = typer.Option(10, "--iters", min=1),
+    loss: str = typer.Option("chunked", "--loss", help="chunked: the trainer's loss (logits head in chunks); logits: all float32 logits at once, to compare."),
+    as_json: bool = typer.Option(False, "--json"),
+    chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size."""
-    rows = bench_train(tokenizer_preset(resolution), depth, batch_size, resolve_device(device), width=width, warmup=warmup, iters=iters)
-    _report(rows, "training step", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size})
+    if loss not in LOSS_PATHS:
+        raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
+    _chart_target(chart, overwrite)
+    where = resolve_device(device)
+    rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss)
+    _report(rows, "training step", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss}, where, chart, overwrite)
 
 
 @app.command("sample")
@@ -51,7 +85,72 @@ def sample(
     width: Optional[int] = typer.Option(None, "--width", min=8), device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
     as_json: bool = typer.Option(False, "--json"),
+    chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), random weights."""
-    rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, resolve_device(device), steps=steps, width=width, warmup=warmup, iters=iters)
-    _report(rows, "sampling", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size, "steps": steps})
+    _chart_target(chart, overwrite)
+    where = resolve_device(device)
+    rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters)
+    _report(rows, "sampling", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size, "steps": steps}, where, chart, overwrite)
+
+
+def _patch_nums(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise InputError(f"--patch-nums takes positive integers separated by commas (e.g. 1,2,3,4), got {text!r}")
+    return values
+
+
+def _attention_chart_groups(rows: list[dict]) -> list[Group]:
+    """One group per benchmarked shape, a bar per implementation: forward+backward median ms."""
+    groups: dict[str, list] = {}
+    for r in rows:
+        if "fwd_bwd_ms" in r:
+            shape = f"{r['res']} px" if r["res"] else f"{r['tokens']} tokens"
+            groups.setdefault(f"{shape}, batch {r['batch']}, {r['pattern']}", []).append((r["impl"], r["fwd_bwd_ms"]))
+    return list(groups.items())
+
+
+@app.command("attention")
+def attention(
+    resolution: Optional[list[int]] = typer.Option(None, "--resolution", help="256, 512 or 1024; repeat for several (default: all three on CUDA, 256 on the CPU)."),
+    patch_nums: Optional[str] = typer.Option(None, "--patch-nums", help="Custom scales instead of a resolution's, e.g. 1,2,3,4 (small shapes for the CPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 16 (4 at 1024 px)."),
+    heads: int = typer.Option(16, "--heads", min=1), head_dim: int = typer.Option(64, "--head-dim", min=1),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", help="block_diagonal or block_causal; repeat for both (default)."),
+    impl: Optional[list[str]] = typer.Option(None, "--impl", help="triton, sdpa-mask, sdpa-per-scale or flex; repeat for several (default: all; on the CPU all but flex)."),
+    device: str = typer.Option("auto", "--device"),
+    warmup: float = typer.Option(25.0, "--warmup", min=0, help="Milliseconds of warm-up calls per measurement."),
+    rep: float = typer.Option(100.0, "--rep", min=0, help="Milliseconds of timed calls per measurement (at least one)."),
+    as_json: bool = typer.Option(False, "--json"),
+    chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Block-sparse attention: our Triton kernel vs SDPA with a mask, SDPA per scale and compiled
+    FlexAttention, forward / backward / both, on the same tensors. On the CPU our kernel runs only
+    under TRITON_INTERPRET=1 (slow, for checking); otherwise its row says why it did not run."""
+    from hmar.kernels import bench  # here, not at the top: Triton (hence hmar.kernels) exists on Linux only
+
+    where = resolve_device(device)
+    resolutions = resolution or ([256, 512, 1024] if where.type == "cuda" else [256])
+    checks = {"--resolution": (resolutions, bench.PATCH_NUMS), "--pattern": (pattern or [], bench.PATTERNS),
+              "--impl": (impl or [], bench.IMPLS), "--dtype": ([dtype], bench.DTYPES)}
+    for option, (given, allowed) in checks.items():
+        unknown = [str(value) for value in given if value not in allowed]
+        if unknown:
+            raise InputError(f"{option}: {', '.join(unknown)} not one of {', '.join(map(str, allowed))}")
+    _chart_target(chart, overwrite)
+    cells = bench.make_cells(resolutions, pattern or bench.PATTERNS, batch_size, heads, head_dim, bench.DTYPES[dtype],
+                             _patch_nums(patch_nums) if patch_nums else None)
+    result = bench.run(cells, impl or bench.default_impls(where), where, warmup, rep, log=lambda line: print(line, file=sys.stderr, flush=True))
+    env, rows = result["env"], result["rows"]
+    if chart is not None:
+        title = f"attention, forward+backward median ms: {env['device']}, torch {env['torch']}, triton {env['triton']}"
+        write_chart(chart, title, _attention_chart_groups(rows), {"environment": json.dumps(env)}, overwrite)
+    if as_json:
+        print(json.dumps({"environment": env, "rows": rows, "autotuned": result["autotuned"]}))
+        return
+    bench.print_table(rows, env)

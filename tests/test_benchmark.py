@@ -1,12 +1,21 @@
-"""`hmar bench` internals at CPU sizes: both families run, rows are consistent."""
+"""`hmar bench` at CPU sizes: both families run, rows are consistent; `hmar bench attention` times the
+baselines (and our kernel under Triton's interpreter); every bench command can draw a PNG chart."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
 from hmar.attention import select_attention
 from hmar.benchmark import bench_config, bench_sample, bench_train, forward_flops, stage1_loss_fn
 from hmar.checkpoints import build_models
 from hmar.config import TokenizerConfig
 from hmar.train.losses import scale_weights
+from hmar_cli.app import app
 
 TINY = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=(1, 2, 4), image_size=16)
 
@@ -42,3 +51,66 @@ def test_sample_benchmark_rows():
 def test_block_diagonal_attention_does_less_work():
     hmar, var = (forward_flops(bench_config(f, 16, None, TokenizerConfig()), 1) for f in ("hmar", "var"))
     assert hmar < var
+
+
+# ------------------------------------------------------------------ the command line
+
+TINY_ATTENTION = ["bench", "attention", "--patch-nums", "1,2,3", "--batch-size", "2", "--heads", "2", "--head-dim", "16",
+                  "--dtype", "fp32", "--device", "cpu", "--warmup", "0", "--rep", "1", "--json"]
+
+
+def _rows_by_impl(stdout: str) -> dict:
+    report = json.loads(stdout)
+    assert report["environment"]["torch"] == torch.__version__
+    return {(r["pattern"], r["impl"]): r for r in report["rows"]}
+
+
+def test_bench_attention_times_the_baselines_on_the_cpu():
+    result = CliRunner().invoke(app, TINY_ATTENTION)
+    assert result.exit_code == 0, result.output
+    rows = _rows_by_impl(result.stdout)
+    assert set(rows) == {("block_diagonal", "triton (ours)"), ("block_diagonal", "sdpa + bool mask"),
+                         ("block_diagonal", "sdpa per scale"), ("block_causal", "triton (ours)"), ("block_causal", "sdpa + bool mask")}
+    for (pattern, impl), row in rows.items():
+        assert row["tokens"] == 14 and row["batch"] == 2 and row["dtype"] == "float32"
+        if impl == "triton (ours)" and not os.environ.get("TRITON_INTERPRET"):
+            assert "CUDA" in row["error"] and "fwd_ms" not in row
+        else:
+            assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    assert rows[("block_diagonal", "sdpa per scale")]["rel_err"] < 1e-5
+
+
+def test_bench_attention_runs_our_kernel_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "hmar_cli", *TINY_ATTENTION], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = _rows_by_impl(result.stdout)
+    for pattern in ("block_diagonal", "block_causal"):
+        assert rows[(pattern, "triton (ours)")]["fwd_bwd_ms"] > 0
+        assert rows[(pattern, "sdpa + bool mask")]["rel_err_vs"] == "triton (ours)"
+        assert rows[(pattern, "sdpa + bool mask")]["rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("command", [
+    TINY_ATTENTION,
+    ["bench", "train", "--depth", "1", "--width", "64", "--batch-size", "1", "--warmup", "0", "--iters", "1", "--device", "cpu"],
+    ["bench", "sample", "--depth", "1", "--width", "64", "--batch-size", "1", "--steps", "10", "--warmup", "0", "--iters", "1", "--device", "cpu"],
+], ids=["attention", "train", "sample"])
+def test_bench_commands_draw_a_png_chart(tmp_path, command):
+    chart = tmp_path / "chart.png"
+    result = CliRunner().invoke(app, [*command, "--chart", str(chart)])
+    assert result.exit_code == 0, result.output
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width == 1000 and image.height > 100
+        assert "median ms" in image.text["title"] and json.loads(image.text["environment"])["torch"] == torch.__version__
+    again = CliRunner().invoke(app, [*command, "--chart", str(chart)])
+    assert again.exit_code == 1 and "--overwrite" in again.stderr  # refused before running anything
+    assert CliRunner().invoke(app, [*command, "--chart", str(chart), "--overwrite"]).exit_code == 0
+
+
+def test_bench_options_are_checked_before_running(tmp_path):
+    for args, message in ((["attention", "--impl", "cudnn"], "--impl: cudnn"), (["attention", "--patch-nums", "1,0"], "--patch-nums"),
+                          (["attention", "--dtype", "fp8"], "--dtype"), (["train", "--loss", "fused"], "--loss"),
+                          (["sample", "--chart", str(tmp_path / "c.jpg")], ".png")):
+        result = CliRunner().invoke(app, ["bench", *args])
+        assert result.exit_code == 2 and message in result.stderr, (args, result.output)
