@@ -178,3 +178,33 @@ def test_stage2_objective_equals_the_loss_over_all_logits():
 
     objective = MaskedObjective(model, per_scale_sdpa, logits_per_chunk=5 * model.vocab_size)
     _assert_same(_loss_and_grads(model, lambda: objective(labels, teacher, own, targets)), _loss_and_grads(model, reference))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_under_bf16_the_chunked_loss_matches_all_logits_with_a_lower_peak():
+    from hmar.benchmark import bench_config, stage1_loss_fn
+    from hmar.config import tokenizer_preset
+
+    config = bench_config("hmar", 2, 256, tokenizer_preset(256))  # V = 4096, L = 680: 43,520 tokens at batch 64
+    transformer = build_models(config)[1].cuda().eval()
+    B, L, first = 64, sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
+    inputs = (torch.randint(0, 1000, (B,), device="cuda"), torch.randn(B, L - first, config.tokenizer.z_channels, device="cuda"),
+              torch.randint(0, config.tokenizer.vocab_size, (B, L), device="cuda"))
+    weights = scale_weights("lognormal", config.patch_nums).cuda()
+    results = {}
+    for path in ("logits", "chunked") * 2:  # the first round warms up (cuBLAS workspaces, kernel caches)
+        transformer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = stage1_loss_fn(transformer, per_scale_sdpa, weights, path)(*inputs)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in transformer.parameters() if p.grad is not None])
+        results[path] = (loss.detach(), grads, torch.cuda.max_memory_allocated() - before)
+    (loss, grads, peak), (want, want_grads, want_peak) = results["chunked"], results["logits"]
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-3)
+    assert (grads - want_grads).norm() / want_grads.norm() < 1e-2
+    all_logits_bytes = 4 * B * L * config.tokenizer.vocab_size  # float32
+    assert want_peak - peak > all_logits_bytes / 2, (peak, want_peak)
