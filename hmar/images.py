@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from hmar.errors import HmarError, InputError
+from hmar.file_mode import ordinary_file_mode
 
 MAX_PIXELS = 120_000_000  # larger images are refused unread (Pillow's own hard limit is ~179 MP)
 WHITE = (255, 255, 255)
@@ -392,6 +393,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
     except OSError as exc:
         raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
     try:
+        os.fchmod(handle, ordinary_file_mode())
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)
         if overwrite:

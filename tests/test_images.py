@@ -384,3 +384,13 @@ def test_grid_layout():
     assert np.array_equal(np.asarray(sheet)[6:12, 10:20], np.asarray(tiles[3]))
     assert (np.asarray(sheet)[12:, 10:] == 255).all()
     assert issubclass(OutputError, HmarError)
+
+
+def test_written_pngs_get_an_ordinary_file_mode(tmp_path):
+    # the temporary file is private to its owner; the finished output must not stay that way
+    old = os.umask(0o022)
+    try:
+        images.save_png(Image.new("RGB", (4, 4)), tmp_path / "out.png", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644

@@ -1,6 +1,7 @@
 """Data for training: image folders and their errors, unreadable images, batch order, the synthetic set."""
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -98,3 +99,27 @@ def test_synthetic_dataset_layout_and_refusal_to_overwrite(tmp_path):
     assert folder.class_names == tuple(sorted(CLASSES)) and len(folder) == 2 * len(CLASSES)
     with pytest.raises(InputError, match="not empty"):
         write_dataset(root, images_per_class=2)
+
+
+def test_weight_files_are_stored_in_the_export_dtype_with_an_ordinary_mode(tmp_path):
+    from safetensors.torch import load_file
+
+    from hmar.train.model_folders import save_weights
+
+    old = os.umask(0o022)
+    try:
+        save_weights({"weight": torch.randn(3, 2), "index": torch.arange(3)}, tmp_path / "w.safetensors", "float16")
+    finally:
+        os.umask(old)
+    stored = load_file(tmp_path / "w.safetensors")
+    assert stored["weight"].dtype == torch.float16 and stored["index"].dtype == torch.int64  # integers keep their dtype
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_parallel_writing_gives_the_same_files(tmp_path):
+    serial = write_dataset(tmp_path / "serial", images_per_class=2, size=64, seed=3, classes=["star", "ring"])
+    parallel = write_dataset(tmp_path / "parallel", images_per_class=2, size=64, seed=3, classes=["star", "ring"], workers=2)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*.png"))
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png")) and len(files) == 4
+    for name in files:
+        assert (serial / name).read_bytes() == (parallel / name).read_bytes()

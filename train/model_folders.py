@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from hmar.checkpoints import load_models, load_weights, read_state_dict
 from hmar.config import ModelConfig, TokenizerConfig
 from hmar.errors import ConfigError
+from hmar.file_mode import ordinary_file_mode
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
 
@@ -33,6 +34,7 @@ def save_weights(state: Mapping[str, torch.Tensor], path: Path, dtype: str = "fl
     tmp = path.with_name(path.name + ".tmp")
     cast = getattr(torch, dtype)
     save_file({k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.chmod(tmp, ordinary_file_mode())  # safetensors creates it private to its owner
     os.replace(tmp, path)
 
 

@@ -6,7 +6,8 @@
 #
 # STAGES picks what to run (default all four, in order), so the work can be split over several
 # sessions or machines; each stage reads the previous one's output from RUN_FOLDER. The bundled
-# model is RUN_FOLDER/stage2/model. Numbers below are the ones used for the shipped weights.
+# model is RUN_FOLDER/stage2/model. The numbers below are the ones of the shipped weights; how that
+# run went (interruptions, resumes, times) is in hmar/bundled/hmar-tiny/README.md.
 set -euo pipefail
 RUN=${1:-runs/hmar-tiny}
 RECIPE=$(cd "$(dirname "$0")" && pwd)
@@ -25,10 +26,10 @@ for stage in $STAGES; do
       hmar train stage1 --data "$RUN/data" --out "$RUN/stage1" --tokenizer "$RUN/tokenizer/tokenizer" \
         --model "$RECIPE/hmar.json" --token-cache "$RUN/tokens.pt" \
         --steps "${STAGE1_STEPS:-6000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 4e-4 --warmup-steps 300 --ema 0.999 \
-        --workers "$WORKERS" --checkpoint-every 2000 --seed 0 ;;
+        --workers "$WORKERS" --checkpoint-every 1000 --sample-every 2000 --seed 0 ;;
     stage2)
       hmar train stage2 --data "$RUN/data" --out "$RUN/stage2" --init "$RUN/stage1/model" --token-cache "$RUN/tokens.pt" \
-        --steps "${STAGE2_STEPS:-2000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 2e-4 --warmup-steps 100 --ema 0.999 \
+        --steps "${STAGE2_STEPS:-600}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 2e-4 --warmup-steps 100 \
         --export-dtype float16 --workers "$WORKERS" --checkpoint-every 2000 --seed 0 ;;
     *) echo "unknown stage $stage (expected data, tokenizer, stage1, stage2)" >&2; exit 2 ;;
   esac
