@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -386,6 +387,11 @@ def _hub_errors(entry: RegistryEntry, hub_file: HubFile):
     from huggingface_hub import errors
 
     where = f"{hub_file.filename} from {hub_file.repo_id}"
+    # huggingface_hub logs every retry of an unreachable host as a warning; the user gets our one
+    # line when it gives up instead
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         yield
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
@@ -404,6 +410,8 @@ def _hub_errors(entry: RegistryEntry, hub_file: HubFile):
         raise DownloadError(f"download of {where} failed: {_first_line(exc)}") from None
     except OSError as exc:
         raise DownloadError(f"download of {where} failed: {exc.strerror or _first_line(exc)}") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

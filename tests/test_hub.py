@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,27 @@ def test_hub_failures_become_one_line_errors(fake_hub, failure, kind, message):
     with pytest.raises(kind, match=message) as caught:
         hub.download("hmar-d16")
     assert isinstance(caught.value, HmarError) and "\n" not in str(caught.value)
+
+
+def test_retry_warnings_of_the_hub_stay_quiet(fake_hub):
+    def unreachable(*args, **kwargs):
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise hf_errors.LocalEntryNotFoundError("connection error")
+
+    seen = []
+    listener = logging.Handler()
+    listener.emit = lambda record: seen.append(record.getMessage())
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_logger.addHandler(listener)
+    huggingface_hub.hf_hub_download = unreachable  # undone by fake_hub's monkeypatch
+    try:
+        with pytest.raises(hub.ModelNotCachedError, match="could not reach"):
+            hub.download("hmar-d16")
+    finally:
+        hub_logger.removeHandler(listener)
+    assert seen == []
 
 
 def test_offline_download_fails_before_touching_the_hub(fake_hub, monkeypatch):
