@@ -2,29 +2,40 @@
 
 Both families are built at the same depth and width (random weights) and timed alternately in one
 run, so that their ratio is measured under the same conditions: warm-up first, then medians of CUDA
-event timings (wall clock on the CPU), and peak memory on CUDA. The training step computes the loss
-the way the stage-1 trainer does. `hmar bench train|sample` prints these rows; the functions also run
-on the CPU at small sizes so that CI exercises them.
+event timings (wall clock on the CPU), and peak memory on CUDA. The training step is the stage-1
+trainer's (`hmar.train.loop`): its loss, frozen mask branch, gradient clipping, fused AdamW on CUDA,
+and blocks compiled on CUDA (`hmar.compile`) — VAR's too, so that the two are compared alike.
+Optionally a few more steps run under torch.profiler (`hmar.profiling`). `hmar bench train|sample`
+prints these rows; the functions also run on the CPU at small sizes so that CI exercises them.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 
 from hmar.attention import AttentionFn, select_attention
 from hmar.checkpoints import build_models
+from hmar.compile import compile_blocks, wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
+from hmar.profiling import StepProfile, profile_steps
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
 from hmar.train.losses import next_scale_loss, scale_weights, score_logits
-from hmar.train.stage1 import NextScaleObjective
+from hmar.train.options import TrainConfig
+from hmar.train.stage1 import MASK_BRANCH, NextScaleObjective
 from hmar.transformer import ScaleTransformer
 
 LOSS_PATHS = ("chunked", "logits")
+GRAD_CLIP = TrainConfig.grad_clip  # the trainer's default
+# Warm-up rounds at least, when compiled. Both families' blocks share compiled code (one Dynamo cache
+# per function), and a family's first step after the other family compiled can compile again (seen on
+# the CPU: 1.6 s); so warm-up rounds alternate the families as the timed rounds do, and the second
+# round takes those late compilations.
+COMPILED_WARMUP = 2
 
 
 @dataclass
@@ -36,9 +47,13 @@ class BenchRow:
     peak_memory_gib: float | None
     tflops: float | None
     ratio_vs_var: float | None = None
+    compiled: bool = False  # transformer blocks compiled (hmar.compile)
+    profile: StepProfile | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: the profile as its category breakdown (its table goes to a file)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "profile"}
+        return {**row, "profile": self.profile.breakdown if self.profile else None}
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
@@ -107,23 +122,32 @@ def stage1_loss_fn(transformer: ScaleTransformer, attend: AttentionFn, weights: 
     return all_logits
 
 
-def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked") -> Callable[[], None]:
-    """One stage-1 step on random tokens: teacher-forced forward, the stage-1 loss, backward, AdamW."""
+def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked",
+                  compiled: bool = False) -> Callable[[], None]:
+    """One stage-1 step on random tokens, as the trainer takes it: teacher-forced forward, the stage-1
+    loss, backward, gradient clipping, AdamW (fused on CUDA); blocks compiled when `compiled`."""
     _, transformer = build_models(config)
     transformer.to(device).train()
+    if config.family == "hmar":  # stage 1 leaves the mask branch alone
+        for name in MASK_BRANCH:
+            getattr(transformer, name).requires_grad_(False)
+    if compiled:
+        compile_blocks(transformer)
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
     teacher = torch.randn(batch_size, L - first, config.tokenizer.z_channels, device=device)
     targets = torch.randint(0, config.tokenizer.vocab_size, (batch_size, L), device=device)
     weights = scale_weights("lognormal", config.patch_nums).to(device)  # the trainer's default
     loss_of = stage1_loss_fn(transformer, select_attention(attention, device), weights, loss)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, fused=device.type == "cuda")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             value = loss_of(labels, teacher, targets)
         value.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -145,12 +169,13 @@ def sample_fn(config: ModelConfig, batch_size: int, steps: int | None, device: t
     return run
 
 
-def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, device, warmup: int, iters: int, flops: dict[str, float]) -> list[BenchRow]:
+def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, device, warmup: int, iters: int,
+             flops: dict[str, float], compiled: bool = False, profile: bool = False) -> list[BenchRow]:
     # alternate the families round by round so that both see the same machine state
     samples: dict[str, list[float]] = {f: [] for f in fns}
     peaks: dict[str, float | None] = {}
-    for fn in fns.values():
-        for _ in range(warmup):
+    for _ in range(max(warmup, COMPILED_WARMUP) if compiled else warmup):
+        for fn in fns.values():
             fn()
     for _ in range(iters):
         for family, fn in fns.items():
@@ -158,10 +183,12 @@ def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, dev
             samples[family].append(ms)
             peaks[family] = max(peaks.get(family) or 0.0, peak) if peak is not None else None
     rows = []
-    for family in fns:
+    for family, fn in fns.items():
         ms = statistics.median(samples[family])
         tflops = flops[family] / (ms / 1e3) / 1e12 if family in flops else None
-        rows.append(BenchRow(family, task, ms, batch_size / (ms / 1e3), peaks[family], tflops))
+        # profiled after timing, so that the profiler's overhead never enters the medians
+        profiled = profile_steps(fn, device) if profile else None
+        rows.append(BenchRow(family, task, ms, batch_size / (ms / 1e3), peaks[family], tflops, compiled=compiled, profile=profiled))
     var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
     for row in rows:
         row.ratio_vs_var = var_ms / row.median_ms if var_ms else None
@@ -170,21 +197,25 @@ def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, dev
 
 def bench_train(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None,
-    warmup: int = 3, iters: int = 10, attention: str = "auto", loss: str = "chunked",
+    warmup: int = 3, iters: int = 10, attention: str = "auto", loss: str = "chunked", compile: bool | None = None,
+    profile: bool = False,
 ) -> list[BenchRow]:
     """`attention`: the implementation both families use (auto: the Triton kernel on CUDA); `loss`:
-    see `stage1_loss_fn`."""
+    see `stage1_loss_fn`; `compile`: compile both families' blocks (None: on CUDA, as the trainer);
+    `profile`: also profile a few steps of each family (`BenchRow.profile`)."""
+    compiled = compile_wanted(compile, device)
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    fns = {f: train_step_fn(c, batch_size, device, attention, loss) for f, c in configs.items()}
+    fns = {f: train_step_fn(c, batch_size, device, attention, loss, compiled) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
-    return _compare("train", fns, batch_size, device, warmup, iters, flops)
+    return _compare("train", fns, batch_size, device, warmup, iters, flops, compiled, profile)
 
 
 def bench_sample(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
     width: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, warmup: int = 2, iters: int = 5,
+    profile: bool = False,
 ) -> list[BenchRow]:
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
     fns = {f: sample_fn(c, batch_size, steps, device, cfg, top_k, top_p) for f, c in configs.items()}
-    return _compare("sample", fns, batch_size, device, warmup, iters, {})
+    return _compare("sample", fns, batch_size, device, warmup, iters, {}, profile=profile)

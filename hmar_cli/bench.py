@@ -24,6 +24,9 @@ app = typer.Typer(help="Benchmarks: the attention kernel, and HMAR vs VAR, side 
 console = Console()
 
 CHART_HELP = "Also draw the median times as a PNG bar chart here."
+PROFILE_HELP = ("After timing, profile a few more steps of each family (torch.profiler) and write into this folder "
+                "TASK_FAMILY.txt (the top operators / kernels) and TASK_FAMILY.json (time per category); the categories also go into --json.")
+FAMILIES = ("hmar", "var")
 
 
 def _chart_target(chart: Optional[Path], overwrite: bool) -> None:
@@ -33,6 +36,42 @@ def _chart_target(chart: Optional[Path], overwrite: bool) -> None:
     if chart.suffix.lower() != ".png":
         raise InputError(f"--chart must name a .png file, got {str(chart)!r}")
     check_writable([chart], overwrite)
+
+
+def _profile_files(folder: Optional[Path], task: str, overwrite: bool) -> dict[str, tuple[Path, Path]]:
+    """Each family's profile table and breakdown paths, checked (folder made) before the benchmark runs."""
+    if folder is None:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {family: (folder / f"{task}_{family}.txt", folder / f"{task}_{family}.json") for family in FAMILIES}
+    check_writable([path for pair in files.values() for path in pair], overwrite)
+    return files
+
+
+def _write_profiles(rows: list[BenchRow], files: dict[str, tuple[Path, Path]], shape: dict, device: torch.device) -> None:
+    for row in rows:
+        if row.profile is None or row.family not in files:
+            continue
+        table_path, breakdown_path = files[row.family]
+        table_path.write_text(row.profile.table)
+        record = {"environment": _environment(device), "shape": shape, "family": row.family, "median_ms": row.median_ms, **row.profile.breakdown}
+        breakdown_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _print_breakdowns(rows: list[BenchRow]) -> None:
+    profiled = [r for r in rows if r.profile is not None]
+    if not profiled:
+        return
+    counted = profiled[0].profile.breakdown["counted"]
+    table = Table(title=f"where the time goes (ms per step, {counted})")
+    table.add_column("category")
+    for r in profiled:
+        table.add_column(r.family.upper(), justify="right")
+    for name in profiled[0].profile.breakdown["categories"]:
+        cells = [r.profile.breakdown["categories"][name] for r in profiled]
+        table.add_row(name, *(f"{c['ms']:.2f} ({c['percent']:.0f}%)" for c in cells))
+    table.add_row("total", *(f"{r.profile.breakdown['total_ms']:.2f}" for r in profiled))
+    console.print(table)
 
 
 def _environment(device: torch.device) -> dict:
@@ -57,6 +96,7 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
                       "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.2f}",
                       "-" if r.tflops is None else f"{r.tflops:.1f}", f"{r.ratio_vs_var:.2f}x")
     console.print(table)
+    _print_breakdowns(rows)
 
 
 @app.command("train")
@@ -66,16 +106,23 @@ def train(
     device: str = typer.Option("auto", "--device"), warmup: int = typer.Option(3, "--warmup", min=0),
     iters: int = typer.Option(10, "--iters", min=1),
     loss: str = typer.Option("chunked", "--loss", help="chunked: the trainer's loss (logits head in chunks); logits: all float32 logits at once, to compare."),
-    as_json: bool = typer.Option(False, "--json"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile both families' blocks, as the trainer does (default: on CUDA)."),
+    as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size."""
+    """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size, as the
+    trainer takes it (loss, gradient clipping, fused AdamW and compiled blocks on CUDA)."""
     if loss not in LOSS_PATHS:
         raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
     _chart_target(chart, overwrite)
+    profile_files = _profile_files(profile, "train", overwrite)
     where = resolve_device(device)
-    rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss)
-    _report(rows, "training step", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss}, where, chart, overwrite)
+    rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss,
+                       compile=compile, profile=profile is not None)
+    compiled = rows[0].compiled
+    shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss, "compiled blocks": compiled}
+    _write_profiles(rows, profile_files, shape, where)
+    _report(rows, "training step" + (" (both compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)
 
 
 @app.command("sample")
@@ -84,14 +131,18 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(14, "--steps", min=1),
     width: Optional[int] = typer.Option(None, "--width", min=8), device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), random weights."""
     _chart_target(chart, overwrite)
+    profile_files = _profile_files(profile, "sample", overwrite)
     where = resolve_device(device)
-    rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters)
-    _report(rows, "sampling", as_json, {"depth": depth, "resolution": resolution, "batch": batch_size, "steps": steps}, where, chart, overwrite)
+    rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
+                        profile=profile is not None)
+    shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "steps": steps}
+    _write_profiles(rows, profile_files, shape, where)
+    _report(rows, "sampling", as_json, shape, where, chart, overwrite)
 
 
 def _patch_nums(text: str) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """`hmar bench` at CPU sizes: both families run, rows are consistent; `hmar bench attention` times the
-baselines (and our kernel under Triton's interpreter); every bench command can draw a PNG chart."""
+baselines (and our kernel under Triton's interpreter); every bench command can draw a PNG chart; the
+training step can be compiled, and train / sample steps profiled into categories that add up."""
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from hmar.attention import select_attention
 from hmar.benchmark import bench_config, bench_sample, bench_train, forward_flops, stage1_loss_fn
 from hmar.checkpoints import build_models
+from hmar.profiling import CATEGORY_NAMES, OTHER, category_of
 from hmar.config import TokenizerConfig
 from hmar.train.losses import scale_weights
 from hmar_cli.app import app
@@ -114,3 +116,59 @@ def test_bench_options_are_checked_before_running(tmp_path):
                           (["sample", "--chart", str(tmp_path / "c.jpg")], ".png")):
         result = CliRunner().invoke(app, ["bench", *args])
         assert result.exit_code == 2 and message in result.stderr, (args, result.output)
+
+
+# ------------------------------------------------------------------ compiled steps and profiles
+
+def _assert_breakdown_adds_up(breakdown: dict) -> None:
+    categories = breakdown["categories"]
+    assert set(categories) == set(CATEGORY_NAMES) and breakdown["total_ms"] > 0
+    assert sum(c["ms"] for c in categories.values()) == pytest.approx(breakdown["total_ms"], rel=1e-9)
+    assert sum(c["percent"] for c in categories.values()) == pytest.approx(100.0)
+
+
+def test_compiled_training_step_is_timed_after_compiling_and_profiled():
+    rows = bench_train(TINY, depth=1, width=64, batch_size=2, device=torch.device("cpu"), warmup=0, iters=3, compile=True, profile=True)
+    for row in rows:
+        assert row.compiled and row.profile is not None
+        # warm-up covered compilation (seconds on the CPU): a timed step is milliseconds
+        assert row.median_ms < 1000
+        _assert_breakdown_adds_up(row.profile.breakdown)
+        assert row.profile.breakdown["categories"]["matmul"]["ms"] > 0
+        assert "Self CPU" in row.profile.table
+        assert json.loads(json.dumps(row.as_dict()))["profile"] == row.profile.breakdown
+    assert not bench_train(TINY, depth=1, width=64, batch_size=1, device=torch.device("cpu"), warmup=0, iters=1)[0].compiled
+
+
+@pytest.mark.parametrize("name, category", [
+    ("aten::addmm", "matmul"), ("nvjet_tst_192x192_64x3_2x1_v_bz_TNT", "matmul"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "matmul"),
+    ("triton_tem_fused_mm_3", "matmul"), ("_attn_bwd_dkdv", "attention"), ("pytorch_flash::flash_fwd_kernel", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("triton_red_fused__log_softmax_4", "loss/softmax"),
+    ("triton_poi_fused_add_convert_element_type_mul_0", "element-wise/norm"), ("aten::native_layer_norm", "element-wise/norm"),
+    ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"), ("aten::_foreach_norm", "optimizer"),
+    ("sm90_xmma_fprop_implicit_gemm_f32f32", "vq-vae"), ("aten::upsample_bicubic2d", "vq-vae"),
+    ("cub::DeviceRadixSortOnesweepKernel", "top-k/top-p/draw"), ("aten::embedding", OTHER),
+])
+def test_kernel_and_operator_names_fall_into_categories(name, category):
+    assert category_of(name) == category
+
+
+def test_bench_profile_writes_tables_and_breakdowns(tmp_path):
+    folder = tmp_path / "profiles"
+    for task in ("train", "sample"):
+        args = ["bench", task, "--depth", "1", "--width", "64", "--batch-size", "1", "--warmup", "0", "--iters", "1",
+                "--device", "cpu", "--json", "--profile", str(folder)]
+        if task == "sample":
+            args += ["--steps", "10"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout)["rows"]
+        for row in rows:
+            _assert_breakdown_adds_up(row["profile"])
+            written = json.loads((folder / f"{task}_{row['family']}.json").read_text())
+            assert written["categories"] == row["profile"]["categories"] and written["shape"]["depth"] == 1
+            assert "Self CPU" in (folder / f"{task}_{row['family']}.txt").read_text()
+        if task == "sample":
+            assert rows[0]["profile"]["categories"]["vq-vae"]["ms"] > 0  # the decoder's convolutions
+        again = CliRunner().invoke(app, args)
+        assert again.exit_code == 1 and "--overwrite" in again.stderr  # refused before running anything
