@@ -15,8 +15,10 @@ tokenizer nothing of classes. For every scale k (K scales, l = pn² tokens):
 3. f̂ += φ_k(upsampled code embeddings of the scale); the image is the decoder's view of the final f̂.
 
 Random numbers are drawn exactly as the reference implementations draw them (one `torch.multinomial`
-per step on the filtered probabilities viewed as (B·l, V), from a generator on the model's device), so
-a seed reproduces the authors' own samples.
+per step on the filtered probabilities viewed as (B·l, V), from a generator on the model's device,
+here computed as multinomial computes it, see `draw_one`), so a seed reproduces the authors' own
+samples. The loop reads no tensor value on the host: nothing waits for the GPU until the images are
+used.
 """
 from __future__ import annotations
 
@@ -83,8 +85,17 @@ def draw_tokens(logits: torch.Tensor, top_k: int, top_p: float, generator: torch
     probabilities (B, l, V)."""
     B, l, V = logits.shape
     probs = filter_logits_(logits, top_k, top_p).softmax(dim=-1)
-    tokens = torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=generator).view(B, l)
-    return tokens, probs
+    return draw_one(probs.view(-1, V), generator).view(B, l), probs
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of `probs` (N, V): what `torch.multinomial(probs, 1, generator=generator)`
+    returns, computed as it computes a single draw (argmax of probs / Exp(1) noise, the same random
+    numbers), without the checks it runs first that the probabilities are finite, non-negative and
+    not all zero: host syncs (`.item()`) in older torch, a dozen small kernels and device asserts in
+    newer. A softmax of filtered logits always passes them."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
 def guide(logits: torch.Tensor, t: float) -> torch.Tensor:

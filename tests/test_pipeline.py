@@ -1,16 +1,21 @@
-"""The Pipeline API on a model folder assembled from the conformance fixtures (random weights)."""
+"""The Pipeline API on a model folder assembled from the conformance fixtures (random weights); the
+sampler's draw is torch.multinomial's, and its loop reads no tensor value on the host."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hmar.config import ModelConfig
 from hmar.editing import keep_masks_per_scale
 from hmar.errors import DeviceError, InputError, ScheduleError
 from hmar.pipeline import Pipeline
-from hmar.schedule import format_schedule
+from hmar.sampler import EditTarget, draw_one, make_generator, sample
+from hmar.schedule import format_schedule, resolve_schedule
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 @pytest.fixture(scope="module", params=["hmar", "var"])
@@ -82,3 +87,52 @@ def test_schedule_defaults_come_from_the_model_config(conformance_config, fixtur
     config = ModelConfig.from_dict({**data, "sampling": {"schedule": format_schedule(fixture_schedule), "cfg": 2.0}})
     settings = Pipeline.random(config, device="cpu").settings()
     assert settings.schedule == fixture_schedule and settings.cfg == 2.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_draw_is_torch_multinomial(device):
+    for rows, vocabulary, seed in ((1, 5, 0), (7, 64, 1), (300, 4096, 2), (3, 1, 3)):
+        probs = torch.rand(rows, vocabulary, device=device).pow(4)
+        probs[:, : vocabulary // 3] = 0  # filtered tokens
+        probs /= probs.sum(-1, keepdim=True)
+        expected = torch.multinomial(probs, 1, replacement=True, generator=make_generator(seed, device)).squeeze(1)
+        assert torch.equal(draw_one(probs, make_generator(seed, device)), expected)
+
+
+def _steps_of_two(pipe) -> list[list[int]] | None:
+    """HMAR: two steps per scale past the first (mask refinement runs); VAR: its own schedule."""
+    if pipe.config.family != "hmar":
+        return None
+    return [[1]] + [[p * p - 1, 1] for p in pipe.config.patch_nums[1:]]
+
+
+def test_the_sampling_loop_reads_no_tensor_value_on_the_host(pipe):
+    # Fake tensors have no values: reading one on the host (.item(), .tolist(), bool(), nonzero)
+    # raises. (The generator is left out: fake tensors take none; it changes which numbers, not how.)
+    schedule = resolve_schedule(pipe.config.patch_nums, schedule=_steps_of_two(pipe), family=pipe.config.family)
+    labels = torch.tensor([0, 1])
+    keep = [torch.rand(2, p * p) < 0.5 for p in pipe.config.patch_nums]
+    edit = EditTarget([torch.zeros(2, p * p, dtype=torch.long) for p in pipe.config.patch_nums], keep)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for target in (None, edit):
+            result = sample(pipe.tokenizer, pipe.transformer, labels, schedule, top_k=8, top_p=0.9, edit=target)
+            assert result.images.shape == (2, 3, pipe.resolution, pipe.resolution)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_on_cuda_never_waits_for_the_gpu(conformance_models):
+    for family in ("hmar", "var"):
+        pipe = Pipeline.from_folder(conformance_models[family], device="cuda")
+        schedule = resolve_schedule(pipe.config.patch_nums, schedule=_steps_of_two(pipe), family=family)
+        labels = torch.tensor([0, 1], device="cuda")
+
+        def run():
+            return sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
+
+        run()  # first calls set up libraries (handles, workspaces)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The engine benchmarks of BENCHMARKS.md in one go on a CUDA machine: GPU engine tests, then
+# `hmar bench sample` (batch 64 and 1) and `hmar bench train` (256 px batch 32, 512 px batch 16),
+# each HMAR vs VAR in one run, with torch.profiler breakdowns. Logs, JSON and profiles go to $OUT.
+#
+#   bash recipes/benchmarks/engine.sh                 # everything
+#   TASKS="sample train256" bash recipes/benchmarks/engine.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
+TASKS=${TASKS:-"tests sample train256 train512"}
+
+# The device image has torch, Triton, typer, rich, ... but not this package: install it in place.
+command -v hmar >/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+  || { echo "install failed:"; tail -5 "$OUT/install.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+
+bench() {  # NAME ARGS...: one bench command, its table to the log, its JSON to NAME.json
+  local name=$1; shift
+  echo "== $name: hmar bench $*"
+  timeout "${BENCH_TIMEOUT:-420}" hmar bench "$@" --json --overwrite >"$OUT/$name.json" 2>"$OUT/$name.err" \
+    || { echo "$name failed:"; tail -5 "$OUT/$name.err"; return; }
+  python3 - "$OUT/$name.json" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+for r in data["rows"]:
+    print(f"  {r['family']:>5} {r['task']:>6} {r['median_ms']:9.1f} ms {r['images_per_s']:8.1f} img/s "
+          f"peak {r['peak_memory_gib'] or 0:6.2f} GiB  TF/s {r['tflops'] or 0:6.1f}  vs VAR {r['ratio_vs_var']:.2f}x"
+          + ("  compiled" if r.get("compiled") else ""))
+    for name, c in ((r.get("profile") or {}).get("categories") or {}).items():
+        print(f"        {name:<22} {c['ms']:8.2f} ms {c['percent']:5.1f} %")
+EOF
+}
+
+for task in $TASKS; do
+  case $task in
+    tests) timeout 300 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15 ;;
+    sample) bench sample64 sample --batch-size 64 --steps 14 --profile "$OUT/profiles"
+            bench sample1 sample --batch-size 1 --steps 14 --iters 10 ;;
+    train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;
+    train512) bench train512 train --resolution 512 --batch-size 16 ;;
+    *) echo "unknown task $task" ;;
+  esac
+done
+tar -C "$OUT" -czf "$OUT/profiles.tgz" profiles && rm -rf "$OUT/profiles"
