@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from hmar.attention import AttentionFn, select_attention
 from hmar.checkpoints import build_models
 from hmar.compile import compile_blocks, wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
+from hmar.pipeline import Pipeline
 from hmar.profiling import StepProfile, profile_steps
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
@@ -49,6 +50,7 @@ class BenchRow:
     ratio_vs_var: float | None = None
     compiled: bool = False  # transformer blocks compiled (hmar.compile)
     profile: StepProfile | None = None
+    model: str = ""  # the family for random models, else the model's registry name or folder
 
     def as_dict(self) -> dict:
         """JSON-ready: the profile as its category breakdown (its table goes to a file)."""
@@ -154,41 +156,41 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, at
     return step
 
 
-def sample_fn(config: ModelConfig, batch_size: int, steps: int | None, device: torch.device, cfg: float, top_k: int, top_p: float) -> Callable[[], None]:
-    tokenizer, transformer = build_models(config)
-    tokenizer.to(device).eval()
-    transformer.to(device).eval()
+def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Callable[[], None]:
+    """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths)."""
+    config, device = pipe.config, pipe.device
     schedule = resolve_schedule(config.patch_nums, steps=steps if config.family == "hmar" else None, family=config.family)
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def run() -> None:
-        sample(tokenizer, transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
-               generator=make_generator(0, device), amp_dtype=amp_dtype)
+        sample(pipe.tokenizer, pipe.transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
+               generator=make_generator(0, device), amp_dtype=pipe.amp_dtype, decode_dtype=pipe.decode_dtype)
 
     return run
 
 
-def _compare(task: str, fns: dict[str, Callable[[], None]], batch_size: int, device, warmup: int, iters: int,
-             flops: dict[str, float], compiled: bool = False, profile: bool = False) -> list[BenchRow]:
-    # alternate the families round by round so that both see the same machine state
-    samples: dict[str, list[float]] = {f: [] for f in fns}
+def _compare(task: str, fns: dict[str, Callable[[], None]], families: dict[str, str], batch_size: int, device, warmup: int,
+             iters: int, flops: dict[str, float], compiled: bool = False, profile: bool = False) -> list[BenchRow]:
+    """`fns` and `families` keyed by the rows' model names."""
+    # alternate the models round by round so that all see the same machine state
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     peaks: dict[str, float | None] = {}
     for _ in range(max(warmup, COMPILED_WARMUP) if compiled else warmup):
         for fn in fns.values():
             fn()
     for _ in range(iters):
-        for family, fn in fns.items():
+        for name, fn in fns.items():
             ms, peak = measure(fn, device, 0, 1)
-            samples[family].append(ms)
-            peaks[family] = max(peaks.get(family) or 0.0, peak) if peak is not None else None
+            samples[name].append(ms)
+            peaks[name] = max(peaks.get(name) or 0.0, peak) if peak is not None else None
     rows = []
-    for family, fn in fns.items():
-        ms = statistics.median(samples[family])
-        tflops = flops[family] / (ms / 1e3) / 1e12 if family in flops else None
+    for name, fn in fns.items():
+        ms = statistics.median(samples[name])
+        tflops = flops[name] / (ms / 1e3) / 1e12 if name in flops else None
         # profiled after timing, so that the profiler's overhead never enters the medians
         profiled = profile_steps(fn, device) if profile else None
-        rows.append(BenchRow(family, task, ms, batch_size / (ms / 1e3), peaks[family], tflops, compiled=compiled, profile=profiled))
+        rows.append(BenchRow(families[name], task, ms, batch_size / (ms / 1e3), peaks[name], tflops, compiled=compiled,
+                             profile=profiled, model=name))
     var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
     for row in rows:
         row.ratio_vs_var = var_ms / row.median_ms if var_ms else None
@@ -208,14 +210,21 @@ def bench_train(
     fns = {f: train_step_fn(c, batch_size, device, attention, loss, compiled) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
-    return _compare("train", fns, batch_size, device, warmup, iters, flops, compiled, profile)
+    return _compare("train", fns, {f: f for f in fns}, batch_size, device, warmup, iters, flops, compiled, profile)
 
 
 def bench_sample(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
     width: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, warmup: int = 2, iters: int = 5,
-    profile: bool = False,
+    profile: bool = False, compile: bool | None = None, models: Sequence[str] = (),
 ) -> list[BenchRow]:
-    configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    fns = {f: sample_fn(c, batch_size, steps, device, cfg, top_k, top_p) for f, c in configs.items()}
-    return _compare("sample", fns, batch_size, device, warmup, iters, {}, profile=profile)
+    """HMAR vs VAR sampling: random models of `depth` (and `width`), or the named `models` (registry
+    names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA)."""
+    compiled = compile_wanted(compile, device)
+    if models:
+        pipes = {str(name): Pipeline.from_pretrained(str(name), device, compile=compiled) for name in models}
+    else:
+        pipes = {f: Pipeline.random(bench_config(f, depth, width, tokenizer), device, compile=compiled) for f in ("hmar", "var")}
+    fns = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
+    families = {name: pipe.config.family for name, pipe in pipes.items()}
+    return _compare("sample", fns, families, batch_size, device, warmup, iters, {}, compiled, profile)

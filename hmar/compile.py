@@ -17,11 +17,13 @@ import torch.nn as nn
 from hmar.transformer import AdaLNBlock, AdaLNHead
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile the blocks and heads of `model` in place (static shapes); returns how many."""
+def compile_blocks(model: nn.Module, dynamic: bool | None = False) -> int:
+    """Compile the blocks and heads of `model` in place; returns how many. `dynamic=False` (training:
+    one sequence shape) specialises on every shape; None lets Dynamo make a size dynamic once it
+    changes (sampling: a different token count at every scale)."""
     regions = [m for m in model.modules() if isinstance(m, (AdaLNBlock, AdaLNHead))]
     for region in regions:
-        region.compile(dynamic=False)
+        region.compile(dynamic=dynamic)
     return len(regions)
 
 

@@ -37,6 +37,9 @@ MASK_STEP_GUIDANCE = 1e-6
 # Images decoded per decoder call (bounds the decoder's activation memory; results are identical).
 DECODE_CHUNK = 8
 
+# Logits sorted at a time by the top-p filter (bounds the memory of the sort; results are identical).
+TOP_P_CHUNK = 1 << 24
+
 
 @dataclass(frozen=True)
 class SamplingProgress:
@@ -73,10 +76,12 @@ def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> 
         kth_largest = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth_largest, -torch.inf)
     if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        drop_sorted[..., -1:] = False  # always keep the most likely token
-        logits.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
+        V = logits.shape[-1]
+        for rows in logits.view(-1, V).split(max(1, TOP_P_CHUNK // V)):  # views: filtered in place
+            sorted_logits, order = rows.sort(dim=-1, descending=False)
+            drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            drop_sorted[..., -1:] = False  # always keep the most likely token
+            rows.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
     return logits
 
 
@@ -98,10 +103,12 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
-def guide(logits: torch.Tensor, t: float) -> torch.Tensor:
-    """Classifier-free guidance on a doubled batch (conditional first, then null class)."""
+def guide_(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Classifier-free guidance on a doubled batch (conditional first, then null class):
+    (1+t)·cond − t·uncond, rounded step by step as the reference computes it. Overwrites the
+    unconditional half of `logits` (one full-size temporary fewer)."""
     B = logits.shape[0] // 2
-    return (1 + t) * logits[:B] - t * logits[B:]
+    return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))
 
 
 class _Steps:
@@ -131,12 +138,15 @@ def sample(
     edit: EditTarget | None = None,
     progress: ProgressCallback | None = None,
     amp_dtype: torch.dtype | None = None,
+    decode_dtype: torch.dtype | None = None,
 ) -> SampleResult:
     """Sample images for `labels` (B,); the null class index (num_classes) samples unconditionally.
-    `schedule` must already be validated against the model (see `hmar.schedule.resolve_schedule`)."""
+    `schedule` must already be validated against the model (see `hmar.schedule.resolve_schedule`).
+    `amp_dtype`: autocast for the transformer; `decode_dtype`: autocast for the decoder (None:
+    float32). Guidance, filtering, drawing and f̂ are float32 always."""
     device = labels.device
     B, K = labels.shape[0], transformer.num_scales
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    amp = _autocast(device, amp_dtype)
     null = torch.full_like(labels, transformer.num_classes)
     cond_BD, cond = transformer.condition(torch.cat((labels, null)))
     f_hat = cond_BD.new_zeros(B, tokenizer.config.z_channels, transformer.patch_nums[-1], transformer.patch_nums[-1])
@@ -152,7 +162,8 @@ def sample(
                 logits = transformer.next_scale(x, cond, cond_BD, cache)
             else:
                 logits = transformer.next_scale(x, cond, cond_BD)
-        guided = guide(logits.float(), cfg * k / max(K - 1, 1))
+        guided = guide_(logits, cfg * k / max(K - 1, 1))
+        del logits
         tokens, probs = draw_tokens(guided, top_k, top_p, generator)
         keep = edit.keep[k] if edit is not None else None
         if keep is not None:
@@ -167,10 +178,15 @@ def sample(
         all_tokens.append(tokens)
         f_hat = tokenizer.add_scale(f_hat, tokens, k)
 
-    del cache, cond, cond_BD  # free the transformer's state before the decoder's large activations
+    del cache, cond, cond_BD, guided, probs  # free the sampling state before the decoder's large activations
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
-    images = torch.cat([tokenizer.decode(part.float()) for part in f_hat.split(DECODE_CHUNK)]).add(1).mul(0.5)
-    return SampleResult(images=images, tokens=all_tokens, f_hat=f_hat)
+    with _autocast(device, decode_dtype):
+        images = torch.cat([tokenizer.decode(part).float() for part in f_hat.split(DECODE_CHUNK)])
+    return SampleResult(images=images.add_(1).mul_(0.5), tokens=all_tokens, f_hat=f_hat)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _refine_scale(
@@ -202,7 +218,8 @@ def _refine_scale(
         with amp:
             x = transformer.masked_scale_tokens(k, context, tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
             logits = transformer.masked(x, cond, cond_BD)
-        guided = guide(logits.float(), cfg * MASK_STEP_GUIDANCE)
+        guided = guide_(logits, cfg * MASK_STEP_GUIDANCE)
+        del logits
         drawn, probs = draw_tokens(guided, top_k, top_p, generator)
         tokens = torch.where(masked, drawn, tokens)
         steps.finished(k, j, len(entry))

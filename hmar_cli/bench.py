@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import typer
@@ -38,23 +38,28 @@ def _chart_target(chart: Optional[Path], overwrite: bool) -> None:
     check_writable([chart], overwrite)
 
 
-def _profile_files(folder: Optional[Path], task: str, overwrite: bool) -> dict[str, tuple[Path, Path]]:
-    """Each family's profile table and breakdown paths, checked (folder made) before the benchmark runs."""
+def _profile_files(folder: Optional[Path], task: str, overwrite: bool, models: Sequence[str] = FAMILIES) -> dict[str, tuple[Path, Path]]:
+    """Each model's profile table and breakdown paths (TASK_NAME.txt/.json, NAME: the family, or a
+    named model's last path part), checked (folder made) before the benchmark runs."""
     if folder is None:
         return {}
     folder.mkdir(parents=True, exist_ok=True)
-    files = {family: (folder / f"{task}_{family}.txt", folder / f"{task}_{family}.json") for family in FAMILIES}
+    files = {}
+    for model in models:
+        stem = f"{task}_{Path(model).name}"
+        files[model] = (folder / f"{stem}.txt", folder / f"{stem}.json")
     check_writable([path for pair in files.values() for path in pair], overwrite)
     return files
 
 
 def _write_profiles(rows: list[BenchRow], files: dict[str, tuple[Path, Path]], shape: dict, device: torch.device) -> None:
     for row in rows:
-        if row.profile is None or row.family not in files:
+        if row.profile is None or row.model not in files:
             continue
-        table_path, breakdown_path = files[row.family]
+        table_path, breakdown_path = files[row.model]
         table_path.write_text(row.profile.table)
-        record = {"environment": _environment(device), "shape": shape, "family": row.family, "median_ms": row.median_ms, **row.profile.breakdown}
+        record = {"environment": _environment(device), "shape": shape, "family": row.family, "model": row.model,
+                  "median_ms": row.median_ms, **row.profile.breakdown}
         breakdown_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -66,12 +71,17 @@ def _print_breakdowns(rows: list[BenchRow]) -> None:
     table = Table(title=f"where the time goes (ms per step, {counted})")
     table.add_column("category")
     for r in profiled:
-        table.add_column(r.family.upper(), justify="right")
+        table.add_column(_label(r), justify="right")
     for name in profiled[0].profile.breakdown["categories"]:
         cells = [r.profile.breakdown["categories"][name] for r in profiled]
         table.add_row(name, *(f"{c['ms']:.2f} ({c['percent']:.0f}%)" for c in cells))
     table.add_row("total", *(f"{r.profile.breakdown['total_ms']:.2f}" for r in profiled))
     console.print(table)
+
+
+def _label(row: BenchRow) -> str:
+    """HMAR / VAR for random models, the name for named ones."""
+    return row.family.upper() if row.model in FAMILIES else row.model
 
 
 def _environment(device: torch.device) -> dict:
@@ -82,7 +92,7 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
     env = _environment(device)
     if chart is not None:
         shape_text = ", ".join(f"{k} {v}" for k, v in shape.items())
-        groups: list[Group] = [(f"{title}: {shape_text}", [(r.family.upper(), r.median_ms) for r in rows])]
+        groups: list[Group] = [(f"{title}: {shape_text}", [(_label(r), r.median_ms) for r in rows])]
         write_chart(chart, f"{title}, median ms: {env['device']}, torch {env['torch']}", groups,
                     {"environment": json.dumps(env), "shape": json.dumps(shape)}, overwrite)
     if as_json:
@@ -92,9 +102,9 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
     for column in ("model", "median ms", "images/s", "peak GiB", "TFLOP/s", "speed vs VAR"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r.family.upper(), f"{r.median_ms:.1f}", f"{r.images_per_s:.1f}",
+        table.add_row(_label(r), f"{r.median_ms:.1f}", f"{r.images_per_s:.1f}",
                       "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.2f}",
-                      "-" if r.tflops is None else f"{r.tflops:.1f}", f"{r.ratio_vs_var:.2f}x")
+                      "-" if r.tflops is None else f"{r.tflops:.1f}", "-" if r.ratio_vs_var is None else f"{r.ratio_vs_var:.2f}x")
     console.print(table)
     _print_breakdowns(rows)
 
@@ -131,18 +141,24 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(14, "--steps", min=1),
     width: Optional[int] = typer.Option(None, "--width", min=8), device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) instead of random HMAR and VAR ones of --depth."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: on CUDA)."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), random weights."""
+    """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), as `hmar generate` samples:
+    random weights of --depth, or the --model(s) named."""
     _chart_target(chart, overwrite)
-    profile_files = _profile_files(profile, "sample", overwrite)
+    models = list(dict.fromkeys(model or []))
+    profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
     where = resolve_device(device)
     rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
-                        profile=profile is not None)
-    shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "steps": steps}
+                        profile=profile is not None, compile=compile, models=models)
+    compiled = rows[0].compiled
+    shape = {"models": ", ".join(models)} if models else {"depth": depth, "resolution": resolution}
+    shape.update({"batch": batch_size, "steps": steps, "compiled blocks": compiled})
     _write_profiles(rows, profile_files, shape, where)
-    _report(rows, "sampling", as_json, shape, where, chart, overwrite)
+    _report(rows, "sampling" + (" (compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)
 
 
 def _patch_nums(text: str) -> tuple[int, ...]:

@@ -50,6 +50,21 @@ def test_sample_benchmark_rows():
     assert {r.family for r in rows} == {"hmar", "var"} and all(r.median_ms > 0 for r in rows)
 
 
+def test_sample_benchmark_of_named_models(conformance_models):
+    names = [str(conformance_models["hmar"]), str(conformance_models["var"])]
+    rows = bench_sample(TINY, depth=2, batch_size=2, device=torch.device("cpu"), steps=6, top_k=8, warmup=0, iters=1, models=names)
+    assert [(r.model, r.family) for r in rows] == [(names[0], "hmar"), (names[1], "var")]
+    assert rows[1].ratio_vs_var == 1.0 and rows[0].ratio_vs_var > 0 and not rows[0].compiled
+    result = CliRunner().invoke(app, ["bench", "sample", "--model", names[0], "--batch-size", "1", "--steps", "6", "--warmup", "0",
+                                      "--iters", "1", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["shape"]["models"] == names[0] and [r["model"] for r in data["rows"]] == [names[0]]
+    assert data["rows"][0]["ratio_vs_var"] is None  # no VAR model to compare with
+    result = CliRunner().invoke(app, ["bench", "sample", "--model", "no-such-model", "--device", "cpu"])
+    assert result.exit_code != 0 and "no-such-model" in result.output
+
+
 def test_block_diagonal_attention_does_less_work():
     hmar, var = (forward_flops(bench_config(f, 16, None, TokenizerConfig()), 1) for f in ("hmar", "var"))
     assert hmar < var

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hmar.config import TokenizerConfig
 from hmar.errors import InputError
-from hmar.tokenizer import MultiScaleVQVAE, PartiallySharedPhi
+from hmar.tokenizer import MultiScaleVQVAE, PartiallySharedPhi, bicubic_upsample
 from tests.conftest import load_fixture
 
 ATOL = 1e-4
@@ -115,11 +115,25 @@ def test_scale_by_scale_accumulation_equals_the_pyramid(tokenizer, reference_tok
         residual = tokenizer.scale_residual(idx, k)
         codes = tokenizer.embed(idx)
         up = codes if k == K - 1 else F.interpolate(codes, size=(P, P), mode="bicubic")
-        torch.testing.assert_close(residual, tokenizer.phi(up, k), atol=0, rtol=0)
+        # (bicubic as matrix products: F.interpolate's weights, float32 rounding apart)
+        torch.testing.assert_close(residual, tokenizer.phi(up, k), atol=1e-6, rtol=0)
         # the mask-branch view of a scale is its residual at its own size
         torch.testing.assert_close(tokenizer.scale_input(idx, k), F.interpolate(residual, size=codes.shape[-2:], mode="area"))
     torch.testing.assert_close(tokenizer.add_scale(zeros, reference_tokens[0], 0), tokenizer.add_scale(None, reference_tokens[0], 0))
     torch.testing.assert_close(tokenizer.teacher_forcing_input(reference_tokens), torch.cat(chunks, dim=1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_bicubic_upsample_is_f_interpolate(device):
+    # every published scale size into 16 (256 px) and 32 (512 px), and an identity; float32 rounding apart
+    for src, dst in [(n, 16) for n in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)] + [(n, 32) for n in (9, 13, 18, 24)]:
+        h = torch.randn(3, 5, src, src, device=device) * 4
+        expected = F.interpolate(h.double(), size=(dst, dst), mode="bicubic")
+        got = bicubic_upsample(h, dst)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-6)
+    with torch.autocast(device, dtype=torch.bfloat16):  # stays float32 under autocast
+        assert bicubic_upsample(torch.randn(1, 2, 3, 3, device=device), 16).dtype == torch.float32
 
 
 def test_embed_is_row_major(tokenizer, reference_tokens):

@@ -1,0 +1,123 @@
+"""Each sampling lever of `hmar.inference` measured on its own, cumulatively, in one run (CUDA).
+
+    python recipes/benchmarks/sampling_levers.py [--batch 64] [--json out.json]
+
+d16 HMAR (14-step schedule) and VAR at 256 px, random weights, cfg 1.5, top-k 900, top-p 0.96, bf16
+autocast for the transformer. Rows add one lever at a time to the one before; every row builds fresh
+models from the same weights. "before" is the sampler as it was: F.interpolate's bicubic, float32
+weights cast by autocast at every use, an NCHW float32 decoder, top-p sorting all rows at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hmar.sampler as sampler_module
+import hmar.tokenizer as tokenizer_module
+from hmar.benchmark import bench_config
+from hmar.checkpoints import build_models
+from hmar.config import tokenizer_preset
+from hmar.inference import cast_linears, compile_for_sampling
+from hmar.sampler import make_generator, sample
+from hmar.schedule import resolve_schedule
+
+LEVERS = ("before", "bicubic as matmuls", "bf16 Linear weights", "channels-last decoder", "fp16 decoder", "compiled blocks")
+FAST_BICUBIC, CHUNK = tokenizer_module.bicubic_upsample, sampler_module.TOP_P_CHUNK
+
+
+def interpolate_bicubic(h: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(h, size=(size, size), mode="bicubic")
+
+
+def build(family: str, levers: int, states: dict):
+    config = bench_config(family, 16, None, tokenizer_preset(256))
+    with torch.device("meta"):
+        tokenizer, transformer = build_models(config)
+    tokenizer.load_state_dict(states["tokenizer"], assign=True)
+    transformer.load_state_dict(states[family], assign=True)
+    tokenizer, transformer = tokenizer.cuda().eval(), transformer.cuda().eval()
+    tokenizer_module.bicubic_upsample = FAST_BICUBIC if levers >= 1 else interpolate_bicubic
+    sampler_module.TOP_P_CHUNK = CHUNK if levers >= 1 else 1 << 40
+    if levers >= 2:
+        cast_linears(transformer, torch.bfloat16)
+    if levers >= 3:
+        tokenizer.use_channels_last()
+    if levers >= 5:
+        compile_for_sampling(transformer)
+    return config, tokenizer, transformer
+
+
+def time_sampling(config, tokenizer, transformer, batch: int, decode_dtype, iters: int, compiled: bool) -> dict:
+    schedule = resolve_schedule(config.patch_nums, steps=14 if config.family == "hmar" else None, family=config.family)
+    labels = torch.randint(0, 1000, (batch,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def run():
+        return sample(tokenizer, transformer, labels, schedule, cfg=1.5, top_k=900, top_p=0.96,
+                      generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16, decode_dtype=decode_dtype)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "first_call_s": first_s, "images": result.images, "compiled": compiled}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 1])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--families", nargs="+", default=["hmar", "var"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    states = {}
+    for family in args.families:
+        tokenizer, transformer = build_models(bench_config(family, 16, None, tokenizer_preset(256)))
+        states["tokenizer"] = tokenizer.state_dict()
+        states[family] = transformer.state_dict()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows = []
+    for family in args.families:
+        reference = {}
+        for levers, name in enumerate(LEVERS):
+            config, tokenizer, transformer = build(family, levers, states)
+            decode_dtype = torch.float16 if levers >= 4 else None
+            for batch in args.batch:
+                r = time_sampling(config, tokenizer, transformer, batch, decode_dtype, args.iters if batch > 1 else 2 * args.iters, levers >= 5)
+                images = r.pop("images")
+                if levers == 0:
+                    reference[batch] = images
+                diff = ((images * 255).round() - (reference[batch] * 255).round()).abs()
+                row = {"family": family, "lever": name, "batch": batch, **r,
+                       "max_levels_vs_before": diff.max().item(), "pixels_off_by_more_than_1_pct": (diff > 1).float().mean().item() * 100}
+                rows.append(row)
+                print(f"{family:>4} {name:<22} batch {batch:>3}: {r['ms']:8.1f} ms  peak {r['peak_gib']:5.2f} GiB  "
+                      f"first call {r['first_call_s']:6.1f} s  vs before: max {row['max_levels_vs_before']:.0f} levels, "
+                      f"{row['pixels_off_by_more_than_1_pct']:.2f}% > 1", flush=True)
+            del tokenizer, transformer
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

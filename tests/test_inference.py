@@ -1,0 +1,90 @@
+"""The sampling fast paths of `hmar.inference` compute what the plain models compute: Linear weights
+stored in bf16 give the very samples that bf16 autocast gives, the channels-last decoder the same
+images, compiled blocks the same tokens (checked on the CPU, where CI runs; on CUDA by the GPU tests)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hmar.checkpoints import load_models
+from hmar.config import ModelConfig
+from hmar.inference import cast_linears, compile_for_sampling, prepare_for_sampling
+from hmar.pipeline import Pipeline
+from hmar.sampler import make_generator, sample
+from hmar.schedule import resolve_schedule
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module", params=["hmar", "var"])
+def models(request, conformance_models):
+    folder = conformance_models[request.param]
+    config = ModelConfig.load(folder / "config.json")
+    tokenizer, transformer = load_models(config, folder)
+    return config, tokenizer.eval(), transformer.eval()
+
+
+def _sample(config, tokenizer, transformer, amp_dtype=None, device="cpu"):
+    steps = len(config.patch_nums) + 3 if config.family == "hmar" else None  # mask refinement runs too
+    schedule = resolve_schedule(config.patch_nums, steps=steps, family=config.family)
+    labels = torch.tensor([0, 3, config.transformer.num_classes], device=device)  # the last: unconditional
+    return sample(tokenizer, transformer, labels, schedule, top_k=16, top_p=0.9, generator=make_generator(5, device), amp_dtype=amp_dtype)
+
+
+def test_bf16_linear_weights_give_the_samples_of_autocast(models):
+    config, tokenizer, transformer = models
+    expected = _sample(config, tokenizer, transformer, torch.bfloat16)
+    cast = copy.deepcopy(transformer)
+    assert cast_linears(cast, torch.bfloat16) > 0
+    linears = [m for m in cast.modules() if isinstance(m, nn.Linear)]
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears if m not in set(cast.shared_ada_lin.modules()))
+    assert cast.pos_1LC.dtype == torch.float32 and cast.class_emb.weight.dtype == torch.float32
+    got = _sample(config, tokenizer, cast, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(got.tokens, expected.tokens))
+    assert torch.equal(got.images, expected.images)
+
+
+def test_channels_last_decoder_decodes_the_same_images(models):
+    config, tokenizer, transformer = models
+    f_hat = _sample(config, tokenizer, transformer).f_hat
+    expected = tokenizer.decode(f_hat)
+    nhwc = copy.deepcopy(tokenizer)
+    nhwc.use_channels_last()
+    assert nhwc.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # another convolution algorithm: float32 summation order apart (seen: 1.7e-5 on images in [-1, 1])
+    torch.testing.assert_close(nhwc.decode(f_hat), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_sample_the_same_tokens(models):
+    config, tokenizer, transformer = models
+    expected = _sample(config, tokenizer, transformer)
+    compiled = copy.deepcopy(transformer)
+    assert compile_for_sampling(compiled) > 0
+    got = _sample(config, tokenizer, compiled)
+    assert all(torch.equal(a, b) for a, b in zip(got.tokens, expected.tokens))
+    torch.testing.assert_close(got.images, expected.images, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cpu_pipeline_keeps_the_reference_numerics(conformance_models):
+    pipe = Pipeline.from_folder(conformance_models["hmar"], device="cpu")
+    assert pipe.amp_dtype is None and pipe.decode_dtype is None and not pipe.tokenizer.channels_last
+    assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
+
+
+@pytest.mark.gpu
+@CUDA
+def test_the_cuda_pipeline_samples_as_autocast_does(conformance_models):
+    for family in ("hmar", "var"):
+        folder = conformance_models[family]
+        config = ModelConfig.load(folder / "config.json")
+        tokenizer, transformer = (m.cuda().eval() for m in load_models(config, folder))
+        expected = _sample(config, tokenizer, transformer, torch.bfloat16, "cuda")
+        prepare_for_sampling(tokenizer, transformer, torch.bfloat16)
+        assert tokenizer.channels_last
+        got = _sample(config, tokenizer, transformer, torch.bfloat16, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(got.tokens, expected.tokens)), family
+        torch.testing.assert_close(got.images, expected.images, atol=1e-4, rtol=1e-4)
