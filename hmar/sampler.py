@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.transformer import HMAR, VAR, KVCache, ScaleTransformer
+from hmar.transformer import HMAR, VAR, ScaleTransformer, kv_cache
 
 # Guidance strength of the mask-branch steps relative to cfg (the authors' setting: practically none).
 MASK_STEP_GUIDANCE = 1e-6
@@ -151,7 +151,7 @@ def sample(
     cond_BD, cond = transformer.condition(torch.cat((labels, null)))
     f_hat = cond_BD.new_zeros(B, tokenizer.config.z_channels, transformer.patch_nums[-1], transformer.patch_nums[-1])
     steps = _Steps(schedule, progress)
-    cache = KVCache.for_layers(len(transformer.blocks)) if isinstance(transformer, VAR) else None
+    cache = kv_cache(len(transformer.blocks)) if isinstance(transformer, VAR) else None
     all_tokens: list[torch.Tensor] = []
 
     for k in range(K):

@@ -42,22 +42,24 @@ def sequence_attend(attention: AttentionFn, block_sizes: Sequence[int], pattern:
 
 
 @dataclass
-class KVCache:
-    """Per-layer keys and values of the scales seen so far (VAR sampling)."""
+class LayerCache:
+    """One layer's keys and values of the scales seen so far (VAR sampling). One object per layer,
+    rather than a layer index into a shared cache, so that compiled blocks share one graph: Dynamo
+    would specialise on the index and compile every layer apart."""
 
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
-    @classmethod
-    def for_layers(cls, n: int) -> "KVCache":
-        return cls([None] * n, [None] * n)
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is not None:
+            k = torch.cat((self.keys, k), dim=2)
+            v = torch.cat((self.values, v), dim=2)
+        self.keys, self.values = k, v
         return k, v
+
+
+def kv_cache(layers: int) -> list[LayerCache]:
+    return [LayerCache() for _ in range(layers)]
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -86,7 +88,7 @@ class SelfAttention(nn.Module):
             self.softmax_scale = 0.25 / math.sqrt(self.head_dim)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attend: Attend, cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         B, l, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
@@ -96,7 +98,7 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1).mul(temperature).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
-            k, v = cache[0].extend(cache[1], k, v)
+            k, v = cache.extend(k, v)
         out = attend(q, k, v, self.softmax_scale)
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
@@ -127,7 +129,7 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         if self.shared_aln:  # cond: (B, 1, 6, C) from the transformer's shared projection
             mods = (self.ada_gss + cond).unbind(2)
         else:  # cond: (B, C) class embedding
@@ -351,10 +353,10 @@ class VAR(ScaleTransformer):
     def scale_tokens(self, k: int, context: torch.Tensor) -> torch.Tensor:
         return self.word_embed(context.flatten(2).transpose(1, 2)) + self.level_position(k)
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, l, V) for one scale, attending to it and the cached earlier scales."""
-        for i, block in enumerate(self.blocks):
-            x = block(x, cond, dense_attend, (cache, i))
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: Sequence[LayerCache]) -> torch.Tensor:
+        """Logits (B, l, V) for one scale, attending to it and the cached earlier scales (`kv_cache`)."""
+        for block, layer in zip(self.blocks, cache, strict=True):
+            x = block(x, cond, dense_attend, layer)
         return self.head(self.head_nm(x.float(), cond_BD)).float()
 
     @property

@@ -87,4 +87,6 @@ def test_the_cuda_pipeline_samples_as_autocast_does(conformance_models):
         assert tokenizer.channels_last
         got = _sample(config, tokenizer, transformer, torch.bfloat16, "cuda")
         assert all(torch.equal(a, b) for a, b in zip(got.tokens, expected.tokens)), family
-        torch.testing.assert_close(got.images, expected.images, atol=1e-4, rtol=1e-4)
+        # the decoder's float32 convolutions run in TF32 on CUDA (cuDNN's default), with other
+        # algorithms for the other layout: seen 0.004 apart; one 8-bit level is 0.0039
+        torch.testing.assert_close(got.images, expected.images, atol=1 / 255, rtol=0)

@@ -4,12 +4,14 @@
 # each HMAR vs VAR in one run, with torch.profiler breakdowns. Logs, JSON and profiles go to $OUT.
 #
 #   bash recipes/benchmarks/engine.sh                 # everything
-#   TASKS="sample train256" bash recipes/benchmarks/engine.sh
+#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample train256 train512 levers decoders)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
 TASKS=${TASKS:-"tests sample train256 train512"}
 
+# The conformance fixtures (../shared/conformance beside a checkout) travel as a carried copy.
+[ -d .conformance ] && export HMAR_CONFORMANCE_DIR=$PWD/.conformance
 # The device image has torch, Triton, typer, rich, ... but not this package: install it in place.
 command -v hmar >/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { echo "install failed:"; tail -5 "$OUT/install.log"; exit 1; }
@@ -35,12 +37,15 @@ EOF
 
 for task in $TASKS; do
   case $task in
-    tests) timeout 300 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py -q -p no:cacheprovider \
+    tests) timeout 300 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py tests/test_inference.py \
+             tests/test_tokenizer.py -q -p no:cacheprovider -rfE \
              2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15 ;;
     sample) bench sample64 sample --batch-size 64 --steps 14 --profile "$OUT/profiles"
             bench sample1 sample --batch-size 1 --steps 14 --iters 10 ;;
     train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;
     train512) bench train512 train --resolution 512 --batch-size 16 ;;
+    decoders) timeout 400 python3 recipes/benchmarks/sampling_levers.py --decoders --json "$OUT/decoders.json" 2>&1 | tee "$OUT/decoders.log" | grep -v Warning ;;
+    levers) timeout 480 python3 recipes/benchmarks/sampling_levers.py --json "$OUT/levers.json" 2>&1 | tee "$OUT/levers.log" | grep -v Warning ;;
     *) echo "unknown task $task" ;;
   esac
 done

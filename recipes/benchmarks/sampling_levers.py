@@ -80,11 +80,78 @@ def time_sampling(config, tokenizer, transformer, batch: int, decode_dtype, iter
             "first_call_s": first_s, "images": result.images, "compiled": compiled}
 
 
+DECODERS = ("fp32 NCHW", "fp16 autocast NCHW", "fp16 autocast NHWC", "fp16 weights NCHW", "fp16 weights NHWC",
+            "fp16 weights NCHW compiled", "fp16 weights NHWC compiled")
+
+
+def time_decoders(states: dict, images: int, chunks: list[int]) -> list[dict]:
+    """Decoding `images` random-token images at 256 px, each decoder variant and chunk size."""
+    rows, reference = [], None
+    config = bench_config("hmar", 16, None, tokenizer_preset(256))
+    for name in DECODERS:
+        with torch.device("meta"):
+            tokenizer, _ = build_models(config)
+        tokenizer.load_state_dict(states["tokenizer"], assign=True)
+        tokenizer = tokenizer.cuda().eval()
+        generator = torch.Generator("cuda").manual_seed(0)
+        tokens = [torch.randint(0, 4096, (images, p * p), device="cuda", generator=generator) for p in config.patch_nums]
+        f_hat = tokenizer.tokens_to_f_hat(tokens)
+        if "NHWC" in name:
+            tokenizer.use_channels_last()
+        dtype = torch.float16 if "weights" in name else torch.float32
+        decoder = tokenizer.decoder.to(dtype)
+        tokenizer.post_quant_conv.to(dtype)
+        run_decoder = torch.compile(decoder) if "compiled" in name else decoder
+        amp = torch.autocast("cuda", dtype=torch.float16, enabled="autocast" in name)
+
+        def decode(part):
+            part = part.to(dtype)
+            if "NHWC" in name:
+                part = part.contiguous(memory_format=torch.channels_last)
+            with amp:
+                return run_decoder(tokenizer.post_quant_conv(part)).clamp(-1, 1).float()
+
+        for chunk in chunks:
+            def run():
+                with torch.no_grad():
+                    return torch.cat([decode(part) for part in f_hat.split(chunk)])
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times = []
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = run()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            pixels = (out.add(1).mul(127.5)).round()
+            if reference is None:
+                reference = pixels
+            diff = (pixels - reference).abs()
+            row = {"decoder": name, "chunk": chunk, "images": images, "ms": statistics.median(times), "first_call_s": first_s,
+                   "extra_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+                   "max_levels_vs_fp32": diff.max().item(), "pixels_off_by_more_than_1_pct": (diff > 1).float().mean().item() * 100}
+            rows.append(row)
+            print(f"decoder {name:<28} chunk {chunk:>3}: {row['ms']:7.1f} ms for {images}  +{row['extra_peak_gib']:5.2f} GiB  "
+                  f"first {first_s:5.1f} s  vs fp32: max {row['max_levels_vs_fp32']:.0f} levels, {row['pixels_off_by_more_than_1_pct']:.3f}% > 1", flush=True)
+        del tokenizer, decoder, run_decoder
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 1])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--families", nargs="+", default=["hmar", "var"])
+    parser.add_argument("--decoders", action="store_true", help="time the decoder variants only")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -94,6 +161,13 @@ def main() -> None:
         states["tokenizer"] = tokenizer.state_dict()
         states[family] = transformer.state_dict()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows = time_decoders(states, 64, [8, 16, 64]) if args.decoders else time_levers(states, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+def time_levers(states: dict, args) -> list[dict]:
     rows = []
     for family in args.families:
         reference = {}
@@ -114,9 +188,7 @@ def main() -> None:
                       f"{row['pixels_off_by_more_than_1_pct']:.2f}% > 1", flush=True)
             del tokenizer, transformer
             torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
