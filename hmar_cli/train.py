@@ -16,6 +16,7 @@ from hmar.config import TokenizerConfig, TransformerConfig, tokenizer_preset
 from hmar.errors import InputError
 from hmar_cli.options import option_group
 
+SHARDING_HELP = "Under torchrun: ddp replicates the model on every process, fsdp shards it over them (large models)."
 app = typer.Typer(help="Train a tokenizer, stage 1 (next-scale) and stage 2 (mask branch).", no_args_is_help=True)
 
 
@@ -97,13 +98,15 @@ def stage1(
     model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes."),
     loss_weighting: str = typer.Option("lognormal", "--loss-weighting", help="lognormal, unweighted, equal, linear, sqrt or exp_decay."),
     token_cache: Optional[Path] = typer.Option(None, "--token-cache", help="Encode the images once into this file."),
+    sharding: str = typer.Option("ddp", "--sharding", help=SHARDING_HELP),
     shared: dict = None,
 ) -> None:
     """Markovian next-scale prediction; writes the model folder <out>/model."""
     from hmar.train import Stage1Config, run_stage1
 
     transformer = _read_section(Path(model), TransformerConfig, "transformer") if model.endswith(".json") else model
-    config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache, **shared)
+    config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache,
+                    sharding=sharding, **shared)
     _report(run_stage1(config))
 
 
@@ -112,9 +115,10 @@ def stage1(
 def stage2(
     init: Path = typer.Option(..., "--init", help="The stage-1 model folder (<stage1 out>/model)."),
     token_cache: Optional[Path] = typer.Option(None, "--token-cache"),
+    sharding: str = typer.Option("ddp", "--sharding", help=SHARDING_HELP),
     shared: dict = None,
 ) -> None:
     """Fine-tune the mask branch (base frozen, mask ratio ~ U(0,1)); writes <out>/model."""
     from hmar.train import Stage2Config, run_stage2
 
-    _report(run_stage2(_build(Stage2Config, init=init, token_cache=token_cache, **shared)))
+    _report(run_stage2(_build(Stage2Config, init=init, token_cache=token_cache, sharding=sharding, **shared)))

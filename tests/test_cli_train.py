@@ -38,3 +38,7 @@ def test_bad_training_options_are_usage_errors(tmp_path):
     result = runner.invoke(app, ["train", "stage1", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path),
                                  "--loss-weighting", "cubic", *FAST])
     assert result.exit_code == 2 and "loss_weighting must be one of" in result.output
+    result = runner.invoke(app, ["train", "stage2", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--init", str(tmp_path),
+                                 "--sharding", "zero3", *FAST])
+    assert result.exit_code == 2 and "sharding must be one of ('ddp', 'fsdp'), got 'zero3'" in result.output
+    assert "Traceback" not in result.output

@@ -1,34 +1,131 @@
-"""Two processes under torchrun (gloo, CPU) train like one process with their combined batch."""
+"""Two processes under torchrun (gloo, CPU) train like one process with their combined batch, with
+the model replicated (DDP) or sharded (FSDP2); sharded runs write the same checkpoints and model
+folders and resume exactly."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from hmar.train import Stage1Config, run_stage1
+from hmar.train import Stage1Config, TokenizerTrainConfig, run_stage1
+from hmar.train.checkpoint import CHECKPOINT
 from hmar.train.metrics import read_metrics
+from hmar.train.model_folders import load_model_folder
 from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, spec_of, tiny_transformer_config
 
 HELPER = Path(__file__).with_name("test_train_helpers.py")
 ROOT = HELPER.parents[1]
+STEPS = 3
 
 
-def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
-    data, tokenizer = make_data(tmp_path / "data"), make_tokenizer_folder(tmp_path / "tokenizer")
-    # no label dropout: the per-process random streams differ, everything else must agree
-    options = dict(data=str(data), tokenizer=str(tokenizer), steps=3, cond_drop_rate=0.0, **quiet())
-    spec = {"stage": "stage1", "model": spec_of(tiny_transformer_config()), **options, "out": str(tmp_path / "two"), "batch_size": 2}
+def _torchrun(spec: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER), json.dumps(spec)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    run_stage1(Stage1Config(model=tiny_transformer_config(), out=tmp_path / "one", **{**options, "batch_size": 4}))
-    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
-    assert [r["step"] for r in two] == [1, 2, 3]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
-    assert (tmp_path / "two" / "model" / "config.json").is_file()
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    data, tokenizer = make_data(root / "data"), make_tokenizer_folder(root / "tokenizer")
+    # no label dropout: the per-process random streams differ, everything else must agree
+    options = dict(data=str(data), tokenizer=str(tokenizer), steps=STEPS, cond_drop_rate=0.0, ema_decay=0.9, **quiet())
+    return {"root": root, "data": data, "options": options}
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace):
+    out = workspace["root"] / "one"
+    run_stage1(Stage1Config(model=tiny_transformer_config(), out=out, **{**workspace["options"], "batch_size": 4}))
+    return out
+
+
+def _two_processes(workspace, name: str, **options) -> Path:
+    out = workspace["root"] / name
+    spec = {"stage": "stage1", "model": spec_of(tiny_transformer_config()), **workspace["options"], "out": str(out), "batch_size": 2, **options}
+    done = _torchrun(spec)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_stage1(workspace):
+    # a preview grid mid-run too: sampling a sharded model needs both processes
+    return _two_processes(workspace, "fsdp", sharding="fsdp", sample_every=2)
+
+
+def _same_structure(sharded, replicated, where: str = "") -> None:
+    """Same keys, plain tensors of the same shapes and dtypes, values equal up to float rounding."""
+    if isinstance(replicated, dict):
+        assert set(sharded) == set(replicated), where
+        for key in replicated:
+            _same_structure(sharded[key], replicated[key], f"{where}/{key}")
+    elif isinstance(replicated, (list, tuple)):
+        assert len(sharded) == len(replicated), where
+        for a, b in zip(sharded, replicated):
+            _same_structure(a, b, where)
+    elif torch.is_tensor(replicated):
+        assert type(sharded) is torch.Tensor and sharded.shape == replicated.shape and sharded.dtype == replicated.dtype, where
+        torch.testing.assert_close(sharded, replicated, rtol=1e-4, atol=1e-5, msg=where)
+    else:
+        assert sharded == replicated, where
+
+
+def test_two_gloo_processes_match_one_process_with_the_global_batch(workspace, one_process):
+    two = _two_processes(workspace, "ddp")
+    assert [r["step"] for r in read_metrics(two)] == list(range(1, STEPS + 1))
+    assert _losses(two) == pytest.approx(_losses(one_process), rel=1e-4)
+    assert (two / "model" / "config.json").is_file()
+
+
+def test_fsdp_trains_like_one_process_and_writes_the_same_checkpoint_and_model(one_process, fsdp_stage1):
+    records = read_metrics(fsdp_stage1)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert _losses(fsdp_stage1) == pytest.approx(_losses(one_process), rel=1e-4)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in read_metrics(one_process)], rel=1e-4)
+    # whole tensors, not shards: the format of an unsharded run (so either sharding can resume it)
+    _same_structure(torch.load(fsdp_stage1 / CHECKPOINT, weights_only=True), torch.load(one_process / CHECKPOINT, weights_only=True))
+    sharded, replicated = load_model_folder(fsdp_stage1 / "model")[2], load_model_folder(one_process / "model")[2]
+    _same_structure(sharded.state_dict(), replicated.state_dict())  # the EMA weights, gathered
+    assert (fsdp_stage1 / "samples" / "step_0000002.png").is_file() and (fsdp_stage1 / "samples" / "final.png").is_file()
+
+
+def test_fsdp_stage2_resumed_after_a_crash_repeats_the_uninterrupted_run(workspace, fsdp_stage1):
+    """Stage 2 freezes the sharded trunk but back-propagates through it; its masks are random."""
+    root = workspace["root"]
+    base = {"stage": "stage2", "data": str(workspace["data"]), "init": str(fsdp_stage1 / "model"), "sharding": "fsdp",
+            **quiet(batch_size=2, steps=4, checkpoint_every=2, ema_decay=0.9)}
+    whole = _torchrun({**base, "out": str(root / "s2_whole")})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    crashed = _torchrun({**base, "out": str(root / "s2_parts"), "fail_at_step": 3})
+    assert crashed.returncode != 0 and "crash requested at step 3" in crashed.stderr
+    assert torch.load(root / "s2_parts" / CHECKPOINT, weights_only=True)["step"] == 2
+    shutil.copy(root / "s2_parts" / CHECKPOINT, root / "step2.pt")
+
+    resumed = _torchrun({**base, "out": str(root / "s2_parts"), "resume": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(root / "s2_parts")] == [1, 2, 3, 4]
+    assert _losses(root / "s2_parts") == pytest.approx(_losses(root / "s2_whole"), rel=1e-6, abs=1e-7)
+
+    # the step-2 checkpoint again, resumed replicated instead of sharded
+    shutil.copy(root / "step2.pt", root / "s2_parts" / CHECKPOINT)
+    other = _torchrun({**base, "out": str(root / "s2_parts"), "resume": True, "sharding": "ddp"})
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert _losses(root / "s2_parts") == pytest.approx(_losses(root / "s2_whole"), rel=1e-5)
+
+
+def test_the_tokenizer_stage_refuses_fsdp(tmp_path):
+    # its dead-code restarts write into the whole codebook on every process
+    with pytest.raises(ValueError, match="tokenizer stage trains with sharding 'ddp' only"):
+        TokenizerTrainConfig(data=tmp_path, out=tmp_path / "run", sharding="fsdp")

@@ -3,7 +3,8 @@
     python tests/test_train_helpers.py '<json>'   # {"stage": "stage1", "sleep_at_step": 4, ...options}
 
 runs one stage with those options (under torchrun too); with `sleep_at_step` it pauses after logging
-that step, so that a test can kill or signal it at a known point.
+that step, so that a test can kill or signal it at a known point; with `fail_at_step` every process
+raises there instead (a crash between checkpoints).
 """
 from __future__ import annotations
 
@@ -50,10 +51,13 @@ def quiet(**options) -> dict:
 def run_from_json(spec: dict) -> None:
     spec = dict(spec)
     stage, sleep_at, sleep_seconds = spec.pop("stage"), spec.pop("sleep_at_step", None), spec.pop("sleep_seconds", 60)
+    fail_at = spec.pop("fail_at_step", None)
 
     def on_step(step: int, record: dict) -> None:
         if step == sleep_at:
             time.sleep(sleep_seconds)
+        if step == fail_at:
+            raise RuntimeError(f"crash requested at step {step}")
     if stage == "stage1":
         if isinstance(spec.get("model"), dict):
             spec["model"] = TransformerConfig(**spec["model"])

@@ -3,7 +3,8 @@
     from hmar.train import Stage1Config, run_stage1
     result = run_stage1(Stage1Config(data="imagenet/train", out="runs/s1", tokenizer="runs/tok/tokenizer", model="hmar-d16"))
 
-The same call runs alone, or under `torchrun --nproc_per_node N` as one of N processes (DDP).
+The same call runs alone, or under `torchrun --nproc_per_node N` as one of N processes (DDP, or
+FSDP with `sharding="fsdp"` in stages 1 and 2: `hmar.train.sharding`).
 Each run writes into its own folder: checkpoint.pt, run.json, metrics.jsonl, samples/, and at the end
 `tokenizer/` (tokenizer stage) or `model/` (stages 1 and 2, a folder `hmar generate --model` loads).
 """

@@ -20,8 +20,9 @@ from hmar.train.errors import TrainingError
 
 CHECKPOINT = "checkpoint.pt"
 RUN_OPTIONS = "run.json"
-# Options a resumed run may change; any other difference is refused.
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile"})
+# Options a resumed run may change; any other difference is refused. (Checkpoints hold whole tensors
+# under either sharding, see hmar.train.sharding.)
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile", "sharding"})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -37,7 +38,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; nothing to resume (start without --resume)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the processes of a machine share one copy of the file's pages
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a truncated or foreign file: say which and why
         raise TrainingError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
 

@@ -1,8 +1,8 @@
 """One process or many: the same training code under `python`, `torchrun` on one machine, or many.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; with more than one process we join a process group
-(NCCL on CUDA, gloo on the CPU) and wrap the trained module in DistributedDataParallel. Alone, every
-collective here is a no-op.
+(NCCL on CUDA, gloo on the CPU); `hmar.train.sharding` then replicates (DDP) or shards (FSDP) the
+trained module over it. Alone, every collective here is a no-op.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from hmar.errors import DeviceError
 
@@ -54,12 +53,6 @@ class Processes:
     def any(self, flag: bool) -> bool:
         """True on every process when it is True on one (e.g. a stop signal seen by one rank first)."""
         return bool(self.total(torch.tensor(float(flag))).item() > 0)
-
-    def wrap(self, module: nn.Module) -> nn.Module:
-        if not self.active:
-            return module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -2,9 +2,9 @@
 
 A stage supplies an objective module (forward(*inputs) → (loss, logged numbers)), the batches of
 each step, and what to write at the end. The loop owns the rest: the run folder, AdamW (fused on
-CUDA) with warm-up + cosine decay, bf16 autocast on CUDA, gradient clipping, optional EMA, DDP,
-checkpoints every N steps and on SIGTERM/SIGINT, resume, metrics, progress, sample grids, and a
-clear error when a batch does not fit in memory.
+CUDA) with warm-up + cosine decay, bf16 autocast on CUDA, gradient clipping, optional EMA, DDP or
+FSDP (`hmar.train.sharding`), checkpoints every N steps and on SIGTERM/SIGINT, resume, metrics,
+progress, sample grids, and a clear error when a batch does not fit in memory.
 
 Random numbers are reseeded from (seed, step, rank) before every step: with the data order (also a
 function of the step) that makes a resumed run repeat an uninterrupted one exactly.
@@ -31,6 +31,7 @@ from hmar.train.images import save_grid
 from hmar.train.lr_schedule import build_scheduler, warmup_cosine
 from hmar.train.metrics import MetricsLog, ProgressBar, Throughput
 from hmar.train.options import TrainConfig
+from hmar.train.sharding import Sharding, shard_optimizer_state, shard_state, whole
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -92,9 +93,8 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+def _uses_bf16(config: TrainConfig, device: torch.device) -> bool:
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -120,6 +120,12 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         start_run_folder(out, config.as_dict())
     procs.barrier()
 
+    bf16 = _uses_bf16(config, procs.device)
+    sharding = Sharding(config.sharding, procs, bf16)
+    compiled = compile_wanted(config.compile, procs.device)
+    if compiled:
+        compile_blocks(objective)
+    model = sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=config.lr, betas=config.betas, fused=procs.device.type == "cuda")
     scheduler = build_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
@@ -128,29 +134,27 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     start = 0
     if config.resume:
         state = load_checkpoint(out / CHECKPOINT)
-        objective.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(shard_state(state["model"], objective.state_dict()))
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(shard_state(state["ema"], ema.state_dict()))
         stage.load_extra_state(state["extra"])
         start = int(state["step"])
 
     def checkpoint(step: int) -> None:
+        state = sharding.gather({"model": objective.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else {}})
         if procs.is_main:
-            save_checkpoint(out / CHECKPOINT, {
-                "step": step, "model": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else {}, "extra": stage.extra_state(),
-            })
+            save_checkpoint(out / CHECKPOINT, {"step": step, "scheduler": scheduler.state_dict(), "extra": stage.extra_state(), **state})
         procs.barrier()
 
-    compiled = compile_wanted(config.compile, procs.device)
-    if compiled:
-        compile_blocks(objective)
-    model = procs.wrap(objective)
+    def write_samples(path: Path) -> None:
+        if procs.is_main or sharding.sharded:  # a sharded model samples on every process
+            _write_samples(stage, path, compiled, sharding)
+
     log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
     speed, skipped, last = Throughput(), 0, {}
     objective.train()
@@ -162,7 +166,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             inputs = next(batches)
             seed_step(config.seed, step, procs.rank)
             try:
-                with _autocast(config, procs.device):
+                with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, numbers = model(*inputs.tensors)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -186,7 +190,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             if done % config.log_every == 0 or done == config.steps:
                 numbers = {"loss": loss.detach(), **numbers}
                 if grad_norm is not None:
-                    numbers["grad_norm"] = grad_norm
+                    numbers["grad_norm"] = whole(grad_norm)
                 averaged = {k: procs.mean(v) for k, v in numbers.items()}
                 last = {"step": done, "lr": scheduler.get_last_lr()[0], "images_per_s": speed.read(),
                         "skipped_images": int(procs.total(torch.tensor(float(skipped))).item()),
@@ -199,25 +203,25 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             else:
                 bar.update(done)
 
-            if config.sample_every and done % config.sample_every == 0 and procs.is_main:
-                _write_samples(stage, out / "samples" / f"step_{done:07d}.png", compiled)
+            if config.sample_every and done % config.sample_every == 0:
+                write_samples(out / "samples" / f"step_{done:07d}.png")
             stopping = procs.any(stop.requested is not None)
             if done % config.checkpoint_every == 0 or done == config.steps or stopping:
                 checkpoint(done)
             if stopping and done < config.steps:
                 raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume")
 
-    if procs.is_main:
-        _write_samples(stage, out / "samples" / "final.png", compiled)
-        exported = stage.export(ema.averaged_state(objective) if ema else objective.state_dict())
-    else:
-        exported = out
+    write_samples(out / "samples" / "final.png")
+    final = sharding.gather(ema.averaged_state(objective) if ema else objective.state_dict())
+    exported = stage.export(final) if procs.is_main else out
     procs.barrier()
     return RunResult(out, config.steps, exported, last)
 
 
-def _write_samples(stage: Stage, path: Path, compiled: bool) -> None:
+def _write_samples(stage: Stage, path: Path, compiled: bool, sharding: Sharding) -> None:
     stage.objective.eval()
-    with torch.no_grad(), (eager() if compiled else contextlib.nullcontext()):
-        save_grid(stage.sample_images(), path)
+    with torch.no_grad(), (eager() if compiled else contextlib.nullcontext()), sharding.whole_model(stage.objective):
+        images = stage.sample_images()
+    if stage.procs.is_main:
+        save_grid(images, path)
     stage.objective.train()

@@ -16,6 +16,7 @@ from hmar.config import TokenizerConfig, TransformerConfig
 LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_decay")
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+SHARDINGS = ("ddp", "fsdp")  # see hmar.train.sharding
 
 
 @dataclass(kw_only=True)
@@ -37,6 +38,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     device: str = "auto"  # auto: this process's CUDA device under torchrun, else cuda:0 or cpu
     compile: bool | None = None  # torch.compile the transformer blocks (hmar.compile); None: on CUDA only
+    sharding: str = "ddp"  # with several processes: ddp replicates the model, fsdp shards it (stages 1 and 2)
     seed: int = 0
     num_workers: int = 2  # image decoding processes per training process
     log_every: int = 10
@@ -52,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -69,6 +73,11 @@ class TokenizerTrainConfig(TrainConfig):
     lr: float = 2e-4
     dead_code_every: int = 200  # restart unused codes every N steps (0: never)
     dead_code_threshold: float = 0.05  # a code is dead when its EMA hits per batch, over all scales, are below this
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sharding != "ddp":  # dead-code restarts write into the whole codebook on every process
+            raise ValueError(f"the tokenizer stage trains with sharding 'ddp' only, got {self.sharding!r}")
 
 
 @dataclass(kw_only=True)
