@@ -164,7 +164,7 @@ def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, to
 
     def run() -> None:
         sample(pipe.tokenizer, pipe.transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
-               generator=make_generator(0, device), amp_dtype=pipe.amp_dtype, decode_dtype=pipe.decode_dtype)
+               generator=make_generator(0, device), amp_dtype=pipe.amp_dtype)
 
     return run
 

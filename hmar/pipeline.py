@@ -64,10 +64,10 @@ class Generation:
 
 class Pipeline:
     """A model on a device, ready to sample. On CUDA: the transformer in bf16 (autocast, Linear weights
-    stored in bf16), the decoder under float16 autocast in channels-last layout, guidance, filtering,
-    drawing and f̂ in float32 (`hmar.inference`); `compile` also compiles the transformer's blocks
-    (seconds to a minute once per process, then faster sampling). On the CPU: float32 throughout, the
-    reference numerics."""
+    stored in bf16), the decoder in float16, guidance, filtering, drawing and f̂ in float32
+    (`hmar.inference`); `compile` also compiles the transformer's blocks and the decoder (tens of
+    seconds once per process, less with Inductor's on-disk cache; then faster sampling). On the
+    CPU: float32 throughout, the reference numerics."""
 
     def __init__(self, config: ModelConfig, tokenizer, transformer, device: str | torch.device = "auto", name: str | None = None,
                  compile: bool = False):
@@ -75,11 +75,8 @@ class Pipeline:
         self.device = resolve_device(device)
         self.tokenizer = tokenizer.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if cuda else None
-        # float16 rather than bf16: same speed, 8 more mantissa bits (on hmar-tiny's decoder: at most
-        # 2 levels of 255 off float32, against 16 for bf16)
-        self.decode_dtype = torch.float16 if cuda else None
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.compiled = compile
         prepare_for_sampling(self.tokenizer, self.transformer, self.amp_dtype, compile=compile)
 
     # ---- construction -------------------------------------------------------------------------
@@ -174,7 +171,7 @@ class Pipeline:
             results.append(sample(
                 self.tokenizer, self.transformer, torch.tensor(labels[start:end], device=self.device), settings.schedule,
                 cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator,
-                edit=part, progress=progress, amp_dtype=self.amp_dtype, decode_dtype=self.decode_dtype,
+                edit=part, progress=progress, amp_dtype=self.amp_dtype,
             ))
         images = torch.cat([r.images.float().cpu() for r in results])
         tokens = [torch.cat([r.tokens[k].cpu() for r in results]) for k in range(len(self.config.patch_nums))]

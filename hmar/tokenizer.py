@@ -120,7 +120,6 @@ class MultiScaleVQVAE(nn.Module):
         self.quantize = Quantizer(config)
         self.quant_conv = nn.Conv2d(z, z, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(z, z, 3, padding=1)
-        self.channels_last = False  # decode in NHWC (see `use_channels_last`)
 
     @property
     def num_scales(self) -> int:
@@ -199,17 +198,14 @@ class MultiScaleVQVAE(nn.Module):
                 rest = rest - self.scale_residual(tokens[-1], k)
         return tokens
 
-    def use_channels_last(self) -> None:
-        """Decode in channels-last (NHWC) layout: cuDNN's convolutions run in it natively, so an NCHW
-        decoder pays a layout transpose around every convolution on CUDA. Same maths."""
-        self.decoder.to(memory_format=torch.channels_last)
-        self.post_quant_conv.to(memory_format=torch.channels_last)
-        self.channels_last = True
+    def cast_decoder(self, dtype: torch.dtype) -> None:
+        """Store the decoder (and the convolution before it) in `dtype`; `decode` then takes f̂ in it."""
+        self.decoder.to(dtype)
+        self.post_quant_conv.to(dtype)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] of a cumulative reconstruction f̂."""
-        if self.channels_last:
-            f_hat = f_hat.contiguous(memory_format=torch.channels_last)
+        """Image in [-1, 1] of a cumulative reconstruction f̂, in the decoder's dtype."""
+        f_hat = f_hat.to(self.post_quant_conv.weight.dtype)
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
     def decode_tokens(self, tokens: list[torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,7 @@
 # each HMAR vs VAR in one run, with torch.profiler breakdowns. Logs, JSON and profiles go to $OUT.
 #
 #   bash recipes/benchmarks/engine.sh                 # everything
-#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample train256 train512 levers decoders)
+#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample sample-compiled train256 train512 levers decoders)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
@@ -38,10 +38,12 @@ EOF
 for task in $TASKS; do
   case $task in
     tests) timeout 300 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py tests/test_inference.py \
-             tests/test_tokenizer.py -q -p no:cacheprovider -rfE \
+             tests/test_tokenizer.py tests/test_conformance.py -q -p no:cacheprovider -rfE \
              2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15 ;;
-    sample) bench sample64 sample --batch-size 64 --steps 14 --profile "$OUT/profiles"
-            bench sample1 sample --batch-size 1 --steps 14 --iters 10 ;;
+    sample) bench sample64 sample --batch-size 64 --steps 14 --no-compile --profile "$OUT/profiles"
+            bench sample1 sample --batch-size 1 --steps 14 --iters 10 --no-compile ;;
+    sample-compiled) bench sample64c sample --batch-size 64 --steps 14 --compile
+            bench sample1c sample --batch-size 1 --steps 14 --iters 10 --compile ;;
     train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;
     train512) bench train512 train --resolution 512 --batch-size 16 ;;
     decoders) timeout 400 python3 recipes/benchmarks/sampling_levers.py --decoders --json "$OUT/decoders.json" 2>&1 | tee "$OUT/decoders.log" | grep -v Warning ;;
@@ -49,4 +51,5 @@ for task in $TASKS; do
     *) echo "unknown task $task" ;;
   esac
 done
-tar -C "$OUT" -czf "$OUT/profiles.tgz" profiles && rm -rf "$OUT/profiles"
+# one archive of everything (the device returns at most 8 files), the console log beside it
+(cd "$OUT" && tar -czf results.tgz --exclude=results.tgz --exclude=run.log ./* && find . -mindepth 1 ! -name results.tgz ! -name run.log -delete)

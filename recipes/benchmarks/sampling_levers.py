@@ -5,7 +5,8 @@
 d16 HMAR (14-step schedule) and VAR at 256 px, random weights, cfg 1.5, top-k 900, top-p 0.96, bf16
 autocast for the transformer. Rows add one lever at a time to the one before; every row builds fresh
 models from the same weights. "before" is the sampler as it was: F.interpolate's bicubic, float32
-weights cast by autocast at every use, an NCHW float32 decoder, top-p sorting all rows at once.
+weights cast by autocast at every use, a float32 decoder, top-p sorting all rows at once.
+`--decoders` times decoder variants alone instead (dtypes, layouts, compiled or not, chunk sizes).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from hmar.inference import cast_linears, compile_for_sampling
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
 
-LEVERS = ("before", "bicubic as matmuls", "bf16 Linear weights", "channels-last decoder", "fp16 decoder", "compiled blocks")
+LEVERS = ("before", "bicubic as matmuls", "bf16 Linear weights", "fp16 decoder", "compiled blocks+decoder")
 FAST_BICUBIC, CHUNK = tokenizer_module.bicubic_upsample, sampler_module.TOP_P_CHUNK
 
 
@@ -46,19 +47,19 @@ def build(family: str, levers: int, states: dict):
     if levers >= 2:
         cast_linears(transformer, torch.bfloat16)
     if levers >= 3:
-        tokenizer.use_channels_last()
-    if levers >= 5:
-        compile_for_sampling(transformer)
+        tokenizer.cast_decoder(torch.float16)
+    if levers >= 4:
+        compile_for_sampling(tokenizer, transformer)
     return config, tokenizer, transformer
 
 
-def time_sampling(config, tokenizer, transformer, batch: int, decode_dtype, iters: int, compiled: bool) -> dict:
+def time_sampling(config, tokenizer, transformer, batch: int, iters: int, compiled: bool) -> dict:
     schedule = resolve_schedule(config.patch_nums, steps=14 if config.family == "hmar" else None, family=config.family)
     labels = torch.randint(0, 1000, (batch,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
     def run():
         return sample(tokenizer, transformer, labels, schedule, cfg=1.5, top_k=900, top_p=0.96,
-                      generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16, decode_dtype=decode_dtype)
+                      generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -97,7 +98,8 @@ def time_decoders(states: dict, images: int, chunks: list[int]) -> list[dict]:
         tokens = [torch.randint(0, 4096, (images, p * p), device="cuda", generator=generator) for p in config.patch_nums]
         f_hat = tokenizer.tokens_to_f_hat(tokens)
         if "NHWC" in name:
-            tokenizer.use_channels_last()
+            tokenizer.decoder.to(memory_format=torch.channels_last)
+            tokenizer.post_quant_conv.to(memory_format=torch.channels_last)
         dtype = torch.float16 if "weights" in name else torch.float32
         decoder = tokenizer.decoder.to(dtype)
         tokenizer.post_quant_conv.to(dtype)
@@ -173,9 +175,8 @@ def time_levers(states: dict, args) -> list[dict]:
         reference = {}
         for levers, name in enumerate(LEVERS):
             config, tokenizer, transformer = build(family, levers, states)
-            decode_dtype = torch.float16 if levers >= 4 else None
             for batch in args.batch:
-                r = time_sampling(config, tokenizer, transformer, batch, decode_dtype, args.iters if batch > 1 else 2 * args.iters, levers >= 5)
+                r = time_sampling(config, tokenizer, transformer, batch, args.iters if batch > 1 else 2 * args.iters, levers >= 4)
                 images = r.pop("images")
                 if levers == 0:
                     reference[batch] = images
