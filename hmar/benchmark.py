@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -58,25 +58,43 @@ class BenchRow:
         return {**row, "profile": self.profile.breakdown if self.profile else None}
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
-    """Median milliseconds of `fn` and its peak memory in GiB (CUDA only)."""
+@dataclass
+class Workload:
+    """A benchmarked step and what its model keeps on the device between steps (weights, buffers,
+    optimizer state), so that its peak memory can be told apart from another model's held alongside."""
+
+    step: Callable[[], object]
+    resident: Callable[[], Iterable[torch.Tensor]]
+
+    def resident_bytes(self) -> int:
+        storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in self.resident()}
+        return sum(storages.values())  # shared storages (views, tied weights) once
+
+
+def measure(work: Workload, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Median milliseconds of the step, and on CUDA its peak memory in GiB: the model's resident
+    state plus the most one step allocates on top of what was allocated before it (so other models
+    held on the device do not count)."""
     for _ in range(warmup):
-        fn()
+        work.step()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        transient = 0
         for _ in range(iters):
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            work.step()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**30
+            transient = max(transient, torch.cuda.max_memory_allocated(device) - before)
+        return statistics.median(times), (work.resident_bytes() + transient) / 2**30
     for _ in range(iters):
         t0 = time.perf_counter()
-        fn()
+        work.step()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), None
 
@@ -125,7 +143,7 @@ def stage1_loss_fn(transformer: ScaleTransformer, attend: AttentionFn, weights: 
 
 
 def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked",
-                  compiled: bool = False) -> Callable[[], None]:
+                  compiled: bool = False) -> Workload:
     """One stage-1 step on random tokens, as the trainer takes it: teacher-forced forward, the stage-1
     loss, backward, gradient clipping, AdamW (fused on CUDA); blocks compiled when `compiled`."""
     _, transformer = build_models(config)
@@ -153,10 +171,15 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, at
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    def resident() -> Iterator[torch.Tensor]:
+        yield from transformer.parameters()
+        yield from transformer.buffers()
+        yield from (t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+
+    return Workload(step, resident)
 
 
-def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Callable[[], None]:
+def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Workload:
     """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths)."""
     config, device = pipe.config, pipe.device
     schedule = resolve_schedule(config.patch_nums, steps=steps if config.family == "hmar" else None, family=config.family)
@@ -166,29 +189,34 @@ def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, to
         sample(pipe.tokenizer, pipe.transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
                generator=make_generator(0, device), amp_dtype=pipe.amp_dtype)
 
-    return run
+    def resident() -> Iterator[torch.Tensor]:
+        for model in (pipe.tokenizer, pipe.transformer):
+            yield from model.parameters()
+            yield from model.buffers()
+
+    return Workload(run, resident)
 
 
-def _compare(task: str, fns: dict[str, Callable[[], None]], families: dict[str, str], batch_size: int, device, warmup: int,
+def _compare(task: str, workloads: dict[str, Workload], families: dict[str, str], batch_size: int, device, warmup: int,
              iters: int, flops: dict[str, float], compiled: bool = False, profile: bool = False) -> list[BenchRow]:
-    """`fns` and `families` keyed by the rows' model names."""
+    """`workloads` and `families` keyed by the rows' model names."""
     # alternate the models round by round so that all see the same machine state
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
     peaks: dict[str, float | None] = {}
     for _ in range(max(warmup, COMPILED_WARMUP) if compiled else warmup):
-        for fn in fns.values():
-            fn()
+        for work in workloads.values():
+            work.step()
     for _ in range(iters):
-        for name, fn in fns.items():
-            ms, peak = measure(fn, device, 0, 1)
+        for name, work in workloads.items():
+            ms, peak = measure(work, device, 0, 1)
             samples[name].append(ms)
             peaks[name] = max(peaks.get(name) or 0.0, peak) if peak is not None else None
     rows = []
-    for name, fn in fns.items():
+    for name, work in workloads.items():
         ms = statistics.median(samples[name])
         tflops = flops[name] / (ms / 1e3) / 1e12 if name in flops else None
         # profiled after timing, so that the profiler's overhead never enters the medians
-        profiled = profile_steps(fn, device) if profile else None
+        profiled = profile_steps(work.step, device) if profile else None
         rows.append(BenchRow(families[name], task, ms, batch_size / (ms / 1e3), peaks[name], tflops, compiled=compiled,
                              profile=profiled, model=name))
     var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
@@ -207,10 +235,10 @@ def bench_train(
     `profile`: also profile a few steps of each family (`BenchRow.profile`)."""
     compiled = compile_wanted(compile, device)
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    fns = {f: train_step_fn(c, batch_size, device, attention, loss, compiled) for f, c in configs.items()}
+    workloads = {f: train_step_fn(c, batch_size, device, attention, loss, compiled) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
-    return _compare("train", fns, {f: f for f in fns}, batch_size, device, warmup, iters, flops, compiled, profile)
+    return _compare("train", workloads, {f: f for f in workloads}, batch_size, device, warmup, iters, flops, compiled, profile)
 
 
 def bench_sample(
@@ -225,6 +253,6 @@ def bench_sample(
         pipes = {str(name): Pipeline.from_pretrained(str(name), device, compile=compiled) for name in models}
     else:
         pipes = {f: Pipeline.random(bench_config(f, depth, width, tokenizer), device, compile=compiled) for f in ("hmar", "var")}
-    fns = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
+    workloads = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
     families = {name: pipe.config.family for name, pipe in pipes.items()}
-    return _compare("sample", fns, families, batch_size, device, warmup, iters, {}, compiled, profile)
+    return _compare("sample", workloads, families, batch_size, device, warmup, iters, {}, compiled, profile)

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hmar.attention import select_attention
-from hmar.benchmark import bench_config, bench_sample, bench_train, forward_flops, stage1_loss_fn
+from hmar.benchmark import Workload, bench_config, bench_sample, bench_train, forward_flops, measure, stage1_loss_fn
 from hmar.checkpoints import build_models
 from hmar.profiling import CATEGORY_NAMES, OTHER, category_of
 from hmar.config import TokenizerConfig
@@ -63,6 +63,26 @@ def test_sample_benchmark_of_named_models(conformance_models):
     assert data["rows"][0]["ratio_vs_var"] is None  # no VAR model to compare with
     result = CliRunner().invoke(app, ["bench", "sample", "--model", "no-such-model", "--device", "cpu"])
     assert result.exit_code != 0 and "no-such-model" in result.output
+
+
+def test_a_models_resident_memory_counts_shared_storage_once():
+    weight = torch.zeros(10, 4)
+    work = Workload(lambda: None, lambda: [weight, weight[:5], weight.T, torch.zeros(3, dtype=torch.float64)])
+    assert work.resident_bytes() == 10 * 4 * 4 + 3 * 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_leaves_out_other_models_on_the_device():
+    device = torch.device("cuda")
+    big, small = torch.empty(2**28, device=device), torch.empty(2**20, device=device)  # 1 GiB, 4 MiB held
+
+    def step():
+        torch.empty(2**26, device=device).fill_(1)  # 256 MiB for the step
+
+    _, peak = measure(Workload(step, lambda: [small]), device, warmup=1, iters=2)
+    assert 0.25 <= peak < 0.3  # its 4 MiB and the step's 256 MiB, not the other 1 GiB
+    del big
 
 
 def test_block_diagonal_attention_does_less_work():
