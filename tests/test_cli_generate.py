@@ -37,9 +37,10 @@ def hmar(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_generate_reproduces_the_reference_within_one_level(tmp_path, model_dir, reference_args, conformance_dir, conformance_config):
+@pytest.mark.parametrize("compiled", [[], pytest.param(["--compile"], marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_generate_reproduces_the_reference_within_one_level(tmp_path, model_dir, reference_args, conformance_dir, conformance_config, compiled):
     out = tmp_path / "sample.png"
-    result = runner.invoke(app, ["generate", "--model", str(model_dir), *reference_args, "--out", str(out), "--grid", "--json"])
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), *reference_args, *compiled, "--out", str(out), "--grid", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     reference = torch.load(conformance_dir / conformance_config["files"]["hmar_io"], weights_only=True)["generate0_image"]
