@@ -368,6 +368,8 @@ def output_paths(template: str, count: int) -> list[Path]:
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
     """Fail before any work when an output exists (without `overwrite`) or its folder is unusable."""
     for path in paths:
+        if path.is_dir():
+            raise OutputError(f"output {path} is a folder; give a file name ending in .png")
         if path.exists() and not overwrite:
             raise OutputError(f"{path} exists; pass --overwrite to replace it")
         folder = _folder_of(path)
@@ -400,6 +402,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
             os.replace(temporary, path)
         else:
             _move_without_replacing(Path(temporary), path)
+    except OSError as exc:  # a full disk, a folder in the way…: the user's to fix, not a bug
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         Path(temporary).unlink(missing_ok=True)
 

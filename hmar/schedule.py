@@ -55,11 +55,13 @@ def schedule_for_steps(patch_nums: Sequence[int], steps: int) -> Schedule:
 def parse_schedule(text: str) -> Schedule:
     """Parse "1;1,3;1,1,2,5;…" (whitespace allowed)."""
     schedule: Schedule = []
-    for k, entry in enumerate(text.strip().split(";")):
+    entries = text.strip().split(";")
+    for k, entry in enumerate(entries):
         try:
             counts = [int(c) for c in entry.split(",")]
         except ValueError:
-            raise ScheduleError(f"schedule entry {k} ({entry.strip()!r}) is not a comma-separated list of integers") from None
+            raise ScheduleError(f"schedule entry {k + 1} of {len(entries)} ({entry.strip()!r}) is not a comma-separated "
+                                f"list of integers") from None
         schedule.append(counts)
     return schedule
 
@@ -76,9 +78,10 @@ def validate_schedule(schedule: Sequence[Sequence[int]], patch_nums: Sequence[in
     for k, (entry, pn) in enumerate(zip(schedule, patch_nums)):
         counts = [int(c) for c in entry]
         if not counts or any(c <= 0 for c in counts):
-            raise ScheduleError(f"schedule entry for scale {k} must be positive counts, got {counts}")
+            raise ScheduleError(f"schedule entry {k + 1} of {len(patch_nums)} must be positive counts, got {counts}")
         if sum(counts) != pn * pn:
-            raise ScheduleError(f"schedule entry for scale {k} sums to {sum(counts)}, but that scale has {pn}x{pn}={pn * pn} tokens")
+            raise ScheduleError(f"schedule entry {k + 1} of {len(patch_nums)} sums to {sum(counts)}, but that scale "
+                                f"({pn}x{pn}) has {pn * pn} tokens")
         out.append(counts)
     return out
 

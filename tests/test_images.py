@@ -360,7 +360,7 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(images.OutputError, match="cannot write .*x.png: disk full"):
         images.save_png(random_rgb(4, 4), tmp_path / "x.png", {})
     assert list(tmp_path.iterdir()) == []
 
@@ -375,6 +375,9 @@ def test_check_writable(tmp_path):
         images.check_writable([tmp_path / "no" / "x.png"], overwrite=False)
     with pytest.raises(OutputError, match="cannot write"):
         images.save_png(random_rgb(2, 2), tmp_path / "no" / "x.png", {})
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(OutputError, match="folder.png is a folder"):
+        images.check_writable([tmp_path / "folder.png"], overwrite=True)
 
 
 def test_grid_layout():

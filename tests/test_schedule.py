@@ -57,7 +57,7 @@ def test_parse_and_format_round_trip():
 
 @pytest.mark.parametrize("text, message", [
     ("1;1,3;1,1,2,5", "has 3 scales but the model has 10"),
-    ("1;1,2;1,1,2,5;16;25;36;64;100;169;256", "scale 1 sums to 3, but that scale has 2x2=4 tokens"),
+    ("1;1,2;1,1,2,5;16;25;36;64;100;169;256", r"entry 2 of 10 sums to 3, but that scale \(2x2\) has 4 tokens"),
     ("1;1,x;9;16;25;36;64;100;169;256", "not a comma-separated list of integers"),
     ("1;0,4;9;16;25;36;64;100;169;256", "must be positive"),
 ])
