@@ -53,10 +53,14 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
     sys.exit(code)
 
 
+HELP = ("HMAR image generation and zero-shot editing.\n\n"
+        "First try, offline with the bundled model: hmar generate --model hmar-tiny --class star --out star.png "
+        "(its classes: hmar models info hmar-tiny).")
+
 app = typer.Typer(
     name="hmar",
     cls=HmarGroup,
-    help="HMAR image generation and zero-shot editing.",
+    help=HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -73,7 +77,6 @@ app.add_typer(train.app, name="train")
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
-    """HMAR image generation and zero-shot editing."""
     state.debug = debug
 
 

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from hmar import hub
+from hmar.config import ModelConfig, model_preset
 
 
 def format_size(size: float) -> str:
@@ -52,3 +53,14 @@ def model_folder(name_or_path: str, console: Console, quiet: bool = False) -> Pa
         if hub.is_offline():
             raise
         return download_with_progress(name_or_path, console, quiet=quiet)
+
+
+def model_config(name_or_path: str) -> ModelConfig:
+    """What `--model` names, as a config, without loading or downloading any weights: the folder's
+    config.json, or the preset of a registry model not yet in the cache (to check classes and
+    schedules before a download of gigabytes)."""
+    try:
+        folder = hub.resolve_model(name_or_path)
+    except hub.ModelNotCachedError:
+        return model_preset(hub.registry_entry(name_or_path).preset)
+    return ModelConfig.load(folder / "config.json")

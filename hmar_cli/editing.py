@@ -17,12 +17,11 @@ import torch
 import typer
 from PIL import Image
 
-from hmar.classes import resolve_class
 from hmar.errors import InputError
 from hmar.images import (Box, box_mask, check_writable, extend_canvas, image_from_array, load_image, load_mask, mask_notes,
                          output_paths, outpaint_margins, parse_box, parse_size, plan_edit)
 from hmar_cli.options import option_group
-from hmar_cli.sampling import SamplingOptions, note, report, sampling_progress, save_images, settings_metadata, with_sampling_options
+from hmar_cli.sampling import SamplingOptions, class_index, note, report, sampling_progress, save_images, settings_metadata, with_sampling_options
 
 CLASS_HELP = "Class index or name to generate as (default: unconditional, the null class)."
 IMAGE_HELP = "The image to edit (any size and mode)."
@@ -58,7 +57,7 @@ class RegionOptions:
 
 def _region_options(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image: white (> 50 %) = regenerate, black = keep."),
-    box: Optional[str] = typer.Option(None, "--box", help="Region to regenerate instead of a mask: x0,y0,x1,y1 in pixels."),
+    box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0,x1,y1 in pixels."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the region by this many pixels first (covers halos around an object)."),
     feather: int = typer.Option(0, "--feather", min=0, help="Blend generated pixels in over this many pixels inside the region's edge (0: a hard edge)."),
 ) -> RegionOptions:
@@ -74,9 +73,9 @@ with_region_options = option_group(_region_options, "region")
 @with_region_options
 def inpaint(
     image: Path = typer.Argument(..., help=IMAGE_HELP),
-    label: Optional[str] = typer.Option(None, "--class", "-c", help=CLASS_HELP),
+    label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP.format("inpainted")),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("inpainted")),
     region: RegionOptions = None,
     options: SamplingOptions = None,
 ) -> None:
@@ -88,9 +87,9 @@ def inpaint(
 @with_region_options
 def edit(
     image: Path = typer.Argument(..., help=IMAGE_HELP),
-    label: str = typer.Option(..., "--class", "-c", help="Class index or name the region becomes."),
+    label: str = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name the region becomes."),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP.format("edited")),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("edited")),
     region: RegionOptions = None,
     options: SamplingOptions = None,
 ) -> None:
@@ -106,10 +105,10 @@ def outpaint(
     top: int = typer.Option(0, "--top", help="Pixels to add at the top."),
     bottom: int = typer.Option(0, "--bottom", help="Pixels to add at the bottom."),
     expand: Optional[float] = typer.Option(None, "--expand", help="Grow both sides by this factor, centred (1.5: half as large again)."),
-    to: Optional[str] = typer.Option(None, "--to", help="Grow to this size, centred: WIDTHxHEIGHT."),
-    label: Optional[str] = typer.Option(None, "--class", "-c", help=CLASS_HELP),
+    to: Optional[str] = typer.Option(None, "--to", metavar="WxH", help="Grow to this size, centred: WIDTHxHEIGHT."),
+    label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP.format("outpainted")),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("outpainted")),
     options: SamplingOptions = None,
 ) -> None:
     """Extend an image's canvas and generate the new area; the original pixels stay as they are."""
@@ -151,8 +150,9 @@ def _checked_outputs(image: Path, command: str, out: str | None, num: int, optio
 def _run(request: EditRequest, label: str | None, num: int, paths: list[Path], options: SamplingOptions) -> None:
     """Load the model, edit `num` variants of the request at the model's resolution, composite each
     back at full size and write it."""
+    config = options.checked_config()  # the class and steps are checked before the weights load
+    index = None if label is None else class_index(label, config)
     pipe = options.load_pipeline()
-    index = None if label is None else resolve_class(label, pipe.num_classes, pipe.config.class_names)
     plan = plan_edit(request.picture, request.regenerate, pipe.resolution, dilate_pixels=request.dilate,
                      feather_pixels=request.feather)
     notes = [*request.notes, *plan.notes]
@@ -166,7 +166,7 @@ def _run(request: EditRequest, label: str | None, num: int, paths: list[Path], o
         result = pipe.edit(pixels, keep, None if index is None else [index] * num, progress=progress, **options.sampler_options())
 
     edited = [plan.composite(image_from_array(image.permute(1, 2, 0).numpy())) for image in result.images]
-    metadata = {**settings_metadata(pipe, settings), "hmar:command": request.command, "hmar:source": request.source.name,
+    metadata = {**settings_metadata(pipe, settings, [index] * num), "hmar:command": request.command, "hmar:source": request.source.name,
                 **request.metadata}
     records = save_images(pipe, edited, [index] * num, paths, metadata, options.overwrite)
     report(options, pipe, metadata, records, size=list(edited[0].size), notes=notes)

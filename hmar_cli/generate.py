@@ -5,16 +5,15 @@ from pathlib import Path
 
 import typer
 
-from hmar.classes import resolve_class
 from hmar.images import check_writable, grid, image_from_array, output_paths, save_png
-from hmar_cli.sampling import SamplingOptions, report, sampling_progress, save_images, settings_metadata, with_sampling_options
+from hmar_cli.sampling import SamplingOptions, class_index, report, sampling_progress, save_images, settings_metadata, with_sampling_options
 
 
 @with_sampling_options
 def generate(
-    classes: list[str] = typer.Option(..., "--class", "-c", help="Class index or name; repeat for several."),
+    classes: list[str] = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name; repeat for several."),
     num: int = typer.Option(1, "--num", "-n", min=1, help="Images per class."),
-    out: str = typer.Option("hmar.png", "--out", "-o", help="Output PNG; several images: {i} in the name, else -0, -1 … appended."),
+    out: str = typer.Option("hmar.png", "--out", "-o", metavar="PATH", help="Output PNG; several images: {i} in the name, else -0, -1 … appended."),
     make_grid: bool = typer.Option(False, "--grid", help="Also write all images as one grid (<out>-grid.png)."),
     options: SamplingOptions = None,
 ) -> None:
@@ -22,14 +21,15 @@ def generate(
     paths = output_paths(out, len(classes) * num)  # checked before a model is loaded (or downloaded)
     grid_path = _grid_path(out) if make_grid else None
     check_writable(paths + ([grid_path] if grid_path else []), options.overwrite)
+    config = options.checked_config()  # classes and steps are checked before the weights load
+    labels = [class_index(c, config) for c in classes for _ in range(num)]
     pipe = options.load_pipeline()
-    labels = [resolve_class(c, pipe.num_classes, pipe.config.class_names) for c in classes for _ in range(num)]
     settings = pipe.settings(count=len(labels), **options.sampler_options())
     with sampling_progress(settings, len(labels), quiet=options.as_json) as progress:
         gen = pipe.generate(labels, progress=progress, **options.sampler_options())
 
     images = [image_from_array(image.permute(1, 2, 0).numpy()) for image in gen.images]
-    metadata = settings_metadata(pipe, settings)
+    metadata = settings_metadata(pipe, settings, labels)
     records = save_images(pipe, images, labels, paths, metadata, options.overwrite)
     if grid_path:
         save_png(grid(images), grid_path, metadata, options.overwrite)

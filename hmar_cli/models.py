@@ -72,9 +72,9 @@ def info(name: str = typer.Argument(..., help="A registry name or a model folder
         status = hub.model_info(entry.name)
         details = {**status.as_dict(), "folder": str(hub.resolve_model(entry.name)) if status.cached else None}
         if entry.preset:
-            details["config"] = _config_summary(model_preset(entry.preset))
+            details.update(_config_details(model_preset(entry.preset)))
         elif entry.bundled_dir is not None:
-            details["config"] = _config_summary(ModelConfig.load(entry.bundled_dir / "config.json"))
+            details.update(_config_details(ModelConfig.load(entry.bundled_dir / "config.json")))
     if as_json:
         print(json.dumps(details))
         return
@@ -83,6 +83,12 @@ def info(name: str = typer.Argument(..., help="A registry name or a model folder
             console.print(f"[bold]{key}[/bold]: {details[key]}")
     if "config" in details:
         console.print("[bold]config[/bold]: " + ", ".join(f"{k} {v}" for k, v in details["config"].items()))
+    if details.get("class_names"):
+        console.print("[bold]classes[/bold] (--class takes the number or the name): "
+                      + ", ".join(f"{i} {name}" for i, name in enumerate(details["class_names"])), highlight=False)
+    elif details.get("config", {}).get("classes") == 1000:
+        console.print("[bold]classes[/bold]: the 1000 ImageNet-1k classes (--class takes the number or a name, "
+                      'e.g. --class 207 or --class "golden retriever")', highlight=False)
     table = Table(show_edge=False)
     for column in ("ROLE", "FILE", "SIZE", "LOCAL PATH"):
         table.add_column(column, justify="right" if column == "SIZE" else "left")
@@ -108,13 +114,15 @@ def _folder_details(name: str) -> dict:
                       "repo_id": None, "local_path": str(path) if path.is_file() else None})
     return {"name": folder.name, "family": config.family, "source": "folder", "description": "model folder",
             "folder": str(folder), "size": sum(f["size"] for f in files), "cached": all(f["local_path"] for f in files),
-            "files": files, "config": _config_summary(config)}
+            "files": files, **_config_details(config)}
 
 
-def _config_summary(config: ModelConfig) -> dict:
+def _config_details(config: ModelConfig) -> dict:
+    """The architecture in brief, and the model's own class names (None: ImageNet's or numbers)."""
     t = config.transformer
-    return {"resolution": config.tokenizer.image_size, "depth": t.depth, "width": t.width, "heads": t.num_heads,
-            "classes": t.num_classes, "vocabulary": config.tokenizer.vocab_size, "scales": len(config.patch_nums)}
+    summary = {"resolution": config.tokenizer.image_size, "depth": t.depth, "width": t.width, "heads": t.num_heads,
+               "classes": t.num_classes, "vocabulary": config.tokenizer.vocab_size, "scales": len(config.patch_nums)}
+    return {"config": summary, "class_names": list(config.class_names) if config.class_names else None}
 
 
 @app.command("rm")

@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import hmar
-from hmar.classes import display_name
+from hmar.classes import display_name, resolve_class
+from hmar.config import ModelConfig
 from hmar.errors import InputError
 from hmar.images import save_png
-from hmar.pipeline import Pipeline, SamplingSettings
+from hmar.pipeline import DEFAULT_SAMPLING, Pipeline, SamplingSettings
 from hmar.sampler import ProgressCallback
-from hmar.schedule import format_schedule
-from hmar_cli.downloads import model_folder
+from hmar.schedule import format_schedule, resolve_schedule
+from hmar_cli.downloads import model_config, model_folder
 from hmar_cli.options import option_group
 
 err_console = Console(stderr=True)
@@ -50,6 +51,14 @@ class SamplingOptions:
         return {"steps": self.steps, "schedule": self.schedule, "cfg": self.cfg, "top_k": self.top_k,
                 "top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
 
+    def checked_config(self) -> ModelConfig:
+        """The model's config, read without loading (or downloading) its weights, with --steps or
+        --schedule checked against its scales: bad requests fail before the slow part."""
+        config = model_config(self.model)
+        if self.steps is not None or self.schedule is not None:
+            resolve_schedule(config.patch_nums, steps=self.steps, schedule=self.schedule, family=config.family)
+        return config
+
     def load_pipeline(self) -> Pipeline:
         """A registry name (downloaded on first use) or a model folder (config.json + weights)."""
         folder = model_folder(self.model, err_console, quiet=self.as_json)
@@ -57,12 +66,13 @@ class SamplingOptions:
 
 
 def _sampling_options(
-    model: str = typer.Option(..., "--model", "-m", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps in all (HMAR: 14 is the authors' default)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help='Tokens per step per scale, e.g. "1;1,3;1,1,2,5;16;…".'),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance strength."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0: off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus filtering (0: off)."),
+    model: str = typer.Option(..., "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", metavar="SCHEDULE", help='Instead of --steps: tokens committed per step, scales separated by ";" and steps by "," '
+                                   '(each scale\'s counts sum to its tokens), e.g. "1;1,3;1,1,2,5;16;25;36;64;100;169;256".'),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help=f"Classifier-free guidance strength (default: the model's, else {DEFAULT_SAMPLING['cfg']})."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=f"Keep the k most likely tokens (0: off; default: the model's, else {DEFAULT_SAMPLING['top_k']})."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help=f"Nucleus filtering (0: off; default: the model's, else {DEFAULT_SAMPLING['top_p']})."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, recorded in the PNG); same seed and settings give the same pixels."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -97,13 +107,33 @@ def sampling_progress(settings: SamplingSettings, count: int, quiet: bool) -> It
         yield advance
 
 
-def settings_metadata(pipe: Pipeline, settings: SamplingSettings) -> dict[str, str]:
-    """PNG text metadata: everything besides the class that decides the pixels."""
+def class_index(value: str, config: ModelConfig) -> int:
+    """`--class` (a number or a name) as the model's class index."""
+    return resolve_class(value, config.transformer.num_classes, config.class_names)
+
+
+def settings_metadata(pipe: Pipeline, settings: SamplingSettings, labels: Sequence[int | None]) -> dict[str, str]:
+    """PNG text metadata: everything besides the image's own class that decides the pixels. One
+    random stream runs through all images of a command, so an image depends on the classes drawn
+    with it: `hmar:classes` lists them all, in order (none: the null class), and repeating them
+    with the same settings on the same kind of device repeats every image."""
     return {
         "Software": f"hmar {hmar.__version__}", "hmar:model": pipe.name, "hmar:seed": str(settings.seed),
         "hmar:cfg": str(settings.cfg), "hmar:top_k": str(settings.top_k), "hmar:top_p": str(settings.top_p),
         "hmar:schedule": format_schedule(settings.schedule), "hmar:batch_size": str(settings.batch_size),
+        "hmar:classes": ",".join("none" if label is None else str(label) for label in labels),
+        "hmar:device": pipe.device.type,
     }
+
+
+#: metadata values that are numbers in the --json summary (the rest stay text)
+_NUMBERS = {"seed": int, "cfg": float, "top_k": int, "top_p": float, "batch_size": int, "dilate": int, "feather": int}
+
+
+def _json_value(key: str, text: str):
+    if key == "classes":
+        return [None if c == "none" else int(c) for c in text.split(",")]
+    return _NUMBERS[key](text) if key in _NUMBERS else text
 
 
 def save_images(pipe: Pipeline, images: Sequence[Image.Image], labels: Sequence[int | None], paths: Sequence[Path],
@@ -128,7 +158,9 @@ def report(options: SamplingOptions, pipe: Pipeline, metadata: dict[str, str], r
     """The closing report: one line on stderr, or with --json a summary on stdout (device, images,
     the settings from `metadata` and whatever `summary` adds)."""
     if options.as_json:
-        settings = {key.split(":", 1)[1]: value for key, value in metadata.items() if key.startswith("hmar:") and key != "hmar:model"}
+        settings = {key: _json_value(key, value) for key, value in
+                    ((k.split(":", 1)[1], v) for k, v in metadata.items() if k.startswith("hmar:"))
+                    if key not in ("model", "device")}  # both are in the summary already
         print(json.dumps({"model": pipe.name, "device": str(pipe.device), "images": records, **summary, **settings}))
     else:
         written = ", ".join(record["path"] for record in records) + "".join(f" and {path}" for path in also_written)

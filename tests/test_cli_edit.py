@@ -238,9 +238,14 @@ def test_bad_input_is_one_line_with_its_exit_code_and_no_output(tmp_path, confor
 def test_model_device_and_output_problems(tmp_path, conformance_models, photo, out_dir):
     broken = shutil.copytree(conformance_models["hmar"], tmp_path / "broken")
     (broken / json.loads((broken / "config.json").read_text())["files"]["hmar"]).unlink()
+    foreign = shutil.copytree(conformance_models["hmar"], tmp_path / "foreign")  # the VAR weights as the HMAR file
+    var_weights = json.loads((conformance_models["var"] / "config.json").read_text())["files"]["var"]
+    shutil.copy(conformance_models["var"] / var_weights, foreign / json.loads((foreign / "config.json").read_text())["files"]["hmar"])
     cases = [
         (tmp_path / "no-such-model", ["--out", str(out_dir / "a.png")], 2, "no model folder"),
         (broken, ["--out", str(out_dir / "a.png")], 1, "weight file not found"),
+        (broken, ["--out", str(out_dir / "a.png"), "--class", "10"], 2, "class 10 is out of range"),  # before the weights
+        (foreign, ["--out", str(out_dir / "a.png")], 1, "hmar weights"),
         (conformance_models["hmar"], ["--out", str(tmp_path / "no" / "dir" / "a.png")], 1, "output folder"),
     ]
     if not torch.cuda.is_available():
@@ -249,6 +254,46 @@ def test_model_device_and_output_problems(tmp_path, conformance_models, photo, o
         result = runner.invoke(app, ["inpaint", str(photo), "--box", "0,0,8,8", "--model", str(model), *extra])
         assert result.exit_code == code and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def test_unreadable_image_and_mask(tmp_path, conformance_models, photo, out_dir, monkeypatch):
+    """Files the user may not read (simulated: the tests may run as root, who reads anything)."""
+    secret = tmp_path / "secret.png"
+    random_rgb(64, 48).save(secret)
+    opened = Image.open
+
+    def open_unless_secret(path, *args, **kwargs):
+        if Path(path) == secret:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_unless_secret)
+    for args, message in (([str(secret), "--box", "0,0,8,8"], f"cannot read image {secret}: permission denied"),
+                          ([str(photo), "--mask", str(secret)], f"cannot read mask {secret}: permission denied")):
+        result = invoke(conformance_models["hmar"], "inpaint", *args, "--out", str(out_dir / "a.png"))
+        assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, args", [
+    ("inpaint", ["--box", "8,8,24,24", "--dilate", "2"]),
+    ("outpaint", ["--right", "16"]),
+    ("edit", ["--class", "class 2", "--box", "8,8,24,24"]),
+])
+def test_json_summary_of_every_editing_command(tmp_path, conformance_models, photo, command, args):
+    out = tmp_path / "out.png"
+    result = invoke(conformance_models["hmar"], command, str(photo), *args, "--num", "2", "--seed", "4", "--json", "--out", str(out))
+    succeeded(result)
+    summary = json.loads(result.stdout)  # stdout holds the summary alone: notes and bars go to stderr
+    assert summary["command"] == command and summary["source"] == "photo.png" and summary["seed"] == 4
+    assert summary["model"] == str(conformance_models["hmar"]) and summary["device"] == "cpu"
+    assert [r["path"] for r in summary["images"]] == [str(tmp_path / "out-0.png"), str(tmp_path / "out-1.png")]
+    assert summary["classes"] == ([2, 2] if command == "edit" else [None, None])
+    assert isinstance(summary["cfg"], float) and isinstance(summary["top_k"], int) and isinstance(summary["batch_size"], int)
+    assert summary.get("dilate") == (2 if command == "inpaint" else 0 if command == "edit" else None)
+    with Image.open(tmp_path / "out-1.png") as written:
+        assert written.text["hmar:classes"] == ",".join(["2" if command == "edit" else "none"] * 2)
+        assert written.size == tuple(summary["size"])
 
 
 # ---- a real process ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,10 +79,51 @@ def test_without_a_seed_a_fresh_one_is_recorded_and_repeats_the_image(tmp_path, 
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+def test_the_metadata_alone_regenerates_any_image_of_a_run(tmp_path, model_dir):
+    """Every image of a run depends on the classes drawn with it (one random stream): its PNG lists
+    them, so the text chunks alone repeat it. Also: {i} in --out, and a typed --json summary."""
+    first = runner.invoke(app, ["generate", "--model", str(model_dir), "--class", "1", "--class", "class 4", "--num", "2",
+                                "--seed", "3", "--top-k", "8", "--steps", "7", "--device", "cpu", "--out", str(tmp_path / "run{i}.png"), "--json"])
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert [r["path"] for r in summary["images"]] == [str(tmp_path / f"run{i}.png") for i in range(4)]
+    assert summary["classes"] == [1, 1, 4, 4] and summary["seed"] == 3 and summary["top_k"] == 8 and summary["cfg"] == 1.5
+    with Image.open(tmp_path / "run3.png") as image:
+        text = dict(image.text)
+    assert text["hmar:classes"] == "1,1,4,4" and text["hmar:index"] == "3" and text["hmar:device"] == "cpu"
+    again = ["generate", "--model", text["hmar:model"], *[a for c in text["hmar:classes"].split(",") for a in ("--class", c)],
+             "--seed", text["hmar:seed"], "--cfg", text["hmar:cfg"], "--top-k", text["hmar:top_k"], "--top-p", text["hmar:top_p"],
+             "--schedule", text["hmar:schedule"], "--batch-size", text["hmar:batch_size"], "--device", text["hmar:device"]]
+    assert runner.invoke(app, [*again, "--out", str(tmp_path / "again{i}.png")]).exit_code == 0
+    assert np.array_equal(_pixels(tmp_path / "again3.png"), _pixels(tmp_path / "run3.png"))
+    alone = runner.invoke(app, [*again[:3], "--class", "4", *again[11:], "--out", str(tmp_path / "alone.png")])  # without the others
+    assert alone.exit_code == 0, alone.output
+    assert not np.array_equal(_pixels(tmp_path / "alone.png"), _pixels(tmp_path / "run3.png"))
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_file(tmp_path, model_dir, monkeypatch):
+    def disk_full(self, stream, *args, **kwargs):
+        stream.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), "--class", "1", "--device", "cpu", "--out", str(out / "x.png")])
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: cannot write {out / 'x.png'}: No space left on device"
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("extra, code, message", [
     (["--class", "99"], 2, "class 99 is out of range"),
     (["--class", "nonexistent thing"], 2, "unknown class name"),
     (["--class", "1", "--schedule", "1;4"], 2, "schedule has 2 scales"),
+    (["--class", "1", "--schedule", "1;4;9;16;24"], 2, "schedule entry 5 of 5 sums to 24, but that scale (5x5) has 25 tokens"),
     (["--class", "1", "--steps", "100000"], 2, "steps must be between"),
     (["--class", "1", "--steps", "5", "--schedule", "1;4"], 2, "either --steps or --schedule"),
     (["--class", "1", "--top-p", "2"], 2, "top-p"),
@@ -94,9 +136,18 @@ def test_bad_input_is_one_line_and_no_output(tmp_path, model_dir, extra, code, m
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_model_and_output_problems(tmp_path, model_dir):
+def test_model_and_output_problems(tmp_path, model_dir, conformance_models):
     missing = hmar("generate", "--model", str(tmp_path / "nowhere"), "--class", "1", "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "no model folder" in missing.stderr
+    foreign = shutil.copytree(model_dir, tmp_path / "foreign")  # VAR weights where the HMAR ones belong
+    var_model = conformance_models["var"]
+    var_weights = json.loads((var_model / "config.json").read_text())["files"]["var"]
+    shutil.copy(var_model / var_weights, foreign / json.loads((foreign / "config.json").read_text())["files"]["hmar"])
+    wrong = hmar("generate", "--model", str(foreign), "--class", "1", "--device", "cpu", "--out", str(tmp_path / "x.png"))
+    assert wrong.returncode == 1 and "hmar weights" in wrong.stderr and "does not fit the model" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    folder = hmar("generate", "--model", str(model_dir), "--class", "1", "--device", "cpu", "--out", str(tmp_path))
+    assert folder.returncode == 2 and "output must be a .png file" in folder.stderr
     unwritable = hmar("generate", "--model", str(model_dir), "--class", "1", "--device", "cpu", "--out", str(tmp_path / "no" / "dir" / "x.png"))
     assert unwritable.returncode == 1 and "does not exist" in unwritable.stderr
     debug = hmar("--debug", "generate", "--model", str(tmp_path / "nowhere"), "--class", "1")

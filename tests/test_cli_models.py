@@ -55,8 +55,20 @@ def test_info_on_names_and_folders(fake_hub, bundled_tiny):
 
     folder = json.loads(runner.invoke(app, ["models", "info", str(bundled_tiny), "--json"]).stdout)
     assert folder["source"] == "folder" and folder["cached"] and folder["config"]["classes"] == 10
+    assert folder["class_names"] is None and before["class_names"] is None  # numbers / ImageNet's names
     text = runner.invoke(app, ["models", "info", "hmar-tiny"], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "bundled" in text.stdout and "tokenizer" in text.stdout
+    assert "the 1000 ImageNet-1k classes" in runner.invoke(app, ["models", "info", "hmar-d24"], env={"COLUMNS": "200"}).stdout
+
+
+def test_info_lists_a_models_own_class_names(hub_cache, bundled_tiny):
+    config = json.loads((bundled_tiny / "config.json").read_text())
+    config["class_names"] = [f"shape {i}" for i in range(config["hmar"]["num_classes"])]
+    (bundled_tiny / "config.json").write_text(json.dumps(config))
+    details = json.loads(runner.invoke(app, ["models", "info", "hmar-tiny", "--json"]).stdout)
+    assert details["class_names"] == config["class_names"]
+    text = runner.invoke(app, ["models", "info", "hmar-tiny"], env={"COLUMNS": "300"}).stdout
+    assert "0 shape 0, 1 shape 1," in text and "9 shape 9" in text
 
 
 def test_unknown_model_gets_suggestions_and_exit_2(hub_cache):
@@ -123,6 +135,19 @@ def test_generate_accepts_a_registry_name(bundled_tiny, tmp_path):
                                  "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == "hmar-tiny" and out.is_file()
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("hmar-d16", ["--class", "golden retrievr"], "unknown class name 'golden retrievr'; did you mean 'golden retriever'"),
+    ("hmar-d16", ["--class", "1000"], "class 1000 is out of range: this model has classes 0..999"),
+    ("hmar-d16", ["--class", "207", "--schedule", "1;4"], "schedule has 2 scales but the model has 10"),
+    ("hmar-d16", ["--class", "207", "--steps", "9"], "steps must be between 10 (one per scale)"),
+    ("var-d16", ["--class", "207", "--steps", "14"], "VAR models sample exactly one step per scale: steps must be 10, got 14"),
+])
+def test_classes_and_steps_are_checked_before_a_download(fake_hub, tmp_path, model, args, message):
+    result = runner.invoke(app, ["generate", "--model", model, *args, "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and message in one_error_line(result)
+    assert fake_hub.calls == [] and not (tmp_path / "x.png").exists()
 
 
 def test_usage_errors_are_one_line_with_exit_2_and_debug_shows_tracebacks(hub_cache):
