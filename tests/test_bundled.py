@@ -11,6 +11,7 @@ from PIL import Image
 
 from hmar.config import ModelConfig
 from hmar.hub import BUNDLED_DIR, registry, resolve_model
+from hmar.schedule import format_schedule, resolve_schedule
 
 TINY = BUNDLED_DIR / "hmar-tiny"
 
@@ -33,6 +34,12 @@ def test_generate_by_name_offline_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["images"][0]["class"] == 7 and summary["images"][0]["class_name"] == "star"
+    # no sampling options given: the model's own defaults (its config's `sampling` section) are used
+    config = ModelConfig.load(TINY / "config.json")
+    defaults = config.sampling
+    expected = resolve_schedule(config.patch_nums, steps=defaults.get("steps"), schedule=defaults.get("schedule"))
+    assert summary["schedule"] == format_schedule(expected)
+    assert (summary["cfg"], summary["top_k"], summary["top_p"]) == (defaults["cfg"], defaults["top_k"], defaults["top_p"])
     image = np.asarray(Image.open(out))
     assert image.shape == (128, 128, 3) and image.std() > 5  # an image, not a flat fill
     assert resolve_model("hmar-tiny") == TINY
