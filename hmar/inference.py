@@ -26,6 +26,7 @@ from hmar.compile import compile_blocks
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
 
+
 def cast_linears(transformer: ScaleTransformer, dtype: torch.dtype) -> int:
     """Store the Linear layers that the sampler runs under autocast in `dtype`; returns how many."""
     outside_autocast = set(transformer.shared_ada_lin.modules())  # `condition` runs before autocast
