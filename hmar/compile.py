@@ -9,7 +9,6 @@ Triton kernel autotunes and launches itself.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn as nn

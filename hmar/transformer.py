@@ -13,7 +13,7 @@ Shapes: B batch, L tokens of all scales, l tokens of one scale, C width, V vocab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
