@@ -23,8 +23,7 @@ from hmar.compile import compile_blocks, wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
 from hmar.pipeline import Pipeline
 from hmar.profiling import StepProfile, profile_steps
-from hmar.sampler import make_generator, sample
-from hmar.schedule import resolve_schedule
+from hmar.sampler import make_generator
 from hmar.train.losses import next_scale_loss, scale_weights, score_logits
 from hmar.train.options import TrainConfig
 from hmar.train.stage1 import MASK_BRANCH, NextScaleObjective
@@ -49,6 +48,7 @@ class BenchRow:
     tflops: float | None
     ratio_vs_var: float | None = None
     compiled: bool = False  # transformer blocks compiled (hmar.compile)
+    cuda_graph: bool = False  # sampling batches replayed as CUDA graphs (hmar.cuda_graph)
     profile: StepProfile | None = None
     model: str = ""  # the family for random models, else the model's registry name or folder
 
@@ -65,10 +65,11 @@ class Workload:
 
     step: Callable[[], object]
     resident: Callable[[], Iterable[torch.Tensor]]
+    held_bytes: Callable[[], int] = lambda: 0  # device memory held outside tensors: a CUDA graph's pool
 
     def resident_bytes(self) -> int:
         storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in self.resident()}
-        return sum(storages.values())  # shared storages (views, tied weights) once
+        return sum(storages.values()) + self.held_bytes()  # shared storages (views, tied weights) once
 
 
 def measure(work: Workload, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
@@ -182,19 +183,21 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, at
 def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Workload:
     """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths)."""
     config, device = pipe.config, pipe.device
-    schedule = resolve_schedule(config.patch_nums, steps=steps if config.family == "hmar" else None, family=config.family)
+    settings = pipe.settings(steps=steps if config.family == "hmar" else None, cfg=cfg, top_k=top_k, top_p=top_p, batch_size=batch_size)
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
 
     def run() -> None:
-        sample(pipe.tokenizer, pipe.transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
-               generator=make_generator(0, device), amp_dtype=pipe.amp_dtype)
+        pipe.sample_batch(labels, settings, make_generator(0, device))
 
     def resident() -> Iterator[torch.Tensor]:
         for model in (pipe.tokenizer, pipe.transformer):
             yield from model.parameters()
             yield from model.buffers()
 
-    return Workload(run, resident)
+    def held_bytes() -> int:
+        return pipe.graphed.memory_bytes if pipe.graphed is not None else 0
+
+    return Workload(run, resident, held_bytes)
 
 
 def _compare(task: str, workloads: dict[str, Workload], families: dict[str, str], batch_size: int, device, warmup: int,
@@ -244,15 +247,23 @@ def bench_train(
 def bench_sample(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
     width: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, warmup: int = 2, iters: int = 5,
-    profile: bool = False, compile: bool | None = None, models: Sequence[str] = (),
+    profile: bool = False, compile: bool | None = None, models: Sequence[str] = (), cuda_graph: bool = True,
 ) -> list[BenchRow]:
     """HMAR vs VAR sampling: random models of `depth` (and `width`), or the named `models` (registry
-    names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA)."""
+    names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA);
+    `cuda_graph`: replay batches as CUDA graphs on CUDA, as `Pipeline` does by default (the warm-up
+    takes the eager batch and the capture)."""
     compiled = compile_wanted(compile, device)
+    options = dict(compile=compiled, cuda_graph=cuda_graph)
     if models:
-        pipes = {str(name): Pipeline.from_pretrained(str(name), device, compile=compiled) for name in models}
+        pipes = {str(name): Pipeline.from_pretrained(str(name), device, **options) for name in models}
     else:
-        pipes = {f: Pipeline.random(bench_config(f, depth, width, tokenizer), device, compile=compiled) for f in ("hmar", "var")}
+        pipes = {f: Pipeline.random(bench_config(f, depth, width, tokenizer), device, **options) for f in ("hmar", "var")}
     workloads = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
     families = {name: pipe.config.family for name, pipe in pipes.items()}
-    return _compare("sample", workloads, families, batch_size, device, warmup, iters, {}, compiled, profile)
+    graphed = any(pipe.graphed is not None for pipe in pipes.values())
+    rows = _compare("sample", workloads, families, batch_size, device, max(warmup, 2) if graphed else warmup, iters, {},
+                    compiled, profile)
+    for row in rows:
+        row.cuda_graph = pipes[row.model].graphed is not None
+    return rows

@@ -18,6 +18,7 @@ import torch
 
 from hmar.checkpoints import build_models, load_models
 from hmar.config import ModelConfig
+from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
 from hmar.inference import prepare_for_sampling
@@ -66,11 +67,13 @@ class Pipeline:
     """A model on a device, ready to sample. On CUDA: the transformer in bf16 (autocast, Linear weights
     stored in bf16), the decoder in float16, guidance, filtering, drawing and f̂ in float32
     (`hmar.inference`); `compile` also compiles the transformer's blocks and the decoder (tens of
-    seconds once per process, less with Inductor's on-disk cache; then faster sampling). On the
-    CPU: float32 throughout, the reference numerics."""
+    seconds once per process, less with Inductor's on-disk cache; then faster sampling); `cuda_graph`
+    replays generation batches as CUDA graphs from the second batch of the same settings on
+    (`hmar.cuda_graph`; same images, memory held while the pipeline lives). On the CPU: float32
+    throughout, the reference numerics."""
 
     def __init__(self, config: ModelConfig, tokenizer, transformer, device: str | torch.device = "auto", name: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, cuda_graph: bool = True):
         self.config, self.name = config, name
         self.device = resolve_device(device)
         self.tokenizer = tokenizer.to(self.device).eval()
@@ -78,29 +81,34 @@ class Pipeline:
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.compiled = compile
         prepare_for_sampling(self.tokenizer, self.transformer, self.amp_dtype, compile=compile)
+        use_graph = cuda_graph and self.device.type == "cuda"
+        self.graphed = GraphedSampler(self.tokenizer, self.transformer, self.amp_dtype) if use_graph else None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | torch.device = "auto", name: str | None = None, compile: bool = False) -> "Pipeline":
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "auto", name: str | None = None, compile: bool = False,
+                    cuda_graph: bool = True) -> "Pipeline":
         folder = Path(folder)
         config = ModelConfig.load(folder / "config.json")
         device = resolve_device(device)
         tokenizer, transformer = load_models(config, folder)
-        return cls(config, tokenizer, transformer, device, name or folder.name, compile=compile)
+        return cls(config, tokenizer, transformer, device, name or folder.name, compile=compile, cuda_graph=cuda_graph)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "auto", download: bool = False,
-                        compile: bool = False) -> "Pipeline":
+                        compile: bool = False, cuda_graph: bool = True) -> "Pipeline":
         """A registry name (hmar-d16, var-d30, hmar-tiny, …) or a model folder."""
         from hmar.hub import resolve_model
 
-        return cls.from_folder(resolve_model(name_or_path, download=download), device, name=str(name_or_path), compile=compile)
+        return cls.from_folder(resolve_model(name_or_path, download=download), device, name=str(name_or_path), compile=compile,
+                               cuda_graph=cuda_graph)
 
     @classmethod
-    def random(cls, config: ModelConfig, device: str | torch.device = "auto", seed: int = 0, compile: bool = False) -> "Pipeline":
+    def random(cls, config: ModelConfig, device: str | torch.device = "auto", seed: int = 0, compile: bool = False,
+               cuda_graph: bool = True) -> "Pipeline":
         """Randomly initialised weights (benchmarks, tests)."""
         torch.manual_seed(seed)
-        return cls(config, *build_models(config), device=device, name="random", compile=compile)
+        return cls(config, *build_models(config), device=device, name="random", compile=compile, cuda_graph=cuda_graph)
 
     # ---- settings -----------------------------------------------------------------------------
     @property
@@ -168,11 +176,16 @@ class Pipeline:
         for start in range(0, len(labels), settings.batch_size):
             end = min(start + settings.batch_size, len(labels))
             part = None if target is None else EditTarget([t[start:end] for t in target.tokens], [m[start:end] for m in target.keep])
-            results.append(sample(
-                self.tokenizer, self.transformer, torch.tensor(labels[start:end], device=self.device), settings.schedule,
-                cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator,
-                edit=part, progress=progress, amp_dtype=self.amp_dtype,
-            ))
+            results.append(self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, part, progress))
         images = torch.cat([r.images.float().cpu() for r in results])
         tokens = [torch.cat([r.tokens[k].cpu() for r in results]) for k in range(len(self.config.patch_nums))]
         return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
+
+    def sample_batch(self, labels: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None,
+                     target: EditTarget | None = None, progress: ProgressCallback | None = None) -> SampleResult:
+        """One batch of `labels` (on the device), through the CUDA graph when there is one and nothing
+        is forced (editing samples once per image, so it would never replay)."""
+        options = dict(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator, progress=progress)
+        if self.graphed is not None and target is None:
+            return self.graphed(labels, settings.schedule, **options)
+        return sample(self.tokenizer, self.transformer, labels, settings.schedule, edit=target, amp_dtype=self.amp_dtype, **options)

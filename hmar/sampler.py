@@ -125,6 +125,14 @@ class _Steps:
             self.callback(SamplingProgress(scale, step, steps_in_scale, self.done, self.total))
 
 
+def report_steps(schedule: Sequence[Sequence[int]], callback: ProgressCallback | None) -> None:
+    """Report every step of `schedule` as finished (a batch sampled in one go, see `hmar.cuda_graph`)."""
+    steps = _Steps(schedule, callback)
+    for k, entry in enumerate(schedule):
+        for j in range(len(entry)):
+            steps.finished(k, j, len(entry))
+
+
 @torch.no_grad()
 def sample(
     tokenizer: MultiScaleVQVAE,

@@ -143,6 +143,7 @@ def sample(
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) instead of random HMAR and VAR ones of --depth."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: on CUDA)."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay batches as CUDA graphs (on CUDA), as generate does."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -153,10 +154,10 @@ def sample(
     profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
     where = resolve_device(device)
     rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
-                        profile=profile is not None, compile=compile, models=models)
+                        profile=profile is not None, compile=compile, models=models, cuda_graph=cuda_graph)
     compiled = rows[0].compiled
     shape = {"models": ", ".join(models)} if models else {"depth": depth, "resolution": resolution}
-    shape.update({"batch": batch_size, "steps": steps, "compiled blocks": compiled})
+    shape.update({"batch": batch_size, "steps": steps, "compiled blocks": compiled, "CUDA graphs": rows[0].cuda_graph})
     _write_profiles(rows, profile_files, shape, where)
     _report(rows, "sampling" + (" (compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)
 

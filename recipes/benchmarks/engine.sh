@@ -4,7 +4,7 @@
 # each HMAR vs VAR in one run, with torch.profiler breakdowns. Logs, JSON and profiles go to $OUT.
 #
 #   bash recipes/benchmarks/engine.sh                 # everything
-#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample sample-compiled train256 train512 levers decoders)
+#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample sample-nograph sample-compiled train256 train512 levers decoders)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
@@ -38,10 +38,12 @@ EOF
 for task in $TASKS; do
   case $task in
     tests) timeout 300 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py tests/test_inference.py \
-             tests/test_tokenizer.py tests/test_conformance.py -q -p no:cacheprovider -rfE \
+             tests/test_cuda_graph.py tests/test_benchmark.py tests/test_tokenizer.py tests/test_conformance.py -q -p no:cacheprovider -rfE \
              2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15 ;;
     sample) bench sample64 sample --batch-size 64 --steps 14 --no-compile --profile "$OUT/profiles"
             bench sample1 sample --batch-size 1 --steps 14 --iters 10 --no-compile ;;
+    sample-nograph) bench sample64ng sample --batch-size 64 --steps 14 --no-compile --no-cuda-graph
+            bench sample1ng sample --batch-size 1 --steps 14 --iters 10 --no-compile --no-cuda-graph ;;
     sample-compiled) bench sample64c sample --batch-size 64 --steps 14 --compile
             bench sample1c sample --batch-size 1 --steps 14 --iters 10 --compile ;;
     train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;

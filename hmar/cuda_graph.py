@@ -1,0 +1,103 @@
+"""Sampling a batch by replaying one CUDA graph.
+
+A sampling batch launches thousands of small kernels: per scale the blocks, guidance, filtering, the
+draw and f̂'s update, then the decoder. At the early scales (1 to 25 tokens a row) the GPU finishes
+each kernel before the host has launched the next, so a d16 batch of 64 on an H100 spends over 100 ms
+idle (BENCHMARKS.md). The sampler reads nothing on the host and every shape is fixed by the batch
+size and the schedule, so the whole batch, decoder included, can be captured once as a CUDA graph and
+replayed with one launch.
+
+`GraphedSampler` does that for plain generation (no forced tokens): the first batch of given
+settings runs eagerly (which also warms up lazy initialisation and compilation, as capture requires);
+the second captures the graph; every batch from then on replays it. A replay runs the very kernels
+that the eager run launches, on the same random numbers: the graph draws from the device's default
+CUDA generator, which PyTorch advances by the graph's whole offset at each replay, and the caller's
+generator state is swapped in around the replay and read back after it. So a seed gives the same
+images eagerly and replayed, and the generator goes on exactly as after an eager batch.
+
+The graph keeps its own memory pool (the batch's transient peak, as eager sampling reaches it) while
+it is held; `memory_bytes` says how much, and `release` frees it. One graph is held at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from hmar.sampler import ProgressCallback, SampleResult, report_steps, sample
+from hmar.tokenizer import MultiScaleVQVAE
+from hmar.transformer import ScaleTransformer
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What fixes the captured kernels: shapes, schedule and the sampling constants baked into them."""
+
+    batch_size: int
+    schedule: tuple[tuple[int, ...], ...]
+    cfg: float
+    top_k: int
+    top_p: float
+
+
+class GraphedSampler:
+    """`hmar.sampler.sample` for models on a CUDA device, replaying a CUDA graph from the second batch
+    of the same settings on (see the module docstring)."""
+
+    def __init__(self, tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer, amp_dtype: torch.dtype | None):
+        self.tokenizer, self.transformer, self.amp_dtype = tokenizer, transformer, amp_dtype
+        self.memory_bytes = 0
+        self._seen: _Settings | None = None  # settings of the last eager batch
+        self._captured: _Settings | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._labels: torch.Tensor | None = None
+        self._result: SampleResult | None = None
+
+    def __call__(self, labels: torch.Tensor, schedule: Sequence[Sequence[int]], *, cfg: float, top_k: int, top_p: float,
+                 generator: torch.Generator | None = None, progress: ProgressCallback | None = None) -> SampleResult:
+        settings = _Settings(labels.shape[0], tuple(tuple(e) for e in schedule), float(cfg), int(top_k), float(top_p))
+        if settings != self._captured:
+            if settings != self._seen:
+                self._seen = settings
+                return sample(self.tokenizer, self.transformer, labels, schedule, cfg=cfg, top_k=top_k, top_p=top_p,
+                              generator=generator, progress=progress, amp_dtype=self.amp_dtype)
+            self._capture(labels, settings)
+        self._replay(labels, generator)
+        report_steps(schedule, progress)
+        result = self._result
+        return SampleResult(result.images.clone(), [t.clone() for t in result.tokens], result.f_hat.clone())
+
+    def _capture(self, labels: torch.Tensor, settings: _Settings) -> None:
+        self.release()
+        device = labels.device
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(device)
+        self._labels = labels.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._result = sample(self.tokenizer, self.transformer, self._labels, settings.schedule, cfg=settings.cfg,
+                                  top_k=settings.top_k, top_p=settings.top_p, generator=None, amp_dtype=self.amp_dtype)
+        self._graph, self._captured = graph, settings
+        self.memory_bytes = torch.cuda.memory_reserved(device) - reserved
+
+    def _replay(self, labels: torch.Tensor, generator: torch.Generator | None) -> None:
+        self._labels.copy_(labels)
+        if generator is None:
+            self._graph.replay()
+            return
+        default = torch.cuda.default_generators[labels.device.index or 0]
+        own_state = default.get_state()
+        default.set_state(generator.get_state())
+        try:
+            self._graph.replay()
+            generator.set_state(default.get_state())
+        finally:
+            default.set_state(own_state)
+
+    def release(self) -> None:
+        """Free the held graph and its memory pool."""
+        self._graph = self._labels = self._result = self._captured = None
+        self.memory_bytes = 0
+        torch.cuda.empty_cache()
