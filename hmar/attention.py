@@ -6,7 +6,8 @@ sizes are the per-scale token counts (1, 4, 9, …). Every implementation here c
 
 - `masked_sdpa`: PyTorch SDPA with a boolean mask: the reference, works everywhere.
 - `per_scale_sdpa`: one dense SDPA call per scale (block-diagonal only): no wasted work on the CPU.
-- `block_sparse_kernel`: the Triton kernel in `hmar.kernels` (CUDA): skips masked tiles.
+- `block_sparse_kernel`: the Triton kernel in `hmar.kernels` (CUDA): skips masked tiles; a custom
+  operator, so torch.compile traces through it.
 
 An attention function takes q, k, v of shape (B, H, N, D), the block sizes, the pattern and the
 softmax scale, and returns (B, H, N, D).
@@ -55,8 +56,10 @@ def per_scale_sdpa(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
     return torch.cat(outputs, dim=2)
 
 
-@torch.compiler.disable  # compiled blocks call it as an opaque op: it autotunes and launches itself
 def block_sparse_kernel(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
+    # torch.compile traces through it without a graph break: the kernel is a custom operator
+    # (torch.ops.hmar.block_sparse_attn_fwd/_bwd, see hmar.kernels), so compiled blocks fuse the
+    # q/k normalisation and reshapes around it.
     from hmar.kernels import block_sparse_attention
 
     return block_sparse_attention(q, k, v, block_sizes, pattern=pattern, scale=scale)

@@ -1,7 +1,8 @@
 """Triton kernels for HMAR (installed as ``hmar.kernels``); imports no model code.
 
 ``block_sparse_attention(q, k, v, block_sizes, pattern="block_diagonal", scale=None)``: attention
-restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton.
+restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton; traceable by
+torch.compile (custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bwd``, registered on import).
 """
 from .block_sparse_attention import PATTERNS, block_sparse_attention
 

@@ -21,11 +21,21 @@ Passes: forward (online softmax in base 2, saves the row log-sum-exp), backward 
 separate dQ pass over query tiles: no atomics, each output written exactly once.
 
 Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use exact-fp32 ("ieee") dots.
+
+torch.compile: the passes are custom operators, ``torch.ops.hmar.block_sparse_attn_fwd`` (returns the
+output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk, dv), defined with
+``torch.library.triton_op`` and launched through ``torch.library.wrap_triton``; autograd connects them.
+Compiled code traces `block_sparse_attention` without a graph break and Inductor sees the kernels
+themselves. The layout enters the operators as one int32 tensor plus 9 ints (see `Layout`); eagerly,
+the wrapper launches the same kernels without the dispatcher's overhead.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
+import threading
 from functools import lru_cache
 from typing import Sequence
 
@@ -33,6 +43,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 PATTERNS = ("block_diagonal", "block_causal")
 HEAD_DIMS = (16, 32, 64, 128)
@@ -43,8 +54,11 @@ _HEADER = 8  # offsets of the four tables, then their tile counts
 LOG2E = 1.4426950408889634
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read by Triton when it decorates
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,21 +115,46 @@ def _bank(starts, ends, lo, hi) -> np.ndarray:
     return np.concatenate([header] + parts)
 
 
+def _padded(n: int) -> int:
+    return -(-n // 4) * 4  # table segments start 16-byte aligned
+
+
+def _split_table(table: torch.Tensor, meta: Sequence[int], n: int):
+    """Views of the packed table: (lo, hi, clo, chi, row bank, column bank)."""
+    n4 = _padded(n)
+    rows = _HEADER + _RECORD * sum(meta[1:5])
+    cols = _HEADER + _RECORD * sum(meta[5:9])
+    base = 4 * n4
+    return (table[0:n], table[n4:n4 + n], table[2 * n4:2 * n4 + n], table[3 * n4:3 * n4 + n],
+            table[base:base + rows], table[base + rows:base + rows + cols])
+
+
 class Layout:
-    """Device tables for one (block sizes, pattern, device); built once and cached."""
+    """Device tables for one (block sizes, pattern, device); built once and cached.
+
+    The kernels' tables are packed into one int32 tensor, `table`: the per-token ranges lo, hi, clo,
+    chi (each padded to a multiple of 4 entries), then the row-tile bank and the column-tile bank.
+    `meta` = (pattern key, row tiles per tile size (4 ints), column tiles per tile size (4 ints)):
+    with N (the tokens) it is all the host needs to cut the table and size the grids. The custom
+    operators take `table` and `meta`, nothing else about the layout.
+    """
 
     def __init__(self, block_sizes: tuple[int, ...], pattern: str, device: torch.device):
         starts, ends, lo, hi, clo, chi = _ranges(block_sizes, pattern)
         self.block_sizes, self.pattern, self.n = block_sizes, pattern, int(ends[-1])
         if self.n >= 2**31 // 2:
             raise ValueError(f"block_sparse_attention: {self.n} tokens is more than this kernel indexes")
-        as_i32 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=device)  # noqa: E731
-        self.lo, self.hi, self.clo, self.chi = as_i32(lo), as_i32(hi), as_i32(clo), as_i32(chi)
         row_bank, col_bank = _bank(starts, ends, lo, hi), _bank(starts, ends, clo, chi)
-        self.row_tab, self.col_tab = as_i32(row_bank), as_i32(col_bank)
+        n4 = _padded(self.n)
+        pad = lambda a: np.concatenate([a, np.zeros(n4 - self.n, np.int64)])  # noqa: E731
+        packed = np.concatenate([pad(lo), pad(hi), pad(clo), pad(chi), row_bank, col_bank])
+        self.table = torch.as_tensor(np.ascontiguousarray(packed, dtype=np.int32), device=device)
         self.row_ntiles = {t: int(row_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
         self.col_ntiles = {t: int(col_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
         self.pattern_key = 10 * (1 + PATTERNS.index(pattern))  # autotune key (never 1 nor %16)
+        self.meta = (self.pattern_key, *self.row_ntiles.values(), *self.col_ntiles.values())
+        self.tables = _split_table(self.table, self.meta, self.n)  # views: lo, hi, clo, chi, row bank, column bank
+        self.lo, self.hi, self.clo, self.chi, self.row_tab, self.col_tab = self.tables
         # useful (unmasked) query-key pairs, for FLOP counts
         self.pairs = int((hi - lo).sum())
 
@@ -127,6 +166,15 @@ def _layout_cached(block_sizes: tuple[int, ...], pattern: str, device: torch.dev
 
 def get_layout(block_sizes: Sequence[int], pattern: str, device) -> Layout:
     return _layout_cached(tuple(int(b) for b in block_sizes), pattern, torch.device(device))
+
+
+@torch.compiler.assume_constant_result
+def _layout_args(block_sizes: tuple[int, ...], pattern: str, device: torch.device):
+    """(table, meta) for the operators. Under torch.compile this runs once, while tracing, and its
+    result enters the graph as a constant (block sizes, pattern and device are guarded constants of
+    the call), so the layout is neither rebuilt nor re-traced per call."""
+    layout = _layout_cached(block_sizes, pattern, device)
+    return layout.table, layout.meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,15 +535,52 @@ def picked_configs() -> dict:
     return dict(_PICKED)
 
 
-def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, dtype):
+# --------------------------------------------------------------------------------------------
+# Launching: eagerly, or traced (torch.compile) through torch.library.wrap_triton
+# --------------------------------------------------------------------------------------------
+
+class _NoLaunch:
+    """Stands in for a kernel while only shapes are computed (fake tensors under the interpreter)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+_SHAPES_ONLY = threading.local()
+
+
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton(kernel)`: the raw kernel when the operator runs eagerly, a traceable
+    launcher (a `triton_kernel_wrapper` node in the graph) while torch.compile traces the operator.
+
+    Named like torch's so that torch finds the kernels an operator launches (AOTAutograd's cache key
+    includes their source). Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) cannot be traced:
+    there the operators are opaque custom ops (see `_operator`), and the launch is skipped while their
+    fake implementation computes shapes.
+    """
+    if _interpreting():
+        return _NoLaunch() if getattr(_SHAPES_ONLY, "on", False) else kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, key):
     """Launch with an explicit config (`config` or the default), or through the autotuner.
 
-    After the autotuner has run once for a key, later calls skip its Python dispatch and launch the
+    `kernel`, `tuned`: the plain and the autotuned kernel, raw (eager) or wrapped (traced); `key`:
+    (pass, N, head dim, pattern key, dtype), the autotuner's cache key here. Eagerly,
+    after the autotuner has run once for a key, later calls skip its Python dispatch and launch the
     chosen configuration directly (the per-call host cost matters at 256 px, where a pass is ~50 us).
+    Traced, the autotuned kernel goes into the graph as it is: Inductor benchmarks its configurations
+    itself (pruned by the same `early_config_prune`).
     """
+    if isinstance(kernel, _NoLaunch):
+        return
+    traced = not isinstance(tuned, Autotuner)
     extra = {}
     if config is None and _autotune_enabled():
-        key = (pass_name, args[-3] if pass_name == "fwd" else args[-4], kwargs["HEAD_D"], args[-1], dtype)
+        if traced:
+            tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
+            return
         config = _PICKED.get(key)
         if config is None:
             tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
@@ -504,7 +589,7 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
             _PICKED[key] = (best.kwargs[row_key], best.kwargs[inner_key], best.num_warps, best.num_stages, rest)
             return
     if config is None:
-        config = default_config(pass_name, kwargs["HEAD_D"], dtype)
+        config = default_config(pass_name, kwargs["HEAD_D"], key[-1])
     rows, inner, warps, stages = config[:4]
     if len(config) > 4:
         extra = dict(config[4])
@@ -523,55 +608,188 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _counts(ntiles: dict, bh: int) -> dict:
-    return {t: n * bh for t, n in ntiles.items()}
+def _counts(ntiles: Sequence[int], bh) -> dict:
+    return {t: n * bh for t, n in zip(TILE_SIZES, ntiles)}
+
+
+def _forward(q, k, v, out, lse, tables, meta, scale, config, traceable):
+    B, H, N, D = q.shape
+    lo, hi, _, _, row_tab, _ = tables
+    kernel = wrap_triton(_attn_fwd) if traceable else _attn_fwd
+    tuned = wrap_triton(_attn_fwd_tuned) if traceable else _attn_fwd_tuned
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    args = (q, k, v, out, lse, row_tab, lo, hi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
+    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    _launch(kernel, tuned, _counts(meta[1:5], B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs,
+            ("fwd", N, D, meta[0], q.dtype))
+
+
+def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config, traceable):
+    B, H, N, D = q.shape
+    lo, hi, clo, chi, row_tab, col_tab = tables
+    dq_kernel = wrap_triton(_attn_bwd_dq) if traceable else _attn_bwd_dq
+    dq_tuned = wrap_triton(_attn_bwd_dq_tuned) if traceable else _attn_bwd_dq_tuned
+    dkdv_kernel = wrap_triton(_attn_bwd_dkdv) if traceable else _attn_bwd_dkdv
+    dkdv_tuned = wrap_triton(_attn_bwd_dkdv_tuned) if traceable else _attn_bwd_dkdv_tuned
+    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    args = (q, k, v, out, do, dq, lse, delta, row_tab, lo, hi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+            H, N, scale * LOG2E, scale, meta[0])
+    _launch(dq_kernel, dq_tuned, _counts(meta[1:5], B * H), "BLOCK_M", "BLOCK_N", "dq", dq_config, args, kwargs,
+            ("dq", N, D, meta[0], q.dtype))
+    args = (q, k, v, do, dk, dv, lse, delta, col_tab, clo, chi,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            H, N, scale * LOG2E, scale, meta[0])
+    _launch(dkdv_kernel, dkdv_tuned, _counts(meta[5:9], B * H), "BLOCK_N", "BLOCK_M", "dkdv", dkdv_config, args, kwargs,
+            ("dkdv", N, D, meta[0], q.dtype))
 
 
 def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None, config=None):
-    """Forward pass; returns (out, lse). `out`/`lse` may be given (tests poison them first)."""
-    B, H, N, D = q.shape
+    """Forward pass, launched directly (no operator); returns (out, lse). `out`/`lse` may be given
+    (tests poison them first)."""
+    B, H, N, _ = q.shape
     if out is None:
-        # (B, N, H, D) memory seen as (B, H, N, D): `out.transpose(1, 2).reshape(B, N, H*D)` is free.
-        out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+        out = _new_out(q)
     if lse is None:
         lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    args = (q, k, v, out, lse, layout.row_tab, layout.lo, layout.hi,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, layout.pattern_key)
-    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
-    _launch(_attn_fwd, _attn_fwd_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs, q.dtype)
+    _forward(q, k, v, out, lse, layout.tables, layout.meta, scale, config, traceable=False)
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=None, dk=None, dv=None,
                        configs=None):
-    """Backward pass; returns (dq, dk, dv). `configs` may hold explicit 'dkdv'/'dq' configs."""
-    B, H, N, D = q.shape
+    """Backward pass, launched directly (no operator); returns (dq, dk, dv). `configs` may hold
+    explicit 'dkdv'/'dq' configs."""
     configs = configs or {}
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
-    args = (q, k, v, out, do, dq, lse, delta, layout.row_tab, layout.lo, layout.hi,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
-            H, N, scale * LOG2E, scale, layout.pattern_key)
-    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, _counts(layout.row_ntiles, B * H), "BLOCK_M", "BLOCK_N", "dq",
-            configs.get("dq"), args, kwargs, q.dtype)
-    args = (q, k, v, do, dk, dv, lse, delta, layout.col_tab, layout.clo, layout.chi,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            H, N, scale * LOG2E, scale, layout.pattern_key)
-    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, _counts(layout.col_ntiles, B * H), "BLOCK_N", "BLOCK_M", "dkdv",
-            configs.get("dkdv"), args, kwargs, q.dtype)
+    _backward(do, q, k, v, out, lse, dq, dk, dv, layout.tables, layout.meta, scale, configs.get("dq"),
+              configs.get("dkdv"), traceable=False)
     return dq, dk, dv
 
 
+def _new_out(q):
+    # (B, N, H, D) memory seen as (B, H, N, D): `out.transpose(1, 2).reshape(B, N, H*D)` is free.
+    B, H, N, D = q.shape
+    return torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
 # --------------------------------------------------------------------------------------------
-# Autograd wrapper and the public function
+# Custom operators (torch.library): what torch.compile traces, and the autograd wrapper
+# --------------------------------------------------------------------------------------------
+#
+# hmar::block_sparse_attn_fwd(q, k, v, table, meta, scale, configs) -> (out, lse)
+# hmar::block_sparse_attn_bwd(do, q, k, v, out, lse, table, meta, scale, configs) -> (dq, dk, dv)
+#
+# `table`, `meta`: the layout (see `Layout`): one int32 tensor and 9 ints, built once per (block
+# sizes, pattern, device) by the wrapper. `configs`: 15 ints, explicit (rows, inner, warps, stages,
+# split exponential) for the fwd, dq and dkdv passes in turn, all zero where the pass autotunes (or
+# takes its default): tests and benchmarks pin configurations with it.
+#
+# On CUDA they are `torch.library.triton_op`s: under torch.compile, AOTAutograd decomposes them into
+# their Triton kernel launches (`wrap_triton`), which Inductor compiles and schedules with the rest of
+# the graph; their fake implementation is the same function (launches are no-ops on fake tensors).
+# Under Triton's interpreter they are plain `custom_op`s (the interpreter cannot be traced) with the
+# same schema, fake implementation and autograd: compiled graphs call them as opaque operators.
+
+_CONFIG_WORDS = 5
+_PASSES = ("fwd", "dq", "dkdv")
+
+
+def _encode_configs(configs) -> list[int]:
+    words = []
+    for name in _PASSES:
+        c = (configs or {}).get(name)
+        if c is None:
+            words += [0] * _CONFIG_WORDS
+            continue
+        extra = dict(c[4]) if len(c) > 4 else {}
+        if set(extra) - {"SPLIT_EXP"}:
+            raise ValueError(f"block_sparse_attention: unknown config options {sorted(set(extra) - {'SPLIT_EXP'})}")
+        words += [int(c[0]), int(c[1]), int(c[2]), int(c[3]), int(bool(extra.get("SPLIT_EXP", False)))]
+    return words
+
+
+def _decode_config(words: Sequence[int], name: str):
+    i = _PASSES.index(name) * _CONFIG_WORDS
+    rows, inner, warps, stages, split = words[i:i + _CONFIG_WORDS]
+    if rows == 0:
+        return None
+    return (rows, inner, warps, stages, {"SPLIT_EXP": True}) if split else (rows, inner, warps, stages)
+
+
+def _operator(name: str):
+    def define(fn):
+        if not _interpreting():
+            return torch.library.triton_op(f"hmar::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"hmar::{name}", fn, mutates_args=())
+
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _SHAPES_ONLY.on = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _SHAPES_ONLY.on = False
+
+        op.register_fake(fake)
+        return op
+    return define
+
+
+@_operator("block_sparse_attn_fwd")
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, meta: Sequence[int],
+                 scale: float, configs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, _ = q.shape
+    out = _new_out(q)
+    lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    _forward(q, k, v, out, lse, _split_table(table, meta, N), meta, scale, _decode_config(configs, "fwd"),
+             traceable=True)
+    return out, lse
+
+
+@_operator("block_sparse_attn_bwd")
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, table: torch.Tensor, meta: Sequence[int], scale: float,
+                 configs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _backward(do, q, k, v, out, lse, dq, dk, dv, _split_table(table, meta, q.shape[2]), meta, scale,
+              _decode_config(configs, "dq"), _decode_config(configs, "dkdv"), traceable=True)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, meta, scale, configs = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table)
+    ctx.meta, ctx.scale, ctx.configs = meta, scale, configs
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_formula(ctx, dout, _dlse):
+    q, k, v, out, lse, table = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, table, ctx.meta, ctx.scale, ctx.configs)
+    return dq, dk, dv, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+# the operators as torch.ops sees them (what compiled graphs and opcheck call)
+attn_fwd_op = torch.ops.hmar.block_sparse_attn_fwd.default
+attn_bwd_op = torch.ops.hmar.block_sparse_attn_bwd.default
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
 # --------------------------------------------------------------------------------------------
 
 class _BlockSparseAttention(torch.autograd.Function):
+    """The eager path: the operators' computation, launched directly."""
+
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, configs):
         out, lse = attention_forward(q, k, v, layout, scale, config=(configs or {}).get("fwd"))
@@ -620,6 +838,9 @@ def _check(q, k, v, block_sizes, pattern, scale):
         raise TypeError("block_sparse_attention: block_sizes must be a sequence of positive ints") from None
     if any(int(b) != b for b in block_sizes) or any(s <= 0 for s in sizes):
         raise ValueError(f"block_sparse_attention: block_sizes must be positive ints, got {list(block_sizes)}")
+    # Plain ints even where torch.compile has made them symbolic (dynamic=None, after the sizes
+    # changed once): operator.index specialises them (a guard per value), as the layout needs.
+    sizes = tuple(operator.index(s) for s in sizes)
     if sum(sizes) != q.shape[2]:
         raise ValueError(f"block_sparse_attention: block_sizes sum to {sum(sizes)} but there are {q.shape[2]} tokens")
     if scale is None:
@@ -643,6 +864,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     head_dim**-0.5. Differentiable in q, k, v. Under CUDA autocast the inputs are cast to the autocast
     dtype (as SDPA is). Returns (batch, heads, tokens, head_dim) in the inputs' dtype, laid out so that
     ``out.transpose(1, 2)`` is contiguous.
+
+    Traceable by torch.compile without a graph break (fullgraph=True): it calls the custom operator
+    ``torch.ops.hmar.block_sparse_attn_fwd`` (backward: ``hmar.block_sparse_attn_bwd``), and the
+    layout for the block sizes enters the graph as a constant. Block sizes must be static: a compiled
+    function specialises on them (one compilation per distinct block sizes).
     """
     sizes, scale = _check(q, k, v, block_sizes, pattern, scale)
     cast = _autocast_dtype(q.device.type)
@@ -654,5 +880,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         raise ValueError(f"block_sparse_attention: dtype {q.dtype} is not supported; supported: fp16, bf16, fp32")
     if q.numel() == 0:
         return (q + k + v) * 0.0
-    layout = get_layout(sizes, pattern, q.device)
-    return _BlockSparseAttention.apply(q, k, v, layout, scale, _configs)
+    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+        # traced (torch.compile, export, fake or functional tensors): the operator
+        table, meta = _layout_args(sizes, pattern, q.device)
+        out, _ = attn_fwd_op(q, k, v, table, list(meta), scale, _encode_configs(_configs))
+        return out
+    # Eagerly the same kernels are launched without the dispatcher: the operator's Python dispatch
+    # would add ~0.1 ms of host time per forward+backward, as much as the kernels take at 256 px.
+    return _BlockSparseAttention.apply(q, k, v, _layout_cached(sizes, pattern, q.device), scale, _configs)
