@@ -4,8 +4,8 @@ Every block runs the same code, so Dynamo compiles it once and reuses the graph 
 weights are graph inputs): seconds of compile time instead of minutes for an unrolled model. What
 the compiled blocks gain is fusion of the memory-bound element-wise work around the matmuls
 (LayerNorm, AdaLN modulation, L2-normalised q/k, GELU, residuals), which decides the step time of
-narrow models. Attention is left out of the graphs (see `hmar.attention.block_sparse_kernel`): the
-Triton kernel autotunes and launches itself.
+narrow models. On CUDA the Triton attention kernel is a custom operator inside the graphs (see
+`hmar.kernels`): the graphs call it, and fuse the q/k normalisation before it.
 """
 from __future__ import annotations
 

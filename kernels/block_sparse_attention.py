@@ -24,10 +24,13 @@ Precision: fp16/bf16 operands with fp32 accumulation; fp32 inputs use exact-fp32
 
 torch.compile: the passes are custom operators, ``torch.ops.hmar.block_sparse_attn_fwd`` (returns the
 output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk, dv), defined with
-``torch.library.triton_op`` and launched through ``torch.library.wrap_triton``; autograd connects them.
-Compiled code traces `block_sparse_attention` without a graph break and Inductor sees the kernels
-themselves. The layout enters the operators as one int32 tensor plus 9 ints (see `Layout`); eagerly,
-the wrapper launches the same kernels without the dispatcher's overhead.
+``torch.library.custom_op`` with fake implementations; autograd connects them. Compiled code traces
+`block_sparse_attention` without a graph break: Inductor fuses the work around the attention (the
+q/k normalisation, reshapes) and calls the operators, which launch the kernels. (As
+``torch.library.triton_op``s, which Inductor would compile itself, they failed torch's analysis of
+what each kernel writes on the device's torch 2.11.) The layout enters the operators as one int32
+tensor plus 9 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
+dispatcher's overhead.
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.autotuner import Autotuner
 
 PATTERNS = ("block_diagonal", "block_causal")
 HEAD_DIMS = (16, 32, 64, 128)
@@ -536,11 +538,11 @@ def picked_configs() -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Launching: eagerly, or traced (torch.compile) through torch.library.wrap_triton
+# Launching (skipped while a fake implementation computes shapes)
 # --------------------------------------------------------------------------------------------
 
 class _NoLaunch:
-    """Stands in for a kernel while only shapes are computed (fake tensors under the interpreter)."""
+    """Stands in for a kernel while only shapes are computed (fake tensors)."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -549,38 +551,23 @@ class _NoLaunch:
 _SHAPES_ONLY = threading.local()
 
 
-def wrap_triton(kernel):
-    """`torch.library.wrap_triton(kernel)`: the raw kernel when the operator runs eagerly, a traceable
-    launcher (a `triton_kernel_wrapper` node in the graph) while torch.compile traces the operator.
-
-    Named like torch's so that torch finds the kernels an operator launches (AOTAutograd's cache key
-    includes their source). Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) cannot be traced:
-    there the operators are opaque custom ops (see `_operator`), and the launch is skipped while their
-    fake implementation computes shapes.
-    """
-    if _interpreting():
-        return _NoLaunch() if getattr(_SHAPES_ONLY, "on", False) else kernel
-    return torch.library.wrap_triton(kernel)
+def _kernel(kernel):
+    """The kernel, or a stand-in that launches nothing while an operator's fake implementation runs."""
+    return _NoLaunch() if getattr(_SHAPES_ONLY, "on", False) else kernel
 
 
 def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, key):
     """Launch with an explicit config (`config` or the default), or through the autotuner.
 
-    `kernel`, `tuned`: the plain and the autotuned kernel, raw (eager) or wrapped (traced); `key`:
-    (pass, N, head dim, pattern key, dtype), the autotuner's cache key here. Eagerly,
-    after the autotuner has run once for a key, later calls skip its Python dispatch and launch the
-    chosen configuration directly (the per-call host cost matters at 256 px, where a pass is ~50 us).
-    Traced, the autotuned kernel goes into the graph as it is: Inductor benchmarks its configurations
-    itself (pruned by the same `early_config_prune`).
+    `kernel`, `tuned`: the plain and the autotuned kernel; `key`: (pass, N, head dim, pattern key,
+    dtype), the autotuner's cache key here. After the autotuner has run once for a key, later calls
+    skip its Python dispatch and launch the chosen configuration directly (the per-call host cost
+    matters at 256 px, where a pass is ~50 us).
     """
     if isinstance(kernel, _NoLaunch):
         return
-    traced = not isinstance(tuned, Autotuner)
     extra = {}
     if config is None and _autotune_enabled():
-        if traced:
-            tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
-            return
         config = _PICKED.get(key)
         if config is None:
             tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
@@ -612,11 +599,10 @@ def _counts(ntiles: Sequence[int], bh) -> dict:
     return {t: n * bh for t, n in zip(TILE_SIZES, ntiles)}
 
 
-def _forward(q, k, v, out, lse, tables, meta, scale, config, traceable):
+def _forward(q, k, v, out, lse, tables, meta, scale, config):
     B, H, N, D = q.shape
     lo, hi, _, _, row_tab, _ = tables
-    kernel = wrap_triton(_attn_fwd) if traceable else _attn_fwd
-    tuned = wrap_triton(_attn_fwd_tuned) if traceable else _attn_fwd_tuned
+    kernel, tuned = _kernel(_attn_fwd), _attn_fwd_tuned
     upcast = _interpreting() and q.dtype == torch.bfloat16
     args = (q, k, v, out, lse, row_tab, lo, hi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
@@ -625,13 +611,11 @@ def _forward(q, k, v, out, lse, tables, meta, scale, config, traceable):
             ("fwd", N, D, meta[0], q.dtype))
 
 
-def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config, traceable):
+def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config):
     B, H, N, D = q.shape
     lo, hi, clo, chi, row_tab, col_tab = tables
-    dq_kernel = wrap_triton(_attn_bwd_dq) if traceable else _attn_bwd_dq
-    dq_tuned = wrap_triton(_attn_bwd_dq_tuned) if traceable else _attn_bwd_dq_tuned
-    dkdv_kernel = wrap_triton(_attn_bwd_dkdv) if traceable else _attn_bwd_dkdv
-    dkdv_tuned = wrap_triton(_attn_bwd_dkdv_tuned) if traceable else _attn_bwd_dkdv_tuned
+    dq_kernel, dq_tuned = _kernel(_attn_bwd_dq), _attn_bwd_dq_tuned
+    dkdv_kernel, dkdv_tuned = _kernel(_attn_bwd_dkdv), _attn_bwd_dkdv_tuned
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
     upcast = _interpreting() and q.dtype == torch.bfloat16
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
@@ -655,7 +639,7 @@ def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None,
         out = _new_out(q)
     if lse is None:
         lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    _forward(q, k, v, out, lse, layout.tables, layout.meta, scale, config, traceable=False)
+    _forward(q, k, v, out, lse, layout.tables, layout.meta, scale, config)
     return out, lse
 
 
@@ -668,7 +652,7 @@ def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=N
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     _backward(do, q, k, v, out, lse, dq, dk, dv, layout.tables, layout.meta, scale, configs.get("dq"),
-              configs.get("dkdv"), traceable=False)
+              configs.get("dkdv"))
     return dq, dk, dv
 
 
@@ -690,11 +674,8 @@ def _new_out(q):
 # split exponential) for the fwd, dq and dkdv passes in turn, all zero where the pass autotunes (or
 # takes its default): tests and benchmarks pin configurations with it.
 #
-# On CUDA they are `torch.library.triton_op`s: under torch.compile, AOTAutograd decomposes them into
-# their Triton kernel launches (`wrap_triton`), which Inductor compiles and schedules with the rest of
-# the graph; their fake implementation is the same function (launches are no-ops on fake tensors).
-# Under Triton's interpreter they are plain `custom_op`s (the interpreter cannot be traced) with the
-# same schema, fake implementation and autograd: compiled graphs call them as opaque operators.
+# They are `torch.library.custom_op`s: compiled graphs call them as opaque operators. Their fake
+# implementation is the same function with the launches skipped (`_kernel`).
 
 _CONFIG_WORDS = 5
 _PASSES = ("fwd", "dq", "dkdv")
@@ -724,8 +705,6 @@ def _decode_config(words: Sequence[int], name: str):
 
 def _operator(name: str):
     def define(fn):
-        if not _interpreting():
-            return torch.library.triton_op(f"hmar::{name}", fn, mutates_args=())
         op = torch.library.custom_op(f"hmar::{name}", fn, mutates_args=())
 
         @functools.wraps(fn)
@@ -747,8 +726,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch
     B, H, N, _ = q.shape
     out = _new_out(q)
     lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    _forward(q, k, v, out, lse, _split_table(table, meta, N), meta, scale, _decode_config(configs, "fwd"),
-             traceable=True)
+    _forward(q, k, v, out, lse, _split_table(table, meta, N), meta, scale, _decode_config(configs, "fwd"))
     return out, lse
 
 
@@ -758,7 +736,7 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  configs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _backward(do, q, k, v, out, lse, dq, dk, dv, _split_table(table, meta, q.shape[2]), meta, scale,
-              _decode_config(configs, "dq"), _decode_config(configs, "dkdv"), traceable=True)
+              _decode_config(configs, "dq"), _decode_config(configs, "dkdv"))
     return dq, dk, dv
 
 

@@ -19,7 +19,8 @@ def test_default_is_compiled_on_cuda_only():
 
 
 def test_compiled_blocks_give_the_eager_logits_and_gradients():
-    # attention outside the graphs, as the Triton kernel on CUDA: each block compiles in pieces
+    # attention as an opaque call, as the Triton kernel's custom operator is on CUDA (test_kernels
+    # compiles the blocks with the kernel itself, under the interpreter)
     opaque_attention = torch.compiler.disable(per_scale_sdpa)
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
     model = pipe.transformer.train()
