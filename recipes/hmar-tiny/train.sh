@@ -7,12 +7,22 @@
 # STAGES picks what to run (default all four, in order), so the work can be split over several
 # sessions or machines; each stage reads the previous one's output from RUN_FOLDER. The bundled
 # model is RUN_FOLDER/stage2/model. The numbers below are the ones of the shipped weights; how that
-# run went (interruptions, resumes, times) is in hmar/bundled/hmar-tiny/README.md.
+# run went (interruptions, resumes, times) is in hmar/bundled/hmar-tiny/README.md. The shipped
+# transformer was trained as
+#   STAGES=data bash recipes/hmar-tiny/train.sh out/tiny
+#   TOKENIZER=hmar/bundled/hmar-tiny STAGES="stage1 stage2" bash recipes/hmar-tiny/train.sh out/tiny
+# (stage 1 stopped by SIGTERM once and continued with RESUME=1), and measured with
+#   python recipes/hmar-tiny/evaluate.py --model out/tiny/stage2/model
 set -euo pipefail
 RUN=${1:-runs/hmar-tiny}
 RECIPE=$(cd "$(dirname "$0")" && pwd)
 STAGES=${STAGES:-"data tokenizer stage1 stage2"}
 WORKERS=${WORKERS:-8}
+# The frozen tokenizer of stages 1 and 2: the one the tokenizer stage wrote, or (TOKENIZER=folder) an
+# existing one such as the bundled model's, to retrain only the transformer.
+TOKENIZER=${TOKENIZER:-$RUN/tokenizer/tokenizer}
+# RESUME=1 continues each stage's run in RUN_FOLDER (after a stop by SIGTERM/SIGINT, which checkpoints).
+RESUME_FLAG=$([ "${RESUME:-0}" = 1 ] && echo --resume || true)
 
 for stage in $STAGES; do
   case $stage in
@@ -21,16 +31,16 @@ for stage in $STAGES; do
     tokenizer)
       hmar train tokenizer --data "$RUN/data" --out "$RUN/tokenizer" --config "$RECIPE/tokenizer.json" \
         --steps "${TOKENIZER_STEPS:-4000}" --batch-size "${TOKENIZER_BATCH:-64}" --lr 3e-4 --warmup-steps 200 \
-        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 1000 --seed 0 ;;
+        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 1000 --seed 0 $RESUME_FLAG ;;
     stage1)
-      hmar train stage1 --data "$RUN/data" --out "$RUN/stage1" --tokenizer "$RUN/tokenizer/tokenizer" \
-        --model "$RECIPE/hmar.json" --token-cache "$RUN/tokens.pt" \
-        --steps "${STAGE1_STEPS:-6000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 4e-4 --warmup-steps 300 --ema 0.999 \
-        --workers "$WORKERS" --checkpoint-every 1000 --sample-every 2000 --seed 0 ;;
+      hmar train stage1 --data "$RUN/data" --out "$RUN/stage1" --tokenizer "$TOKENIZER" \
+        --model "$RECIPE/hmar.json" --token-cache "$RUN/tokens.pt" --loss-weighting "${LOSS_WEIGHTING:-equal}" \
+        --steps "${STAGE1_STEPS:-12000}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 4e-4 --warmup-steps 300 --ema 0.999 \
+        --workers "$WORKERS" --checkpoint-every 1000 --sample-every 4000 --seed 0 $RESUME_FLAG ;;
     stage2)
       hmar train stage2 --data "$RUN/data" --out "$RUN/stage2" --init "$RUN/stage1/model" --token-cache "$RUN/tokens.pt" \
         --steps "${STAGE2_STEPS:-600}" --batch-size "${TRANSFORMER_BATCH:-256}" --lr 2e-4 --warmup-steps 100 \
-        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 2000 --seed 0 ;;
+        --export-dtype float16 --workers "$WORKERS" --checkpoint-every 2000 --seed 0 $RESUME_FLAG ;;
     *) echo "unknown stage $stage (expected data, tokenizer, stage1, stage2)" >&2; exit 2 ;;
   esac
 done
