@@ -100,14 +100,19 @@ def _worker(cases):
     return results
 
 
-@pytest.fixture(scope="module")
-def interpreted():
+def _interpreter_worker(flag: str) -> dict:
+    """Run this file as `flag`'s worker under TRITON_INTERPRET=1 (set before Triton decorates the
+    kernels, so in a fresh process); its last stdout line is the JSON of its results."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, __file__, "--interpret-worker"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, __file__, flag], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return _interpreter_worker("--interpret-worker")
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
@@ -279,12 +284,7 @@ def _compiled_blocks(err):
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, __file__, "--compile-worker"], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _interpreter_worker("--compile-worker")
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
