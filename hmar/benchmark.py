@@ -36,6 +36,8 @@ GRAD_CLIP = TrainConfig.grad_clip  # the trainer's default
 # the CPU: 1.6 s); so warm-up rounds alternate the families as the timed rounds do, and the second
 # round takes those late compilations.
 COMPILED_WARMUP = 2
+# Warm-up rounds at least, with CUDA-graph sampling: the eager batch, then the capture (hmar.cuda_graph).
+GRAPHED_WARMUP = 2
 
 
 @dataclass
@@ -262,7 +264,7 @@ def bench_sample(
     workloads = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
     families = {name: pipe.config.family for name, pipe in pipes.items()}
     graphed = any(pipe.graphed is not None for pipe in pipes.values())
-    rows = _compare("sample", workloads, families, batch_size, device, max(warmup, 2) if graphed else warmup, iters, {},
+    rows = _compare("sample", workloads, families, batch_size, device, max(warmup, GRAPHED_WARMUP) if graphed else warmup, iters, {},
                     compiled, profile)
     for row in rows:
         row.cuda_graph = pipes[row.model].graphed is not None

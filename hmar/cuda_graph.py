@@ -69,10 +69,9 @@ class GraphedSampler:
         return SampleResult(result.images.clone(), [t.clone() for t in result.tokens], result.f_hat.clone())
 
     def _capture(self, labels: torch.Tensor, settings: _Settings) -> None:
-        self.release()
         device = labels.device
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        self.release()  # (empties the allocator's cache, so the reserved growth below is the graph's pool)
         reserved = torch.cuda.memory_reserved(device)
         self._labels = labels.clone()
         graph = torch.cuda.CUDAGraph()

@@ -34,11 +34,9 @@ dispatcher's overhead.
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import os
-import threading
 from functools import lru_cache
 from typing import Sequence
 
@@ -537,25 +535,6 @@ def picked_configs() -> dict:
     return dict(_PICKED)
 
 
-# --------------------------------------------------------------------------------------------
-# Launching (skipped while a fake implementation computes shapes)
-# --------------------------------------------------------------------------------------------
-
-class _NoLaunch:
-    """Stands in for a kernel while only shapes are computed (fake tensors)."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-_SHAPES_ONLY = threading.local()
-
-
-def _kernel(kernel):
-    """The kernel, or a stand-in that launches nothing while an operator's fake implementation runs."""
-    return _NoLaunch() if getattr(_SHAPES_ONLY, "on", False) else kernel
-
-
 def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, key):
     """Launch with an explicit config (`config` or the default), or through the autotuner.
 
@@ -564,8 +543,6 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
     skip its Python dispatch and launch the chosen configuration directly (the per-call host cost
     matters at 256 px, where a pass is ~50 us).
     """
-    if isinstance(kernel, _NoLaunch):
-        return
     extra = {}
     if config is None and _autotune_enabled():
         config = _PICKED.get(key)
@@ -602,7 +579,7 @@ def _counts(ntiles: Sequence[int], bh) -> dict:
 def _forward(q, k, v, out, lse, tables, meta, scale, config):
     B, H, N, D = q.shape
     lo, hi, _, _, row_tab, _ = tables
-    kernel, tuned = _kernel(_attn_fwd), _attn_fwd_tuned
+    kernel, tuned = _attn_fwd, _attn_fwd_tuned
     upcast = _interpreting() and q.dtype == torch.bfloat16
     args = (q, k, v, out, lse, row_tab, lo, hi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
@@ -614,8 +591,8 @@ def _forward(q, k, v, out, lse, tables, meta, scale, config):
 def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config):
     B, H, N, D = q.shape
     lo, hi, clo, chi, row_tab, col_tab = tables
-    dq_kernel, dq_tuned = _kernel(_attn_bwd_dq), _attn_bwd_dq_tuned
-    dkdv_kernel, dkdv_tuned = _kernel(_attn_bwd_dkdv), _attn_bwd_dkdv_tuned
+    dq_kernel, dq_tuned = _attn_bwd_dq, _attn_bwd_dq_tuned
+    dkdv_kernel, dkdv_tuned = _attn_bwd_dkdv, _attn_bwd_dkdv_tuned
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
     upcast = _interpreting() and q.dtype == torch.bfloat16
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
@@ -634,11 +611,10 @@ def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config,
 def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None, config=None):
     """Forward pass, launched directly (no operator); returns (out, lse). `out`/`lse` may be given
     (tests poison them first)."""
-    B, H, N, _ = q.shape
     if out is None:
         out = _new_out(q)
     if lse is None:
-        lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+        lse = _new_lse(q)
     _forward(q, k, v, out, lse, layout.tables, layout.meta, scale, config)
     return out, lse
 
@@ -662,6 +638,11 @@ def _new_out(q):
     return torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
+def _new_lse(q):
+    B, H, N, _ = q.shape
+    return torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Custom operators (torch.library): what torch.compile traces, and the autograd wrapper
 # --------------------------------------------------------------------------------------------
@@ -675,7 +656,7 @@ def _new_out(q):
 # takes its default): tests and benchmarks pin configurations with it.
 #
 # They are `torch.library.custom_op`s: compiled graphs call them as opaque operators. Their fake
-# implementation is the same function with the launches skipped (`_kernel`).
+# implementations give the outputs' shapes, dtypes and strides (what torch.compile plans with).
 
 _CONFIG_WORDS = 5
 _PASSES = ("fwd", "dq", "dkdv")
@@ -703,34 +684,21 @@ def _decode_config(words: Sequence[int], name: str):
     return (rows, inner, warps, stages, {"SPLIT_EXP": True}) if split else (rows, inner, warps, stages)
 
 
-def _operator(name: str):
-    def define(fn):
-        op = torch.library.custom_op(f"hmar::{name}", fn, mutates_args=())
-
-        @functools.wraps(fn)
-        def fake(*args, **kwargs):
-            _SHAPES_ONLY.on = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _SHAPES_ONLY.on = False
-
-        op.register_fake(fake)
-        return op
-    return define
-
-
-@_operator("block_sparse_attn_fwd")
+@torch.library.custom_op("hmar::block_sparse_attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, meta: Sequence[int],
                  scale: float, configs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, N, _ = q.shape
-    out = _new_out(q)
-    lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    N = q.shape[2]
+    out, lse = _new_out(q), _new_lse(q)
     _forward(q, k, v, out, lse, _split_table(table, meta, N), meta, scale, _decode_config(configs, "fwd"))
     return out, lse
 
 
-@_operator("block_sparse_attn_bwd")
+@_attn_fwd_op.register_fake
+def _attn_fwd_fake(q, k, v, table, meta, scale, configs):
+    return _new_out(q), _new_lse(q)
+
+
+@torch.library.custom_op("hmar::block_sparse_attn_bwd", mutates_args=())
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, table: torch.Tensor, meta: Sequence[int], scale: float,
                  configs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -738,6 +706,11 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     _backward(do, q, k, v, out, lse, dq, dk, dv, _split_table(table, meta, q.shape[2]), meta, scale,
               _decode_config(configs, "dq"), _decode_config(configs, "dkdv"))
     return dq, dk, dv
+
+
+@_attn_bwd_op.register_fake
+def _attn_bwd_fake(do, q, k, v, out, lse, table, meta, scale, configs):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -47,11 +47,11 @@ from rich.table import Table
 from torch import nn
 
 from hmar.errors import HmarError
+from hmar.hub import resolve_model
 from hmar.images import grid, image_from_array
 from hmar.pipeline import Generation, Pipeline, SamplingSettings
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.synthetic import CLASSES, render
-from hmar_cli.downloads import model_folder
 
 SHAPES = list(CLASSES)  # the classifier's class order
 TRAIN_IMAGES, TRAIN_SEED = 5000, 7
@@ -252,7 +252,7 @@ def parse_arguments() -> argparse.Namespace:
 def main() -> None:
     args = parse_arguments()
     started = time.perf_counter()
-    folder = model_folder(args.model, console)
+    folder = resolve_model(args.model, download=True)
     pipe = Pipeline.from_folder(folder, device=args.device, name=args.model)
     class_names = list(pipe.config.class_names or [])
     if sorted(class_names) != sorted(SHAPES):
