@@ -1,11 +1,13 @@
 """Two processes under torchrun (gloo, CPU) train like one process with their combined batch, with
 the model replicated (DDP) or sharded (FSDP2); sharded runs write the same checkpoints and model
-folders and resume exactly."""
+folders and resume exactly; two torchrun "nodes" joined by a c10d rendezvous train like one
+two-process torchrun."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +26,23 @@ ROOT = HELPER.parents[1]
 STEPS = 3
 
 
+TIMEOUT = 300
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_command(spec: dict, *launch: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(HELPER), json.dumps(spec)]
+
+
 def _torchrun(spec: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER), json.dumps(spec)]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = _torchrun_command(spec, "--standalone", "--nproc_per_node", "2")
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _losses(out: Path) -> list[float]:
@@ -50,12 +65,21 @@ def one_process(workspace):
     return out
 
 
+def _stage1_spec(workspace, out: Path, **options) -> dict:
+    """Stage 1 with 2 images per process: two processes make the one-process run's batch of 4."""
+    return {"stage": "stage1", "model": spec_of(tiny_transformer_config()), **workspace["options"], "out": str(out), "batch_size": 2, **options}
+
+
 def _two_processes(workspace, name: str, **options) -> Path:
     out = workspace["root"] / name
-    spec = {"stage": "stage1", "model": spec_of(tiny_transformer_config()), **workspace["options"], "out": str(out), "batch_size": 2, **options}
-    done = _torchrun(spec)
+    done = _torchrun(_stage1_spec(workspace, out, **options))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def ddp_stage1(workspace):
+    return _two_processes(workspace, "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +105,47 @@ def _same_structure(sharded, replicated, where: str = "") -> None:
         assert sharded == replicated, where
 
 
-def test_two_gloo_processes_match_one_process_with_the_global_batch(workspace, one_process):
-    two = _two_processes(workspace, "ddp")
+def test_two_gloo_processes_match_one_process_with_the_global_batch(one_process, ddp_stage1):
+    two = ddp_stage1
     assert [r["step"] for r in read_metrics(two)] == list(range(1, STEPS + 1))
     assert _losses(two) == pytest.approx(_losses(one_process), rel=1e-4)
     assert (two / "model" / "config.json").is_file()
+
+
+def test_two_nodes_joined_by_a_c10d_rendezvous_train_like_two_processes_on_one(workspace, ddp_stage1):
+    """The README's multi-node launch, with two torchrun agents on this machine as the two nodes.
+
+    Each agent starts one process; the rendezvous gives them global ranks 0 and 1 (LOCAL_RANK is
+    0 on both), and only global rank 0 writes into the shared run folder. Same ranks, batches and
+    seeds as the two-process standalone run, and a sum of two numbers does not depend on order, so
+    the losses agree exactly."""
+    root, endpoint = workspace["root"], f"127.0.0.1:{_free_port()}"
+    out, logs = root / "two_nodes", [root / f"two_nodes.node{i}.log" for i in range(2)]
+    spec = _stage1_spec(workspace, out)
+    nodes = []
+    for i, log in enumerate(logs):
+        # is_host: the first agent hosts the rendezvous store, the second connects to it
+        launch = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                  "--rdzv_id", "two-nodes", "--rdzv_conf", f"is_host={int(i == 0)}", "--max_restarts", "0")
+        with open(log, "w") as stream:
+            nodes.append(subprocess.Popen(_torchrun_command(spec, *launch), cwd=ROOT, env=ENV, stdout=stream, stderr=subprocess.STDOUT))
+
+    def outputs() -> str:
+        return "\n".join(f"--- node {i} (exit {node.returncode}) ---\n{log.read_text()[-3000:]}" for i, (node, log) in enumerate(zip(nodes, logs)))
+    try:
+        for node in nodes:
+            node.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+            node.wait()
+        pytest.fail(f"the two nodes did not finish in {TIMEOUT} s\n{outputs()}")
+    assert [node.returncode for node in nodes] == [0, 0], outputs()
+
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
+    assert _losses(out) == _losses(ddp_stage1), outputs()
+    assert [r["grad_norm"] for r in read_metrics(out)] == [r["grad_norm"] for r in read_metrics(ddp_stage1)]
+    assert (out / "model" / "config.json").is_file()
 
 
 def test_fsdp_trains_like_one_process_and_writes_the_same_checkpoint_and_model(one_process, fsdp_stage1):
