@@ -9,11 +9,15 @@
   batch in float32. Stored and run in float16 (GroupNorm keeps float32 statistics inside), it runs
   on the tensor cores with no casts around its float32 norms, as autocast would add. float16 rather
   than bf16: 8 more mantissa bits (hmar-tiny's decoder: at most 2 levels of 255 off float32, bf16
-  16). Channels-last layout was measured too and is slower: GroupNorm converts it back.
+  16). Channels-last: cuDNN's half-precision convolutions are NHWC-native (NCHW maps are transposed
+  around each of them), but PyTorch's GroupNorm turns channels-last maps back into NCHW, which made
+  channels-last slower; with the norms (and the SiLU after them) as Triton kernels that keep the
+  layout, and the convolutions' bias adds fused with the residual adds after them
+  (`hmar.kernels.channels_last`), the decoder runs channels-last from end to end.
 - `compile_for_sampling`: regional `torch.compile` of the blocks and heads with dynamic token counts
   (one graph for scale 0's single token, one for all the others), fusing the element-wise work that
-  otherwise runs as dozens of separate kernels per block; and of the decoder, fusing its norms and
-  activations.
+  otherwise runs as dozens of separate kernels per block. The channels-last decoder stays eager: its
+  norms and bias adds are already fused, and Inductor would replace them with its own.
 
 Models prepared this way are for sampling only (their Linear weights are no longer float32).
 """
@@ -37,19 +41,23 @@ def cast_linears(transformer: ScaleTransformer, dtype: torch.dtype) -> int:
 
 
 def compile_for_sampling(tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer) -> int:
-    """Compile blocks and heads for the sampler's changing token counts, and the decoder for any
+    """Compile blocks and heads for the sampler's changing token counts, and an NCHW decoder for any
     batch; returns how many regions. (HMAR's blocks take 2 graphs, VAR's 3: its first scale has an
     empty KV cache.)"""
-    tokenizer.decoder.compile(dynamic=True)
-    return compile_blocks(transformer, dynamic=None) + 1
+    regions = compile_blocks(transformer, dynamic=None)
+    if tokenizer.decoder_memory_format != torch.channels_last:
+        tokenizer.decoder.compile(dynamic=True)
+        regions += 1
+    return regions
 
 
 def prepare_for_sampling(tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer, amp_dtype: torch.dtype | None,
                          compile: bool = False) -> None:
     """The fast paths above for models already on their device: on CUDA (`amp_dtype` given) the
-    casts; on any device `compile`. The CPU's default keeps the float32 reference numerics."""
+    casts and the channels-last decoder; on any device `compile`. The CPU's default keeps the float32
+    reference numerics."""
     if amp_dtype is not None:
         cast_linears(transformer, amp_dtype)
-        tokenizer.cast_decoder(torch.float16)
+        tokenizer.cast_decoder(torch.float16, channels_last=True)
     if compile:
         compile_for_sampling(tokenizer, transformer)

@@ -41,8 +41,10 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     # top-k / top-p filtering and the draw (sorts, scans, multinomial's exponential and argmax); in
     # training only the argmax of the loss's accuracy lands here
     ("top-k/top-p/draw", r"multinomial|topk|sort|cumsum|scan|distribution|exponential|argmax"),
-    # the tokenizer: decoder convolutions and group norms, φ convolutions, up/downsampling of f̂
-    ("vq-vae", r"convolution|convolve|conv2d|fprop|dgrad|wgrad|group_norm|upsample|interpolate|adaptive_avg_pool"),
+    # the tokenizer: decoder convolutions and group norms (the channels-last decoder's Triton kernels
+    # among them), φ convolutions, up/downsampling of f̂
+    ("vq-vae", r"convolution|convolve|conv2d|fprop|dgrad|wgrad|group_norm|upsample|interpolate|adaptive_avg_pool"
+               r"|_partial_moments|_group_statistics|_normalize_act|_add_bias"),
     # cuBLAS(Lt) / CUTLASS kernels, Inductor GEMM templates, and the CPU's matmul operators
     ("matmul", r"gemm|gemv|nvjet|cutlass|splitkreduce|triton_tem_|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation)$|addmmbackward|mmbackward"),
     # Inductor's fused point-wise / reduction kernels, ATen's element-wise and reduction kernels,

@@ -35,8 +35,9 @@ from hmar.transformer import HMAR, VAR, ScaleTransformer, kv_cache
 MASK_STEP_GUIDANCE = 1e-6
 
 # Images decoded per decoder call (bounds the decoder's activation memory; results are identical). At
-# 256 px on an H100 with the float16 decoder, 8 a call decode 64 images in 176 ms alone (16: 158 ms),
-# and sampling a batch of 64 peaks at 2.7 GiB (16: 4.4 GiB); see BENCHMARKS.md.
+# 256 px on an H100 with the channels-last float16 decoder, 8 a call decode 64 images in 119 ms alone
+# (16: 95 ms, +0.8 GiB of activations), and sampling a batch of 64 peaks at 4.25 GiB (the CUDA
+# graph's pool included), under the 4.4 GiB goal; see BENCHMARKS.md.
 DECODE_CHUNK = 8
 
 # Logits sorted at a time by the top-p filter (bounds the memory of the sort; results are identical).

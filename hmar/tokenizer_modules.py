@@ -4,6 +4,12 @@ A ResNet-style autoencoder (the Stable Diffusion / taming layout VAR uses): Grou
 residual blocks, single-head self-attention at the lowest resolution and in the middle, stride-2
 downsampling and nearest-neighbour upsampling. Submodule names follow the published checkpoint
 (`encoder.down.0.block.0.norm1.weight`, …) so that it loads strictly.
+
+Layout: the modules run in whatever memory format their input has. A half-precision decoder for
+sampling on CUDA runs channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are
+NHWC-native, its norms (with the SiLU after them) run as one Triton kernel that keeps the layout,
+and so do its convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`);
+everywhere else these are PyTorch's modules.
 """
 from __future__ import annotations
 
@@ -14,23 +20,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def new_group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def _fused(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
+    """Whether `x` takes the channels-last kernels: a channels-last map being sampled (no gradient
+    needed), not inside torch.compile (which fuses these steps its own way)."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters)):
+        return False
+    from hmar.kernels import channels_last  # here, not at the top: Triton takes seconds to import
+
+    return channels_last.supports(x)
+
+
+def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """`norm(x)`, then SiLU if `silu`: one Triton kernel for a channels-last map being sampled on
+    CUDA, PyTorch's modules otherwise (training, the CPU, NCHW maps, compiled code)."""
+    if _fused(x, norm.weight):
+        from hmar.kernels import channels_last
+
+        return channels_last.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+    h = norm(x)
+    return F.silu(h) if silu else h
+
+
+def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv(x)`, plus `residual` if given. For a channels-last map being sampled on CUDA, cuDNN
+    runs the convolution without its bias and one Triton kernel adds the bias and the residual in
+    place (PyTorch's separate bias kernel would cost a third of the convolution)."""
+    if conv.bias is not None and _fused(x, conv.weight) and (residual is None or _fused(residual)):
+        from hmar.kernels import channels_last
+
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+            return channels_last.add_bias_(y, conv.bias, residual)
+        y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
+        return y if residual is None else y + residual
+    y = conv(x)
+    return y if residual is None else residual + y
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = new_group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = new_group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        h = convolve(self.conv1, normalize(self.norm1, x))
+        shortcut = x if isinstance(self.nin_shortcut, nn.Identity) else convolve(self.nin_shortcut, x)
+        return convolve(self.conv2, normalize(self.norm2, h), residual=shortcut)
 
 
 class AttnBlock(nn.Module):
@@ -38,15 +83,15 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = new_group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
+        q, k, v = convolve(self.qkv, normalize(self.norm, x, silu=False)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax scale C^-1/2
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+        return convolve(self.proj_out, h.transpose(1, 2).reshape(B, C, H, W), residual=x)
 
 
 class Downsample(nn.Module):
@@ -64,7 +109,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return convolve(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Level(nn.Module):
@@ -113,14 +158,14 @@ class Encoder(nn.Module):
             levels.append(Level(blocks, attention=last, resample=None if last else Downsample(block_in), name="downsample"))
         self.down = nn.ModuleList(levels)
         self.mid = Middle(block_in)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = new_group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(normalize(self.norm_out, self.mid(h)))
 
 
 class Decoder(nn.Module):
@@ -137,11 +182,11 @@ class Decoder(nn.Module):
                 block_in = ch * ch_mult[i]
             levels.insert(0, Level(blocks, attention=i == len(ch_mult) - 1, resample=Upsample(block_in) if i else None, name="upsample"))
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the lowest resolution up
-        self.norm_out = group_norm(block_in)
+        self.norm_out = new_group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(convolve(self.conv_in, z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return convolve(self.conv_out, normalize(self.norm_out, h))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zlib
 
@@ -101,13 +100,9 @@ def _worker(cases):
 
 
 def _interpreter_worker(flag: str) -> dict:
-    """Run this file as `flag`'s worker under TRITON_INTERPRET=1 (set before Triton decorates the
-    kernels, so in a fresh process); its last stdout line is the JSON of its results."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, __file__, flag], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.interpreter import run_interpreted  # not at the top: this file also runs as the worker script
+
+    return run_interpreted(__file__, flag)
 
 
 @pytest.fixture(scope="module")

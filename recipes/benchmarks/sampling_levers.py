@@ -27,7 +27,7 @@ from hmar.inference import cast_linears, compile_for_sampling
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
 
-LEVERS = ("before", "bicubic as matmuls", "bf16 Linear weights", "fp16 decoder", "compiled blocks+decoder")
+LEVERS = ("before", "bicubic as matmuls", "bf16 Linear weights", "fp16 decoder", "channels-last decoder", "compiled blocks")
 FAST_BICUBIC, CHUNK = tokenizer_module.bicubic_upsample, sampler_module.TOP_P_CHUNK
 
 
@@ -47,8 +47,8 @@ def build(family: str, levers: int, states: dict):
     if levers >= 2:
         cast_linears(transformer, torch.bfloat16)
     if levers >= 3:
-        tokenizer.cast_decoder(torch.float16)
-    if levers >= 4:
+        tokenizer.cast_decoder(torch.float16, channels_last=levers >= 4)  # NHWC: fused norms and bias adds (hmar.kernels.channels_last)
+    if levers >= 5:
         compile_for_sampling(tokenizer, transformer)
     return config, tokenizer, transformer
 
@@ -81,8 +81,10 @@ def time_sampling(config, tokenizer, transformer, batch: int, iters: int, compil
             "first_call_s": first_s, "images": result.images, "compiled": compiled}
 
 
-DECODERS = ("fp32 NCHW", "fp16 autocast NCHW", "fp16 autocast NHWC", "fp16 weights NCHW", "fp16 weights NHWC",
-            "fp16 weights NCHW compiled", "fp16 weights NHWC compiled")
+# NHWC eager = the product's CUDA decoder: channels-last, norms+SiLU and bias+residual fused (hmar.kernels.channels_last);
+# compiled NHWC uses Inductor's norms instead. (Autocast variants: BENCHMARKS.md, stop 9.)
+DECODERS = ("fp32 NCHW", "fp16 weights NCHW", "fp16 weights NHWC fused kernels", "fp16 weights NCHW compiled",
+            "fp16 weights NHWC compiled")
 
 
 def time_decoders(states: dict, images: int, chunks: list[int]) -> list[dict]:
@@ -97,21 +99,12 @@ def time_decoders(states: dict, images: int, chunks: list[int]) -> list[dict]:
         generator = torch.Generator("cuda").manual_seed(0)
         tokens = [torch.randint(0, 4096, (images, p * p), device="cuda", generator=generator) for p in config.patch_nums]
         f_hat = tokenizer.tokens_to_f_hat(tokens)
-        if "NHWC" in name:
-            tokenizer.decoder.to(memory_format=torch.channels_last)
-            tokenizer.post_quant_conv.to(memory_format=torch.channels_last)
-        dtype = torch.float16 if "weights" in name else torch.float32
-        decoder = tokenizer.decoder.to(dtype)
-        tokenizer.post_quant_conv.to(dtype)
-        run_decoder = torch.compile(decoder) if "compiled" in name else decoder
-        amp = torch.autocast("cuda", dtype=torch.float16, enabled="autocast" in name)
+        tokenizer.cast_decoder(torch.float16 if "fp16" in name else torch.float32, channels_last="NHWC" in name)
+        if "compiled" in name:
+            tokenizer.decoder.compile(dynamic=True)  # as hmar.inference.compile_for_sampling does
 
         def decode(part):
-            part = part.to(dtype)
-            if "NHWC" in name:
-                part = part.contiguous(memory_format=torch.channels_last)
-            with amp:
-                return run_decoder(tokenizer.post_quant_conv(part)).clamp(-1, 1).float()
+            return tokenizer.decode(part).float()
 
         for chunk in chunks:
             def run():
@@ -162,7 +155,7 @@ def main() -> None:
         states["tokenizer"] = tokenizer.state_dict()
         states[family] = transformer.state_dict()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = time_decoders(states, 64, [8, 16, 64]) if args.decoders else time_levers(states, args)
+    rows = time_decoders(states, 64, [8, 16, 32, 64]) if args.decoders else time_levers(states, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
@@ -175,7 +168,7 @@ def time_levers(states: dict, args) -> list[dict]:
         for levers, name in enumerate(LEVERS):
             config, tokenizer, transformer = build(family, levers, states)
             for batch in args.batch:
-                r = time_sampling(config, tokenizer, transformer, batch, args.iters if batch > 1 else 2 * args.iters, levers >= 4)
+                r = time_sampling(config, tokenizer, transformer, batch, args.iters if batch > 1 else 2 * args.iters, levers >= 5)
                 images = r.pop("images")
                 if levers == 0:
                     reference[batch] = images

@@ -1,0 +1,193 @@
+"""Tests for the channels-last decoder kernels (hmar.kernels.channels_last: GroupNorm(+SiLU), bias
+(+residual) adds) and the decoder that runs on them.
+
+CPU: the kernels run under Triton's interpreter in a subprocess (`tests.interpreter`) against a
+float64 `F.group_norm` (+ `F.silu`), or float64 sums, of the same rounded input, by ||y − ref|| / ||ref||: fp32 ≤ 1e-5,
+fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured). Shapes with partial
+tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
+parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
+the variance; bound 1e-4 there, see BOUND_OVERRIDES). A tiny tokenizer's decoder stored
+channels-last (fused norms and bias adds) decodes like the NCHW one (float32, ≤ 1e-5).
+
+GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, and
+the float16 channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BOUNDS = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
+CASES = [
+    # (name, (N, C, H, W), groups, dtype, silu, affine, mean, std)
+    ("fp32-partial-tiles", (2, 160, 9, 7), 32, "float32", True, True, 0.0, 1.0),
+    ("fp16-silu", (2, 160, 9, 7), 32, "float16", True, True, 3.0, 2.0),
+    ("bf16-silu", (2, 96, 6, 5), 32, "bfloat16", True, True, 0.0, 1.0),
+    ("fp32-multi-tile-no-silu", (1, 64, 16, 16), 32, "float32", False, True, 0.0, 1.0),
+    ("fp32-no-affine-4-groups", (3, 96, 5, 5), 4, "float32", True, False, -1.0, 3.0),
+    ("fp32-large-mean", (2, 64, 12, 12), 8, "float32", False, True, 100.0, 0.1),
+    # statistics over 50 tiles of 32 pixels (the last 31) in 8 spans of up to 7 (the interpreter's 8 programs)
+    ("fp32-spans-of-tiles", (1, 64, 39, 41), 8, "float32", True, True, 2.0, 0.5),
+    ("fp32-large-mean-spans", (1, 64, 39, 41), 8, "float32", False, True, 100.0, 0.1),
+]
+# The large-mean case: float32 holds the mean to ~4e-6 (half an ulp at 100), 4e-5 of the spread, which
+# bounds any float32 computation; E[x²] − E[x]² would be off by ~10 % of the variance there.
+BOUND_OVERRIDES = {"fp32-large-mean": 1e-4, "fp32-large-mean-spans": 1e-4}
+
+
+def _worker() -> dict:
+    from hmar.kernels.channels_last import group_norm
+
+    results = {}
+    for name, shape, groups, dtype_name, silu, affine, mean, std in CASES:
+        gen = torch.Generator().manual_seed(len(results))
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).to(getattr(torch, dtype_name))
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = (torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)) if affine else (None, None)
+        y = group_norm(x, groups, weight, bias, 1e-6, silu)
+        ref = F.group_norm(x.double(), groups, None if weight is None else weight.double(), None if bias is None else bias.double(), 1e-6)
+        ref = F.silu(ref) if silu else ref
+        results[name] = {"err": float((y.double() - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(y).all()),
+                         "dtype": str(y.dtype), "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
+    results["add_bias_"] = _add_bias_worker()
+    results["decoder"] = _decoder_worker()
+    return results
+
+
+def _add_bias_worker() -> dict:
+    """add_bias_ against float64 sums, with and without a residual, float32 and float16, partial tiles."""
+    from hmar.kernels.channels_last import add_bias_
+
+    results, gen = {}, torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float16):
+        for with_residual in (False, True):
+            shape = (2, 48, 7, 9)
+            y = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            bias = torch.randn(48, generator=gen)
+            residual = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last) if with_residual else None
+            ref = y.double() + bias.double().view(-1, 1, 1) + (residual.double() if with_residual else 0)
+            out = add_bias_(y, bias, residual)
+            results[f"{str(dtype)[6:]}{'+residual' if with_residual else ''}"] = {
+                "err": float((out.double() - ref).norm() / ref.norm()), "in_place": out.data_ptr() == y.data_ptr(),
+                "channels_last": out.is_contiguous(memory_format=torch.channels_last)}
+    return results
+
+
+def _decoder_worker() -> dict:
+    from hmar.checkpoints import build_models
+    from hmar.config import ModelConfig
+    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+
+    torch.manual_seed(0)
+    tokenizer = build_models(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()))[0].eval()
+    tokens = [torch.randint(0, 64, (2, p * p)) for p in tokenizer.patch_nums]
+    with torch.no_grad():
+        f_hat = tokenizer.tokens_to_f_hat(tokens)
+        reference = tokenizer.decode(f_hat)
+        tokenizer.cast_decoder(torch.float32, channels_last=True)
+        fused = tokenizer.decode(f_hat)
+    return {"err": float((fused - reference).norm() / reference.norm()),
+            "channels_last": fused.is_contiguous(memory_format=torch.channels_last)}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    from tests.interpreter import run_interpreted
+
+    return run_interpreted(__file__, "--interpret-worker")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_interpreter_matches_float64_group_norm(interpreted, case):
+    name, dtype_name = case[0], case[3]
+    result = interpreted[name]
+    assert result["finite"] and result["channels_last"] and result["dtype"] == f"torch.{dtype_name}"
+    assert result["err"] <= BOUND_OVERRIDES.get(name, BOUNDS[dtype_name]), result
+
+
+@pytest.mark.parametrize("case", ["float32", "float32+residual", "float16", "float16+residual"])
+def test_interpreter_add_bias_matches_float64_sums(interpreted, case):
+    result = interpreted["add_bias_"][case]
+    assert result["in_place"] and result["channels_last"]
+    assert result["err"] <= BOUNDS[case.split("+")[0]], result
+
+
+def test_channels_last_decoder_with_fused_kernels_decodes_like_nchw(interpreted):
+    assert interpreted["decoder"]["channels_last"]
+    assert interpreted["decoder"]["err"] <= 1e-5, interpreted["decoder"]
+
+
+def test_argument_errors():
+    from hmar.kernels.channels_last import add_bias_, group_norm, supports
+
+    x = torch.randn(1, 8, 4, 4)
+    assert not supports(x)  # NCHW; and the CPU without the interpreter
+    with pytest.raises(ValueError, match="group_norm: needs a 4-D channels-last"):
+        group_norm(x, 4)
+    with pytest.raises(ValueError, match="add_bias_: needs a 4-D channels-last"):
+        add_bias_(x, torch.zeros(8))
+
+
+def test_the_reference_path_runs_where_the_kernel_does_not():
+    """Without CUDA or the interpreter, channels-last maps take PyTorch's GroupNorm and SiLU."""
+    from hmar.tokenizer_modules import new_group_norm, normalize
+
+    norm = new_group_norm(64)
+    x = torch.randn(2, 64, 5, 5).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normalize(norm, x), F.silu(norm(x)))
+    torch.testing.assert_close(normalize(norm, x, silu=False), norm(x))
+
+
+# ------------------------------------------------------------------ GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(8, 160, 256, 256), (8, 320, 64, 64), (8, 640, 16, 16), (3, 160, 17, 23)])
+def test_gpu_decoder_shapes_fp16(shape):
+    from hmar.kernels.channels_last import group_norm
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(shape, device="cuda", generator=gen) * 4 + 2).half().contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(shape[1], device="cuda", generator=gen), torch.randn(shape[1], device="cuda", generator=gen)
+    y = group_norm(x, 32, weight, bias, 1e-6, silu=True)
+    ref = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6))
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float16
+    assert float((y.double() - ref).norm() / ref.norm()) <= BOUNDS["float16"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_channels_last_decoder_is_as_close_to_float32_as_nchw_fp16():
+    """The two float16 decoders differ from each other by a level or two here and there (cuDNN sums
+    NHWC and NCHW convolutions in different orders), so each is held against the float32 decoder:
+    the channels-last one with fused norms must be no further from it than the NCHW one."""
+    from hmar.checkpoints import build_models
+    from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
+
+    torch.manual_seed(0)
+    config = ModelConfig(tokenizer_preset(256), TransformerConfig(family="hmar", depth=2, width=64, num_heads=1, branch_depth=1))
+    tokenizer = build_models(config)[0].cuda().eval()
+    tokens = [torch.randint(0, 4096, (4, p * p), device="cuda") for p in tokenizer.patch_nums]
+    with torch.no_grad():
+        f_hat = tokenizer.tokens_to_f_hat(tokens)
+        reference = tokenizer.decode(f_hat).float()
+        levels = {}
+        for channels_last in (False, True):
+            tokenizer.cast_decoder(torch.float16, channels_last=channels_last)
+            levels[channels_last] = ((tokenizer.decode(f_hat).float() - reference) * 127.5).abs()
+    nchw, nhwc = levels[False], levels[True]
+    report = {name: (float(e.mean()), float(e.quantile(0.999)), float(e.max())) for name, e in (("nchw", nchw), ("nhwc", nhwc))}
+    assert float(nhwc.mean()) <= 1.25 * float(nchw.mean()), report
+    assert float(nhwc.quantile(0.999)) <= 1.25 * float(nchw.quantile(0.999)) + 0.25, report
+    assert float(nhwc.max()) <= 2 * float(nchw.max()) + 0.5, report
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret-worker"]:
+    print(json.dumps(_worker()))
