@@ -65,9 +65,10 @@ class Generation:
 
 class Pipeline:
     """A model on a device, ready to sample. On CUDA: the transformer in bf16 (autocast, Linear weights
-    stored in bf16), the decoder in float16, guidance, filtering, drawing and f̂ in float32
-    (`hmar.inference`); `compile` also compiles the transformer's blocks and the decoder (tens of
-    seconds once per process, less with Inductor's on-disk cache; then faster sampling); `cuda_graph`
+    stored in bf16), the decoder in float16 and channels-last with Triton norms, guidance, filtering,
+    drawing and f̂ in float32 (`hmar.inference`); `compile` also compiles the transformer's blocks,
+    and the decoder where it runs NCHW, as on the CPU (tens of seconds once per process, less with
+    Inductor's on-disk cache; then faster sampling); `cuda_graph`
     replays generation batches as CUDA graphs from the second batch of the same settings on
     (`hmar.cuda_graph`; same images, memory held while the pipeline lives). On the CPU: float32
     throughout, the reference numerics."""

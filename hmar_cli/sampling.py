@@ -78,7 +78,7 @@ def _sampling_options(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the transformer blocks and the decoder: "
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the transformer blocks (and, on the CPU, the decoder): "
                                  "tens of seconds once per run, then faster sampling (on a GPU, for many images)."),
 ) -> SamplingOptions:
     if steps is not None and schedule is not None:
