@@ -38,6 +38,12 @@ GRAD_CLIP = TrainConfig.grad_clip  # the trainer's default
 COMPILED_WARMUP = 2
 # Warm-up rounds at least, with CUDA-graph sampling: the eager batch, then the capture (hmar.cuda_graph).
 GRAPHED_WARMUP = 2
+# Inductor modes `hmar bench train --compile-mode` takes ("max-autotune" itself would add Inductor's
+# own CUDA graphs, which the whole-step graph replaces).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Eager steps before a training step is captured (on a side stream, as capture requires: lazy
+# initialisation, compilation and autotuning happen there); the capture takes the next call.
+TRAIN_GRAPH_WARMUP = 3
 
 
 @dataclass
@@ -145,17 +151,53 @@ def stage1_loss_fn(transformer: ScaleTransformer, attend: AttentionFn, weights: 
     return all_logits
 
 
+class GraphedTrainStep:
+    """A training step (forward, backward, clipping, optimizer step) on static tensors, run eagerly
+    `TRAIN_GRAPH_WARMUP` times on a side stream, then captured as one CUDA graph and replayed: one
+    launch per step instead of thousands, so the GPU never waits for the host. The step must read
+    nothing on the host, its optimizer must be capturable, and its autocast must not cache casts.
+    Its gradients and activations live in the graph's pool (`memory_bytes`) between steps."""
+
+    def __init__(self, step: Callable[[], None], device: torch.device):
+        self.step, self.device = step, device
+        self.memory_bytes, self._eager_steps = 0, 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if self._eager_steps < TRAIN_GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._eager_steps += 1
+            return
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # so that the reserved growth below is the graph's pool
+        reserved = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self._graph, self.memory_bytes = graph, torch.cuda.memory_reserved(self.device) - reserved
+        graph.replay()
+
+
 def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked",
-                  compiled: bool = False) -> Workload:
+                  compiled: bool = False, compile_mode: str | None = None, cuda_graph: bool = False) -> Workload:
     """One stage-1 step on random tokens, as the trainer takes it: teacher-forced forward, the stage-1
-    loss, backward, gradient clipping, AdamW (fused on CUDA); blocks compiled when `compiled`."""
+    loss, backward, gradient clipping, AdamW (fused on CUDA); blocks compiled when `compiled` (in
+    Inductor's `compile_mode`); the whole step replayed as a CUDA graph when `cuda_graph`
+    (`GraphedTrainStep`)."""
     _, transformer = build_models(config)
     transformer.to(device).train()
     if config.family == "hmar":  # stage 1 leaves the mask branch alone
         for name in MASK_BRANCH:
             getattr(transformer, name).requires_grad_(False)
     if compiled:
-        compile_blocks(transformer)
+        compile_blocks(transformer, mode=None if compile_mode in (None, "default") else compile_mode)
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
     teacher = torch.randn(batch_size, L - first, config.tokenizer.z_channels, device=device)
@@ -163,11 +205,14 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, at
     weights = scale_weights("lognormal", config.patch_nums).to(device)  # the trainer's default
     loss_of = stage1_loss_fn(transformer, select_attention(attention, device), weights, loss)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"a CUDA-graph training step needs a CUDA device, not {device}")
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda", capturable=cuda_graph)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        # (a graph must not keep autocast's cached casts: they are freed when the context exits)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not cuda_graph):
             value = loss_of(labels, teacher, targets)
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -179,7 +224,10 @@ def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, at
         yield from transformer.buffers()
         yield from (t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
-    return Workload(step, resident)
+    if not cuda_graph:
+        return Workload(step, resident)
+    graphed = GraphedTrainStep(step, device)
+    return Workload(graphed, resident, lambda: graphed.memory_bytes)
 
 
 def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Workload:
@@ -203,7 +251,8 @@ def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, to
 
 
 def _compare(task: str, workloads: dict[str, Workload], families: dict[str, str], batch_size: int, device, warmup: int,
-             iters: int, flops: dict[str, float], compiled: bool = False, profile: bool = False) -> list[BenchRow]:
+             iters: int, flops: dict[str, float], compiled: bool = False, profile: bool = False,
+             cuda_graph: bool = False) -> list[BenchRow]:
     """`workloads` and `families` keyed by the rows' model names."""
     # alternate the models round by round so that all see the same machine state
     samples: dict[str, list[float]] = {name: [] for name in workloads}
@@ -223,7 +272,7 @@ def _compare(task: str, workloads: dict[str, Workload], families: dict[str, str]
         # profiled after timing, so that the profiler's overhead never enters the medians
         profiled = profile_steps(work.step, device) if profile else None
         rows.append(BenchRow(families[name], task, ms, batch_size / (ms / 1e3), peaks[name], tflops, compiled=compiled,
-                             profile=profiled, model=name))
+                             cuda_graph=cuda_graph, profile=profiled, model=name))
     var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
     for row in rows:
         row.ratio_vs_var = var_ms / row.median_ms if var_ms else None
@@ -233,17 +282,23 @@ def _compare(task: str, workloads: dict[str, Workload], families: dict[str, str]
 def bench_train(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, width: int | None = None,
     warmup: int = 3, iters: int = 10, attention: str = "auto", loss: str = "chunked", compile: bool | None = None,
-    profile: bool = False,
+    profile: bool = False, compile_mode: str = "default", cuda_graph: bool = False,
 ) -> list[BenchRow]:
     """`attention`: the implementation both families use (auto: the Triton kernel on CUDA); `loss`:
-    see `stage1_loss_fn`; `compile`: compile both families' blocks (None: on CUDA, as the trainer);
-    `profile`: also profile a few steps of each family (`BenchRow.profile`)."""
+    see `stage1_loss_fn`; `compile`: compile both families' blocks (None: on CUDA, as the trainer),
+    in Inductor's `compile_mode` (`COMPILE_MODES`); `cuda_graph`: replay each family's whole step as
+    a CUDA graph (`GraphedTrainStep`; CUDA only); `profile`: also profile a few steps of each family
+    (`BenchRow.profile`)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; expected one of {COMPILE_MODES}")
     compiled = compile_wanted(compile, device)
     configs = {f: bench_config(f, depth, width, tokenizer) for f in ("hmar", "var")}
-    workloads = {f: train_step_fn(c, batch_size, device, attention, loss, compiled) for f, c in configs.items()}
+    workloads = {f: train_step_fn(c, batch_size, device, attention, loss, compiled, compile_mode, cuda_graph) for f, c in configs.items()}
     # HMAR's stage 1 trains the trunk and next-scale branch: the mask branch takes no part
     flops = {f: 3 * forward_flops(c, batch_size) for f, c in configs.items()}
-    return _compare("train", workloads, {f: f for f in workloads}, batch_size, device, warmup, iters, flops, compiled, profile)
+    warmup = max(warmup, TRAIN_GRAPH_WARMUP + 1) if cuda_graph else warmup
+    return _compare("train", workloads, {f: f for f in workloads}, batch_size, device, warmup, iters, flops, compiled, profile,
+                    cuda_graph)
 
 
 def bench_sample(

@@ -16,13 +16,14 @@ import torch.nn as nn
 from hmar.transformer import AdaLNBlock, AdaLNHead
 
 
-def compile_blocks(model: nn.Module, dynamic: bool | None = False) -> int:
+def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | None = None) -> int:
     """Compile the blocks and heads of `model` in place; returns how many. `dynamic=False` (training:
     one sequence shape) specialises on every shape; None lets Dynamo make a size dynamic once it
-    changes (sampling: a different token count at every scale)."""
+    changes (sampling: a different token count at every scale). `mode`: Inductor's (None: its
+    default; "max-autotune-no-cudagraphs" also tries Triton matmul templates with fused epilogues)."""
     regions = [m for m in model.modules() if isinstance(m, (AdaLNBlock, AdaLNHead))]
     for region in regions:
-        region.compile(dynamic=dynamic)
+        region.compile(dynamic=dynamic, mode=mode)
     return len(regions)
 
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hmar.benchmark import LOSS_PATHS, BenchRow, bench_sample, bench_train
+from hmar.benchmark import COMPILE_MODES, LOSS_PATHS, BenchRow, bench_sample, bench_train
 from hmar.config import tokenizer_preset
 from hmar.errors import InputError
 from hmar.images import check_writable
@@ -117,6 +117,8 @@ def train(
     iters: int = typer.Option(10, "--iters", min=1),
     loss: str = typer.Option("chunked", "--loss", help="chunked: the trainer's loss (logits head in chunks); logits: all float32 logits at once, to compare."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile both families' blocks, as the trainer does (default: on CUDA)."),
+    compile_mode: str = typer.Option("default", "--compile-mode", help=f"Inductor's mode for the compiled blocks: {', '.join(COMPILE_MODES)}."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Replay each whole step as a CUDA graph (CUDA only; a lever the trainer does not use yet)."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -124,13 +126,18 @@ def train(
     trainer takes it (loss, gradient clipping, fused AdamW and compiled blocks on CUDA)."""
     if loss not in LOSS_PATHS:
         raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise InputError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    where = resolve_device(device)
+    if cuda_graph and where.type != "cuda":
+        raise InputError(f"--cuda-graph needs a CUDA device; this run is on {where}")
     _chart_target(chart, overwrite)
     profile_files = _profile_files(profile, "train", overwrite)
-    where = resolve_device(device)
     rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss,
-                       compile=compile, profile=profile is not None)
+                       compile=compile, profile=profile is not None, compile_mode=compile_mode, cuda_graph=cuda_graph)
     compiled = rows[0].compiled
-    shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss, "compiled blocks": compiled}
+    shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss, "compiled blocks": compiled,
+             "compile mode": compile_mode if compiled else None, "CUDA graphs": cuda_graph}
     _write_profiles(rows, profile_files, shape, where)
     _report(rows, "training step" + (" (both compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)
 

@@ -4,7 +4,8 @@
 # each HMAR vs VAR in one run, with torch.profiler breakdowns. Logs, JSON and profiles go to $OUT.
 #
 #   bash recipes/benchmarks/engine.sh                 # everything
-#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample sample-nograph sample-compiled train256 train512 levers decoders)
+#   TASKS="sample train256" bash recipes/benchmarks/engine.sh    (tasks: tests sample sample-nograph sample-compiled train256 train512
+#                                                                     train256-graph train256-autotune levers decoders)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
@@ -49,6 +50,8 @@ for task in $TASKS; do
             bench sample1c sample --batch-size 1 --steps 14 --iters 10 --compile ;;
     train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;
     train512) bench train512 train --resolution 512 --batch-size 16 ;;
+    train256-graph) bench train256g train --resolution 256 --batch-size 32 --cuda-graph --profile "$OUT/profiles" ;;
+    train256-autotune) BENCH_TIMEOUT=${BENCH_TIMEOUT:-560} bench train256a train --resolution 256 --batch-size 32 --compile-mode max-autotune-no-cudagraphs ;;
     decoders) timeout 400 python3 recipes/benchmarks/sampling_levers.py --decoders --json "$OUT/decoders.json" 2>&1 | tee "$OUT/decoders.log" | grep -v Warning ;;
     levers) timeout 480 python3 recipes/benchmarks/sampling_levers.py --json "$OUT/levers.json" 2>&1 | tee "$OUT/levers.log" | grep -v Warning ;;
     *) echo "unknown task $task" ;;
