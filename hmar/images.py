@@ -11,6 +11,9 @@ largest centred square (side = the shorter edge), moved to contain the region to
 past the image edges (edge pixels repeated) when the region is wider than that; the window is resized
 to the model resolution. The result is resized back and blended in only where the (dilated,
 feathered) mask is above zero, so every other pixel of the output is the input pixel, bit for bit.
+Before blending, the generated pixels' colours can be matched to the kept ones (`match_colours`): a
+model that regenerates a region may shift its colours a little, which shows as a box; the smooth
+offset that takes the generated border to the input's is added inside the region.
 
 Writing: PNG with text metadata, written to a temporary file beside the target and moved into place,
 never replacing an existing file unless asked; output names from a template; grids.
@@ -187,6 +190,101 @@ def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     return np.clip(distance / float(pixels), 0.0, 1.0).astype(np.float32)
 
 
+# Colour matching (`match_colours`): the generated region's colours are compared with the input's
+# along a ring of this many pixels inside the region's edge (at the model's resolution; scaled to the
+# output), low-passed over about as many pixels, and Jacobi sweeps per pyramid level fill the offset in.
+MATCH_RING = 3.0
+MATCH_SWEEPS = 40
+MATCH_OUTLIER = 12.0  # levels of 255 (RGB distance) from the ring's most common offset: content, not a cast
+
+
+def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarray, known: np.ndarray,
+                  ring: float = MATCH_RING) -> np.ndarray:
+    """`generated` (H, W, 3) float32 with its `region` shifted by a smooth colour offset so that it
+    meets the `known` pixels of `original` at the region's edge, as Poisson image editing would if the
+    region's own gradients guided it: along a ring `ring` pixels wide inside the edge, the offset is
+    the input's local colour (from masked blurs of the known pixels nearby) minus the generated one
+    (the same over the region), and inside the ring it is the membrane (harmonic) interpolation of
+    that, with reflecting edges where the region meets the image border. Ring pixels whose offset is
+    far from the ring's most common one (content cut by the edge) set none. Detail is the generated image's
+    own; only a slowly varying colour shift is removed. (H, W) bool masks."""
+    if not region.any() or not known.any():
+        return generated
+    margin = int(np.ceil(4 * ring)) + 1
+    ys, xs = np.nonzero(region)
+    height, width = region.shape
+    y0, y1 = max(0, ys.min() - margin), min(height, ys.max() + 1 + margin)
+    x0, x1 = max(0, xs.min() - margin), min(width, xs.max() + 1 + margin)
+    inside, beside = region[y0:y1, x0:x1], known[y0:y1, x0:x1]
+    if not beside.any():
+        return generated
+    # the ring: region pixels within `ring` of a known one
+    distance = cv2.distanceTransform((~beside).astype(np.uint8), cv2.DIST_L2, 5)
+    on_ring = inside & (distance <= ring)
+    if not on_ring.any():
+        return generated
+    input_colour = _edge_colour(original[y0:y1, x0:x1], beside, ring)
+    generated_colour = _edge_colour(generated[y0:y1, x0:x1], inside, ring)
+    offset = (input_colour - generated_colour).astype(np.float32)
+    # A colour cast shifts the ring alike wherever one surface (a background) meets itself across the
+    # edge; where content crosses the edge (an object cut by the region, drawn differently inside)
+    # the offsets scatter. So the cast is the ring's most common offset, and only pixels near it set
+    # the offset: the membrane carries theirs across the others.
+    cast = _most_common(offset[on_ring], MATCH_OUTLIER)
+    anchors = on_ring & (np.linalg.norm(offset - cast, axis=-1) <= MATCH_OUTLIER)
+    if not anchors.any():
+        return generated
+    fill = _membrane(np.where(anchors[..., None], offset, 0.0).astype(np.float32), anchors)
+    result = generated.copy()
+    window = result[y0:y1, x0:x1]
+    window[inside] += fill[inside]
+    return result
+
+
+def _most_common(offsets: np.ndarray, width: float) -> np.ndarray:
+    """The median of the (N, 3) offsets within `width` of the densest cell of a `width` grid: the
+    mode of a scattered set, robust where most of it is not the mode."""
+    cells, counts = np.unique(np.round(offsets / width).astype(np.int64), axis=0, return_counts=True)
+    centre = cells[counts.argmax()] * width
+    return np.median(offsets[np.linalg.norm(offsets - centre, axis=-1) <= width], axis=0)
+
+
+def _edge_colour(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """The local colour of the `mask` side of an edge, extrapolated to each pixel: a masked blur's
+    centroid lies inside the mask, about in proportion to the blur's width, so twice the blur at
+    `sigma` minus the blur at 2·sigma cancels the bias a colour gradient would give."""
+    return 2.0 * _masked_blur(values, mask, sigma) - _masked_blur(values, mask, 2.0 * sigma)
+
+
+def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of `values` over the `mask` pixels only (normalised convolution)."""
+    weight = mask.astype(np.float32)
+    blurred = cv2.GaussianBlur(values * weight[..., None], (0, 0), sigma)
+    norm = cv2.GaussianBlur(weight, (0, 0), sigma)[..., None]
+    return (blurred / np.maximum(norm, 1e-6)).astype(np.float32)
+
+
+def _membrane(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """`values` kept where `known`, harmonic elsewhere (each pixel the mean of its 4 neighbours; edges
+    reflect): Jacobi sweeps, started from the solution at half the resolution."""
+    height, width = known.shape
+    if known.all():
+        return values
+    if min(height, width) > 8:
+        size = ((width + 1) // 2, (height + 1) // 2)
+        share = cv2.resize(known.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        coarse_values = cv2.resize(values * known[..., None], size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)[..., None]
+        fill = cv2.resize(_membrane(coarse_values.astype(np.float32), share > 0), (width, height), interpolation=cv2.INTER_LINEAR)
+    else:
+        fill = np.broadcast_to(values[known].mean(axis=0), values.shape).astype(np.float32)
+    fill = np.where(known[..., None], values, fill)
+    for _ in range(MATCH_SWEEPS):
+        edged = np.pad(fill, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        mean = (edged[:-2, 1:-1] + edged[2:, 1:-1] + edged[1:-1, :-2] + edged[1:-1, 2:]) * 0.25
+        fill = np.where(known[..., None], values, mean)
+    return fill
+
+
 def _check_pixels_option(name: str, pixels: int) -> None:
     if int(pixels) != pixels or pixels < 0:
         raise InputError(f"--{name} must be a whole number of pixels >= 0, got {pixels}")
@@ -253,10 +351,11 @@ class EditPlan:
     model_image: np.ndarray  # (S, S, 3) uint8: the window at the model resolution
     model_keep: np.ndarray  # (S, S) bool: pixels whose tokens are forced (False = regenerate)
     notes: tuple[str, ...] = field(default=())
+    colour_matching: bool = False  # shift the generated region's colours to meet the input at its edge
 
     def composite(self, generated: Image.Image | np.ndarray) -> Image.Image:
-        """The model's (S, S) output placed back at the original size: generated pixels blended in
-        by `alpha`, all others the input's own."""
+        """The model's (S, S) output placed back at the original size: generated pixels (colour
+        matched, if planned) blended in by `alpha`, all others the input's own."""
         result = np.asarray(generated.convert("RGB") if isinstance(generated, Image.Image) else generated)
         if result.shape != self.model_image.shape or result.dtype != np.uint8:
             raise ValueError(f"generated image must be uint8 {self.model_image.shape}, got {result.dtype} {result.shape}")
@@ -267,15 +366,23 @@ class EditPlan:
         y0, x0 = max(0, self.window.y0), max(0, self.window.x0)
         y1, x1 = min(height, self.window.y0 + self.window.side), min(width, self.window.x0 + self.window.side)
         full[y0:y1, x0:x1] = window[y0 - self.window.y0:y1 - self.window.y0, x0 - self.window.x0:x1 - self.window.x0]
+        full = full.astype(np.float32)
+        if self.colour_matching:
+            inside_window = np.zeros(self.alpha.shape, dtype=bool)
+            inside_window[y0:y1, x0:x1] = True
+            region = self.alpha > 0
+            ring = MATCH_RING * self.window.side / self.model_image.shape[0]  # model pixels → output pixels
+            full = match_colours(full, original.astype(np.float32), region, inside_window & ~region, ring)
         weight = self.alpha[..., None]
-        blended = np.rint(weight * full + (1.0 - weight) * original).astype(np.uint8)
+        blended = np.rint(np.clip(weight * full + (1.0 - weight) * original, 0, 255)).astype(np.uint8)
         return Image.fromarray(np.where(weight > 0, blended, original), mode="RGB")
 
 
 def plan_edit(image: Image.Image, regenerate: np.ndarray, resolution: int, *, dilate_pixels: int = 0,
-              feather_pixels: int = 0) -> EditPlan:
+              feather_pixels: int = 0, colour_matching: bool = False) -> EditPlan:
     """Prepare an edit of `image` (RGB) regenerating `regenerate` (H, W) bool at a model of
-    `resolution` px: dilate, feather, choose the window, resize."""
+    `resolution` px: dilate, feather, choose the window, resize; `colour_matching`: see
+    `match_colours`."""
     if regenerate.shape != (image.height, image.width):
         raise ValueError(f"mask shape {regenerate.shape} does not match the image {image.height}x{image.width}")
     mask_notes(regenerate)  # refuses an empty mask
@@ -285,7 +392,7 @@ def plan_edit(image: Image.Image, regenerate: np.ndarray, resolution: int, *, di
     window = square_window(image.size, grown)
     model_image = _resize(crop_window(np.asarray(image.convert("RGB")), window), resolution)
     share = _resize_mask(crop_window(grown.astype(np.float32), window), resolution)
-    return EditPlan(image.convert("RGB"), alpha, window, np.ascontiguousarray(model_image), share <= 1e-6, notes)
+    return EditPlan(image.convert("RGB"), alpha, window, np.ascontiguousarray(model_image), share <= 1e-6, notes, colour_matching)
 
 
 # ---- outpainting ------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 The image may have any size and mode (`hmar.images.load_image`). What to regenerate comes from a
 mask file, a box, or (outpainting) the canvas added around the image. `plan_edit` picks the square
 window of the image the model sees and resizes it to the model's resolution; the model keeps the
-tokens of the kept pixels and generates the others; the result is resized back and blended in only
-inside the (dilated, feathered) region, so that every other output pixel is the input's, bit for bit.
+tokens of the kept pixels and generates the others; the result is resized back, its colours matched
+to the kept pixels at the region's edge (unless --no-match-colours), and blended in only inside the
+(dilated, feathered) region, so that every other output pixel is the input's, bit for bit.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ class EditRequest:
     notes: tuple[str, ...]
     dilate: int = 0
     feather: int = 0
+    match_colours: bool = True
+
+
+MATCH_COLOURS_HELP = ("Shift the generated pixels' colours smoothly so that they meet the kept ones at the region's edge "
+                      "(removes a colour cast that would show the region's outline; detail is the model's own).")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class RegionOptions:
     box: Box | None
     dilate: int
     feather: int
+    match_colours: bool
 
 
 def _region_options(
@@ -60,10 +67,11 @@ def _region_options(
     box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0,x1,y1 in pixels."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the region by this many pixels first (covers halos around an object)."),
     feather: int = typer.Option(0, "--feather", min=0, help="Blend generated pixels in over this many pixels inside the region's edge (0: a hard edge)."),
+    match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
 ) -> RegionOptions:
     if (mask is None) == (box is None):
         raise InputError("give the region to regenerate as either --mask FILE or --box x0,y0,x1,y1 (one of them)")
-    return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather)
+    return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather, match_colours)
 
 
 with_region_options = option_group(_region_options, "region")
@@ -109,6 +117,7 @@ def outpaint(
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("outpainted")),
+    match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
     options: SamplingOptions = None,
 ) -> None:
     """Extend an image's canvas and generate the new area; the original pixels stay as they are."""
@@ -118,8 +127,8 @@ def outpaint(
     margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
     canvas, regenerate = extend_canvas(original, margins)
     details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
-               "hmar:source_size": f"{original.width}x{original.height}"}
-    _run(EditRequest("outpaint", image, canvas, regenerate, details, ()), label, num, paths, options)
+               "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
+    _run(EditRequest("outpaint", image, canvas, regenerate, details, (), match_colours=match_colours), label, num, paths, options)
 
 
 def _edit_region(command: str, image: Path, region: RegionOptions, label: str | None, num: int, out: str | None,
@@ -135,8 +144,10 @@ def _edit_region(command: str, image: Path, region: RegionOptions, label: str | 
         regenerate, notes = loaded.regenerate, loaded.notes
         details = {"hmar:mask": region.mask.name}
     mask_notes(regenerate)  # an empty region fails here, before the model is loaded
-    details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather)})
-    _run(EditRequest(command, image, picture, regenerate, details, notes, region.dilate, region.feather), label, num, paths, options)
+    details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
+                    "hmar:match_colours": str(region.match_colours).lower()})
+    _run(EditRequest(command, image, picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours),
+         label, num, paths, options)
 
 
 def _checked_outputs(image: Path, command: str, out: str | None, num: int, options: SamplingOptions) -> list[Path]:
@@ -154,7 +165,7 @@ def _run(request: EditRequest, label: str | None, num: int, paths: list[Path], o
     index = None if label is None else class_index(label, config)
     pipe = options.load_pipeline()
     plan = plan_edit(request.picture, request.regenerate, pipe.resolution, dilate_pixels=request.dilate,
-                     feather_pixels=request.feather)
+                     feather_pixels=request.feather, colour_matching=request.match_colours)
     notes = [*request.notes, *plan.notes]
     for line in notes:
         note(line)

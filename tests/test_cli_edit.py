@@ -105,6 +105,22 @@ def test_dilate_and_feather_leave_everything_beyond_the_grown_region(tmp_path, c
     assert np.array_equal(after[~grown], before[~grown]) and (after[grown] != before[grown]).any()
     with Image.open(out) as written:
         assert written.text["hmar:dilate"] == "3" and written.text["hmar:feather"] == "4"
+        assert written.text["hmar:match_colours"] == "true"  # the default
+
+
+def test_colour_matching_can_be_turned_off(tmp_path, conformance_models, photo):
+    """Matching shifts the generated region's colours only: without it, the same seed's region
+    differs; outside the region both are the input's."""
+    outs = {}
+    for flag in ("--match-colours", "--no-match-colours"):
+        outs[flag] = tmp_path / f"{flag}.png"
+        succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", "20,15,40,35", "--seed", "0", flag,
+                         "--out", str(outs[flag])))
+    region = box_region((64, 48), (20, 15, 40, 35))
+    matched, raw = pixels(outs["--match-colours"]), pixels(outs["--no-match-colours"])
+    assert np.array_equal(matched[~region], raw[~region]) and (matched[region] != raw[region]).any()
+    with Image.open(outs["--no-match-colours"]) as written:
+        assert written.text["hmar:match_colours"] == "false"
 
 
 @pytest.mark.parametrize("args, size, offset", [

@@ -216,16 +216,18 @@ def test_dilate_and_feather():
 
 
 # ---- the model's view and back: bit-exact outside the mask --------------------------------------
+@pytest.mark.parametrize("colour_matching", [False, True])
 @pytest.mark.parametrize("size, box, dilate, feather", [
     ((300, 200), Box(20, 30, 90, 120), 0, 0),     # landscape, region left of centre
     ((200, 300), Box(150, 250, 200, 300), 4, 6),   # portrait, region in a corner
     ((320, 100), Box(0, 10, 300, 60), 2, 3),      # region wider than the short side: window leaves the image
     ((64, 64), Box(8, 8, 40, 40), 0, 5),          # square, smaller than the model
 ])
-def test_composite_keeps_every_pixel_outside_the_mask_bit_for_bit(size, box, dilate, feather):
+def test_composite_keeps_every_pixel_outside_the_mask_bit_for_bit(size, box, dilate, feather, colour_matching):
     resolution = 80
     original = random_rgb(*size, seed=1)
-    plan = images.plan_edit(original, images.box_mask(box, size), resolution, dilate_pixels=dilate, feather_pixels=feather)
+    plan = images.plan_edit(original, images.box_mask(box, size), resolution, dilate_pixels=dilate, feather_pixels=feather,
+                            colour_matching=colour_matching)
     assert plan.model_image.shape == (resolution, resolution, 3) and plan.model_keep.shape == (resolution, resolution)
     assert 0 < (~plan.model_keep).sum() < resolution * resolution
 
@@ -235,8 +237,63 @@ def test_composite_keeps_every_pixel_outside_the_mask_bit_for_bit(size, box, dil
     assert result.shape == before.shape
     untouched = plan.alpha == 0
     assert np.array_equal(result[untouched], before[untouched])
-    assert (plan.alpha[images.box_mask(box, size)] > 0).all()
-    assert (result[plan.alpha == 1] == 7).all() and (plan.alpha == 1).any()
+    assert (plan.alpha[images.box_mask(box, size)] > 0).all() and (plan.alpha == 1).any()
+    if not colour_matching:
+        assert (result[plan.alpha == 1] == 7).all()
+
+
+# ---- colour matching ----------------------------------------------------------------------------
+def _gradient(height: int, width: int) -> np.ndarray:
+    ramp = np.linspace(40, 200, width, dtype=np.float32)
+    return np.stack([ramp[None, :].repeat(height, 0), np.full((height, width), 120, np.float32), ramp[::-1][None, :].repeat(height, 0)], -1)
+
+
+def test_match_colours_removes_a_cast_and_keeps_the_generated_content():
+    original = _gradient(96, 128)
+    region = np.zeros((96, 128), dtype=bool)
+    region[24:72, 32:96] = True
+    generated = original.copy()
+    generated[region] += np.array([25, -15, 10], np.float32)  # the cast
+    generated[40:56, 56:72] += 60  # content drawn inside
+    matched = images.match_colours(generated, original, region, ~region)
+    error = np.abs(matched - original)
+    assert np.array_equal(matched[~region], generated[~region])
+    background = region.copy()
+    background[40:56, 56:72] = False
+    assert error[background].max() <= 6 and error[background].mean() <= 2  # the cast was 25 levels
+    assert np.abs(error[40:56, 56:72] - 60).max() <= 6  # the content stays 60 above its surroundings
+
+
+def test_match_colours_where_the_region_meets_the_image_border():
+    """Outpainting: the region runs to the image edge, where nothing is known."""
+    original = _gradient(64, 96)
+    region = np.zeros((64, 96), dtype=bool)
+    region[:, 64:] = True
+    generated = original.copy()
+    generated[region] += np.array([-20, 20, 20], np.float32)
+    matched = images.match_colours(generated, original, region, ~region)
+    assert np.abs(matched - original)[region].max() <= 6
+
+
+def test_match_colours_ignores_content_cut_by_the_edge():
+    """A dark bar of the input runs into the region, and the generation drew it differently: the bar
+    sets no offset (it is far from the ring's median), so no dark stain spreads into the region."""
+    original = _gradient(96, 96)
+    original[44:52, :] = 10  # the bar, crossing the region's left and right edges
+    region = np.zeros((96, 96), dtype=bool)
+    region[24:72, 24:72] = True
+    generated = _gradient(96, 96)
+    generated[region] += 20  # a cast, and no bar inside
+    matched = images.match_colours(generated, original, region, ~region)
+    expected = _gradient(96, 96)
+    assert np.abs(matched - expected)[region].mean() <= 1.5 and np.abs(matched - expected)[region].max() <= 12
+
+
+def test_match_colours_leaves_an_image_alone_without_known_pixels_or_region():
+    generated = _gradient(16, 16)
+    everything, nothing = np.ones((16, 16), bool), np.zeros((16, 16), bool)
+    assert images.match_colours(generated, generated + 5, everything, nothing) is generated
+    assert images.match_colours(generated, generated + 5, nothing, everything) is generated
 
 
 def test_window_contains_the_region_and_is_centred_otherwise():
