@@ -195,7 +195,7 @@ def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
 # output), low-passed over about as many pixels, and Jacobi sweeps per pyramid level fill the offset in.
 MATCH_RING = 3.0
 MATCH_SWEEPS = 40
-MATCH_OUTLIER = 12.0  # levels of 255 (RGB distance) from the ring's most common offset: content, not a cast
+MATCH_OUTLIER = 12.0  # levels of 255 (RGB distance) from the ring's fitted cast: content, not a cast
 
 
 def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarray, known: np.ndarray,
@@ -206,7 +206,7 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     the input's local colour (from masked blurs of the known pixels nearby) minus the generated one
     (the same over the region), and inside the ring it is the membrane (harmonic) interpolation of
     that, with reflecting edges where the region meets the image border. Ring pixels whose offset is
-    far from the ring's most common one (content cut by the edge) set none. Detail is the generated image's
+    far from a robust smooth fit of the ring's offsets (content cut by the edge) set none. Detail is the generated image's
     own; only a slowly varying colour shift is removed. (H, W) bool masks."""
     if not region.any() or not known.any():
         return generated
@@ -226,12 +226,14 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     input_colour = _edge_colour(original[y0:y1, x0:x1], beside, ring)
     generated_colour = _edge_colour(generated[y0:y1, x0:x1], inside, ring)
     offset = (input_colour - generated_colour).astype(np.float32)
-    # A colour cast shifts the ring alike wherever one surface (a background) meets itself across the
-    # edge; where content crosses the edge (an object cut by the region, drawn differently inside)
-    # the offsets scatter. So the cast is the ring's most common offset, and only pixels near it set
-    # the offset: the membrane carries theirs across the others.
-    cast = _most_common(offset[on_ring], MATCH_OUTLIER)
-    anchors = on_ring & (np.linalg.norm(offset - cast, axis=-1) <= MATCH_OUTLIER)
+    # A colour cast shifts the ring alike (or drifting slowly) wherever one surface (a background)
+    # meets itself across the edge; where content crosses the edge (an object cut by the region,
+    # drawn differently inside) the offsets scatter. So the cast is a robust smooth fit to the ring's
+    # offsets, and only pixels near it set the offset: the membrane carries theirs across the others.
+    ring_y, ring_x = np.nonzero(on_ring)
+    cast = _smooth_cast(offset[on_ring], np.stack([ring_y, ring_x], axis=-1).astype(np.float32), MATCH_OUTLIER)
+    anchors = np.zeros_like(on_ring)
+    anchors[ring_y, ring_x] = np.linalg.norm(offset[on_ring] - cast, axis=-1) <= MATCH_OUTLIER
     if not anchors.any():
         return generated
     fill = _membrane(np.where(anchors[..., None], offset, 0.0).astype(np.float32), anchors)
@@ -241,12 +243,21 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     return result
 
 
-def _most_common(offsets: np.ndarray, width: float) -> np.ndarray:
-    """The median of the (N, 3) offsets within `width` of the densest cell of a `width` grid: the
-    mode of a scattered set, robust where most of it is not the mode."""
+def _smooth_cast(offsets: np.ndarray, positions: np.ndarray, width: float, rounds: int = 6) -> np.ndarray:
+    """The cast at each of N ring pixels: a robust fit of a plane in position to the (N, 3)
+    offsets. It starts from the offsets near the densest cell of a `width` grid (the mode: robust
+    where most of the ring is content, not cast), then reweights (Huber, scale `width`), so that a
+    cast that drifts along the ring is followed and offsets far from the plane barely count."""
     cells, counts = np.unique(np.round(offsets / width).astype(np.int64), axis=0, return_counts=True)
-    centre = cells[counts.argmax()] * width
-    return np.median(offsets[np.linalg.norm(offsets - centre, axis=-1) <= width], axis=0)
+    weight = (np.linalg.norm(offsets - cells[counts.argmax()] * width, axis=-1) <= width).astype(np.float64)
+    centred = (positions - positions.mean(axis=0)) / max(float(positions.std()), 1.0)
+    design = np.concatenate([np.ones((len(offsets), 1)), centred], axis=1)
+    for _ in range(rounds):
+        root = np.sqrt(weight)[:, None]
+        coefficients = np.linalg.lstsq(design * root, offsets * root, rcond=None)[0]
+        distance = np.linalg.norm(offsets - design @ coefficients, axis=-1)
+        weight = np.minimum(1.0, width / np.maximum(distance, 1e-6))
+    return (design @ coefficients).astype(np.float32)
 
 
 def _edge_colour(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
