@@ -34,7 +34,7 @@ def _distinct_colour(rng: np.random.Generator, other: Colour, min_distance: floa
             return colour
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, Colour]:
+def background(rng: np.random.Generator, size: int) -> tuple[Image.Image, Colour]:
     """A flat colour or a linear gradient between two colours at a random angle; returns its mean colour."""
     first = _colour(rng)
     if rng.random() < 0.5:
@@ -155,7 +155,7 @@ def render(class_name: str, index: int, seed: int = 0, size: int = 64) -> Image.
     class_id = list(CLASSES).index(class_name)
     rng = np.random.default_rng([seed, class_id, index])
     big = size * SUPERSAMPLE
-    canvas, mean_bg = _background(rng, big)
+    canvas, mean_bg = background(rng, big)
     fg = _distinct_colour(rng, mean_bg)
     radius = big * rng.uniform(0.18, 0.32)
     margin = radius * 1.1
