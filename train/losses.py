@@ -106,8 +106,9 @@ def _scale_sums(values: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor
 
 def next_scale_loss(scores: TokenScores, weights: torch.Tensor, patch_nums: Sequence[int]) -> tuple[torch.Tensor, ScaleStats]:
     """Stage 1: Σ_k w_k · mean CE over scale k, from the scores of all (B, L) tokens."""
-    batch = scores.ce.shape[0]
-    counts = torch.tensor([batch * p * p for p in patch_nums], dtype=torch.float32, device=scores.ce.device)
+    batch, length = scores.ce.shape
+    # tokens per scale, counted on the device (a host-to-device copy could not be captured in a CUDA graph)
+    counts = _scale_sums(scores.ce.new_full((length,), float(batch), dtype=torch.float32), patch_nums)
     mean_ce = _scale_sums(scores.ce.sum(0), patch_nums) / counts
     accuracy = _scale_sums(scores.correct.sum(0).float(), patch_nums) / counts
     return (weights * mean_ce).sum(), ScaleStats(mean_ce.detach(), accuracy, counts)
