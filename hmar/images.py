@@ -206,8 +206,10 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     the input's local colour (from masked blurs of the known pixels nearby) minus the generated one
     (the same over the region), and inside the ring it is the membrane (harmonic) interpolation of
     that, with reflecting edges where the region meets the image border. Ring pixels whose offset is
-    far from a robust smooth fit of the ring's offsets (content cut by the edge) set none. Detail is the generated image's
-    own; only a slowly varying colour shift is removed. (H, W) bool masks."""
+    far from a robust smooth fit of the ring's offsets (content cut by the edge) set none. Detail is
+    the generated image's own; only a slowly varying colour shift is removed. (H, W) bool masks.
+    A ring wider than `MATCH_RING` (an output larger than the model's view) is worked out at the
+    scale where it is `MATCH_RING` pixels, and the offset resized back."""
     if not region.any() or not known.any():
         return generated
     margin = int(np.ceil(4 * ring)) + 1
@@ -216,16 +218,34 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     y0, y1 = max(0, ys.min() - margin), min(height, ys.max() + 1 + margin)
     x0, x1 = max(0, xs.min() - margin), min(width, xs.max() + 1 + margin)
     inside, beside = region[y0:y1, x0:x1], known[y0:y1, x0:x1]
-    if not beside.any():
+    crops = generated[y0:y1, x0:x1], original[y0:y1, x0:x1]
+    shrink = ring / MATCH_RING
+    if shrink > 1.5:
+        size = (max(1, round((x1 - x0) / shrink)), max(1, round((y1 - y0) / shrink)))
+        small = [cv2.resize(np.ascontiguousarray(a), size, interpolation=cv2.INTER_AREA) for a in (*crops, inside.astype(np.float32), beside.astype(np.float32))]
+        fill = _colour_offset(small[0], small[1], small[2] > 0.5, small[3] > 0.999, MATCH_RING)
+        fill = None if fill is None else cv2.resize(fill, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    else:
+        fill = _colour_offset(*crops, inside, beside, ring)
+    if fill is None:
         return generated
+    result = generated.copy()
+    window = result[y0:y1, x0:x1]
+    window[inside] += fill[inside]
+    return result
+
+
+def _colour_offset(generated: np.ndarray, original: np.ndarray, inside: np.ndarray, beside: np.ndarray,
+                   ring: float) -> np.ndarray | None:
+    """`match_colours`' offset field over a crop, or None where nothing sets it."""
+    if not inside.any() or not beside.any():
+        return None
     # the ring: region pixels within `ring` of a known one
     distance = cv2.distanceTransform((~beside).astype(np.uint8), cv2.DIST_L2, 5)
     on_ring = inside & (distance <= ring)
     if not on_ring.any():
-        return generated
-    input_colour = _edge_colour(original[y0:y1, x0:x1], beside, ring)
-    generated_colour = _edge_colour(generated[y0:y1, x0:x1], inside, ring)
-    offset = (input_colour - generated_colour).astype(np.float32)
+        return None
+    offset = (_edge_colour(original, beside, ring) - _edge_colour(generated, inside, ring)).astype(np.float32)
     # A colour cast shifts the ring alike (or drifting slowly) wherever one surface (a background)
     # meets itself across the edge; where content crosses the edge (an object cut by the region,
     # drawn differently inside) the offsets scatter. So the cast is a robust smooth fit to the ring's
@@ -235,12 +255,8 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     anchors = np.zeros_like(on_ring)
     anchors[ring_y, ring_x] = np.linalg.norm(offset[on_ring] - cast, axis=-1) <= MATCH_OUTLIER
     if not anchors.any():
-        return generated
-    fill = _membrane(np.where(anchors[..., None], offset, 0.0).astype(np.float32), anchors)
-    result = generated.copy()
-    window = result[y0:y1, x0:x1]
-    window[inside] += fill[inside]
-    return result
+        return None
+    return _membrane(np.where(anchors[..., None], offset, 0.0).astype(np.float32), anchors)
 
 
 def _smooth_cast(offsets: np.ndarray, positions: np.ndarray, width: float, rounds: int = 6) -> np.ndarray:
@@ -275,6 +291,14 @@ def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarr
     return (blurred / np.maximum(norm, 1e-6)).astype(np.float32)
 
 
+def _shrink_known(values: np.ndarray, known: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """`values` and `known` at `size` (W, H): each coarse pixel the mean of the known values it covers,
+    known where it covers any."""
+    share = cv2.resize(known.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    coarse = cv2.resize(values * known[..., None], size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)[..., None]
+    return coarse.astype(np.float32), share > 0
+
+
 def _membrane(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     """`values` kept where `known`, harmonic elsewhere (each pixel the mean of its 4 neighbours; edges
     reflect): Jacobi sweeps, started from the solution at half the resolution."""
@@ -282,10 +306,8 @@ def _membrane(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     if known.all():
         return values
     if min(height, width) > 8:
-        size = ((width + 1) // 2, (height + 1) // 2)
-        share = cv2.resize(known.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-        coarse_values = cv2.resize(values * known[..., None], size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)[..., None]
-        fill = cv2.resize(_membrane(coarse_values.astype(np.float32), share > 0), (width, height), interpolation=cv2.INTER_LINEAR)
+        fill = cv2.resize(_membrane(*_shrink_known(values, known, ((width + 1) // 2, (height + 1) // 2))), (width, height),
+                          interpolation=cv2.INTER_LINEAR)
     else:
         fill = np.broadcast_to(values[known].mean(axis=0), values.shape).astype(np.float32)
     fill = np.where(known[..., None], values, fill)

@@ -264,6 +264,19 @@ def test_match_colours_removes_a_cast_and_keeps_the_generated_content():
     assert np.abs(error[40:56, 56:72] - 60).max() <= 6  # the content stays 60 above its surroundings
 
 
+def test_match_colours_at_a_larger_scale_works_on_a_smaller_copy():
+    """A photo larger than the model's view: the ring is wider, and the offset is found at the scale
+    where it is MATCH_RING pixels, then resized back."""
+    original = _gradient(384, 512)
+    region = np.zeros((384, 512), dtype=bool)
+    region[96:288, 128:384] = True
+    generated = original.copy()
+    generated[region] += np.array([25, -15, 10], np.float32)
+    matched = images.match_colours(generated, original, region, ~region, ring=4 * images.MATCH_RING)
+    assert np.array_equal(matched[~region], generated[~region])
+    assert np.abs(matched - original)[region].mean() <= 1.5
+
+
 def test_match_colours_where_the_region_meets_the_image_border():
     """Outpainting: the region runs to the image edge, where nothing is known."""
     original = _gradient(64, 96)
