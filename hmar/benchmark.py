@@ -21,6 +21,7 @@ from hmar.attention import AttentionFn, select_attention
 from hmar.checkpoints import build_models
 from hmar.compile import compile_blocks, wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
+from hmar.cuda_graph import capture
 from hmar.pipeline import Pipeline
 from hmar.profiling import StepProfile, profile_steps
 from hmar.sampler import make_generator
@@ -175,14 +176,8 @@ class GraphedTrainStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._eager_steps += 1
             return
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # so that the reserved growth below is the graph's pool
-        reserved = torch.cuda.memory_reserved(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
-        self._graph, self.memory_bytes = graph, torch.cuda.memory_reserved(self.device) - reserved
-        graph.replay()
+        self._graph, _, self.memory_bytes = capture(self.step, self.device)
+        self._graph.replay()
 
 
 def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked",

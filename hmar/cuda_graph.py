@@ -21,13 +21,28 @@ it is held; `memory_bytes` says how much, and `release` frees it. One graph is h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from hmar.sampler import ProgressCallback, SampleResult, report_steps, sample
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
+
+T = TypeVar("T")
+
+
+def capture(run: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T, int]:
+    """`run` captured as a CUDA graph (not executed): the graph, what `run` returned (tensors in the
+    graph's pool, which each replay rewrites) and the pool's size in bytes, the growth of reserved
+    memory over the capture (the allocator's cache is emptied first, so that the growth is the pool)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = run()
+    return graph, result, torch.cuda.memory_reserved(device) - reserved
 
 
 @dataclass(frozen=True)
@@ -69,17 +84,14 @@ class GraphedSampler:
         return SampleResult(result.images.clone(), [t.clone() for t in result.tokens], result.f_hat.clone())
 
     def _capture(self, labels: torch.Tensor, settings: _Settings) -> None:
-        device = labels.device
-        torch.cuda.synchronize(device)
-        self.release()  # (empties the allocator's cache, so the reserved growth below is the graph's pool)
-        reserved = torch.cuda.memory_reserved(device)
+        torch.cuda.synchronize(labels.device)  # the held graph may still be replaying
+        self.release()
         self._labels = labels.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._result = sample(self.tokenizer, self.transformer, self._labels, settings.schedule, cfg=settings.cfg,
-                                  top_k=settings.top_k, top_p=settings.top_p, generator=None, amp_dtype=self.amp_dtype)
-        self._graph, self._captured = graph, settings
-        self.memory_bytes = torch.cuda.memory_reserved(device) - reserved
+        self._graph, self._result, self.memory_bytes = capture(
+            lambda: sample(self.tokenizer, self.transformer, self._labels, settings.schedule, cfg=settings.cfg,
+                           top_k=settings.top_k, top_p=settings.top_p, generator=None, amp_dtype=self.amp_dtype),
+            labels.device)
+        self._captured = settings
 
     def _replay(self, labels: torch.Tensor, generator: torch.Generator | None) -> None:
         self._labels.copy_(labels)

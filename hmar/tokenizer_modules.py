@@ -20,29 +20,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def new_group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-def _fused(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
-    """Whether `x` takes the channels-last kernels: a channels-last map being sampled (no gradient
-    needed), not inside torch.compile (which fuses these steps its own way)."""
+def _kernels_for(x: torch.Tensor, *parameters: torch.Tensor):
+    """`hmar.kernels.channels_last` if `x` takes its kernels (a channels-last map being sampled: no
+    gradient needed, not inside torch.compile, which fuses these steps its own way), else None."""
     if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or torch.compiler.is_compiling():
-        return False
+        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters)):
-        return False
+        return None
     from hmar.kernels import channels_last  # here, not at the top: Triton takes seconds to import
 
-    return channels_last.supports(x)
+    return channels_last if channels_last.supports(x) else None
 
 
 def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
     """`norm(x)`, then SiLU if `silu`: one Triton kernel for a channels-last map being sampled on
     CUDA, PyTorch's modules otherwise (training, the CPU, NCHW maps, compiled code)."""
-    if _fused(x, norm.weight):
-        from hmar.kernels import channels_last
-
-        return channels_last.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+    kernels = _kernels_for(x, norm.weight)
+    if kernels is not None:
+        return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
     h = norm(x)
     return F.silu(h) if silu else h
 
@@ -51,12 +50,11 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = N
     """`conv(x)`, plus `residual` if given. For a channels-last map being sampled on CUDA, cuDNN
     runs the convolution without its bias and one Triton kernel adds the bias and the residual in
     place (PyTorch's separate bias kernel would cost a third of the convolution)."""
-    if conv.bias is not None and _fused(x, conv.weight) and (residual is None or _fused(residual)):
-        from hmar.kernels import channels_last
-
+    kernels = _kernels_for(x, conv.weight) if conv.bias is not None else None
+    if kernels is not None and (residual is None or _kernels_for(residual) is not None):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-            return channels_last.add_bias_(y, conv.bias, residual)
+            return kernels.add_bias_(y, conv.bias, residual)
         y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
         return y if residual is None else y + residual
     y = conv(x)
@@ -66,9 +64,9 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = N
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = new_group_norm(in_channels)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = new_group_norm(out_channels)
+        self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -83,7 +81,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = new_group_norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -158,7 +156,7 @@ class Encoder(nn.Module):
             levels.append(Level(blocks, attention=last, resample=None if last else Downsample(block_in), name="downsample"))
         self.down = nn.ModuleList(levels)
         self.mid = Middle(block_in)
-        self.norm_out = new_group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +180,7 @@ class Decoder(nn.Module):
                 block_in = ch * ch_mult[i]
             levels.insert(0, Level(blocks, attention=i == len(ch_mult) - 1, resample=Upsample(block_in) if i else None, name="upsample"))
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the lowest resolution up
-        self.norm_out = new_group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

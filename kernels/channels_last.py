@@ -137,6 +137,11 @@ def _add_bias(y_ptr, bias_ptr, residual_ptr, M, C,
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
+def _warps(count: int) -> dict:
+    """Launch options: `count` warps on a GPU, none under the interpreter (which takes none)."""
+    return {} if _INTERPRET else {"num_warps": count}
+
+
 def _tile_rows(elements: int, hw: int, c_pad: int) -> int:
     return max(1, min(elements // c_pad, triton.next_power_of_2(hw)))
 
@@ -191,17 +196,16 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     partial = torch.empty((2, N, splits, C), device=x.device, dtype=torch.float32)
     counts = torch.empty((N, splits), device=x.device, dtype=torch.float32)
     group_mean = torch.empty((2, N, num_groups), device=x.device, dtype=torch.float32)
-    launch = {} if _INTERPRET else {"num_warps": 4}
     _partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
-                                  ROWS=rows, C_PAD=c_pad, **({} if _INTERPRET else {"num_warps": MOMENTS_WARPS}))
+                                  ROWS=rows, C_PAD=c_pad, **_warps(MOMENTS_WARPS))
     per_group = C // num_groups
     _group_statistics[(num_groups, N)](counts, partial[0], partial[1], group_mean[0], group_mean[1], C, splits, eps,
                                        PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), **launch)
+                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), **_warps(4))
     rows = _tile_rows(TILE_ELEMENTS, hw, c_pad)
     _normalize_act[(triton.cdiv(hw, rows), N)](x, y, group_mean[0], group_mean[1], weight, bias, hw, C, PER_GROUP=per_group,
                                ROWS=rows, C_PAD=c_pad, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                               SILU=silu, **launch)
+                               SILU=silu, **_warps(4))
     return y
 
 
@@ -218,8 +222,8 @@ def add_bias_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     if y.numel() == 0:
         return y
     C = y.shape[1]
-    c_pad = triton.next_power_of_2(C)
-    rows = _tile_rows(TILE_ELEMENTS, y.numel() // C, c_pad)
-    _add_bias[(triton.cdiv(y.numel() // C, rows),)](y, bias, residual, y.numel() // C, C, ROWS=rows, C_PAD=c_pad,
-                                                    HAS_RESIDUAL=residual is not None, **({} if _INTERPRET else {"num_warps": 4}))
+    pixels, c_pad = y.numel() // C, triton.next_power_of_2(C)
+    rows = _tile_rows(TILE_ELEMENTS, pixels, c_pad)
+    _add_bias[(triton.cdiv(pixels, rows),)](y, bias, residual, pixels, C, ROWS=rows, C_PAD=c_pad,
+                                            HAS_RESIDUAL=residual is not None, **_warps(4))
     return y
