@@ -70,6 +70,22 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.div_(1 - p)
 
 
+def _cosine_qkv_kernel(qkv: torch.Tensor, log_scale: torch.Tensor):
+    """`hmar.kernels.cosine_qkv` where training on CUDA (eager or compiled), else None.
+
+    Why only with gradients: compiled, Inductor fuses the forward of the split and normalisation
+    well, but its backward (a reduction over D, then a transposition back into the projection's
+    layout) was ~7 % of a d16 training step; the kernel does both directions in one pass each.
+    Sampling keeps PyTorch's ops, whose rounding the conformance fixtures were recorded with."""
+    if not (torch.is_grad_enabled() and (qkv.requires_grad or log_scale.requires_grad)):
+        return None
+    try:
+        from hmar.kernels import cosine_qkv  # here, not at the top: Triton takes seconds to import
+    except ImportError:  # no Triton on this platform
+        return None
+    return cosine_qkv.cosine_qkv if cosine_qkv.supports(qkv, log_scale) else None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, num_heads: int, l2_norm: bool):
         super().__init__()
@@ -92,11 +108,15 @@ class SelfAttention(nn.Module):
         B, l, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, D)
-        if self.l2_norm:
-            temperature = self.scale_mul_1H11.clamp_max(MAX_LOG_ATTENTION_SCALE).exp()
-            q = F.normalize(q, dim=-1).mul(temperature).to(v.dtype)
-            k = F.normalize(k, dim=-1).to(v.dtype)
+        fused = _cosine_qkv_kernel(qkv, self.scale_mul_1H11) if self.l2_norm else None
+        if fused is not None:
+            q, k, v = fused(qkv, self.scale_mul_1H11, MAX_LOG_ATTENTION_SCALE)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, D)
+            if self.l2_norm:
+                temperature = self.scale_mul_1H11.clamp_max(MAX_LOG_ATTENTION_SCALE).exp()
+                q = F.normalize(q, dim=-1).mul(temperature).to(v.dtype)
+                k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
             k, v = cache.extend(k, v)
         out = attend(q, k, v, self.softmax_scale)

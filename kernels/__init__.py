@@ -3,6 +3,9 @@
 ``block_sparse_attention(q, k, v, block_sizes, pattern="block_diagonal", scale=None)``: attention
 restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton; traceable by
 torch.compile (custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bwd``, registered on import).
+
+Submodules: ``cosine_qkv`` (cosine attention's q, k, v from a fused projection, forward and backward,
+for training) and ``channels_last`` (GroupNorm+SiLU and bias adds for the half-precision decoder).
 """
 from .block_sparse_attention import PATTERNS, block_sparse_attention
 
