@@ -50,23 +50,37 @@ def _temperature(LOG_SCALE, h, max_log):
 
 
 @triton.jit
+def _row_tile(QKV, L, H, sb, sl, sh, sd, D: tl.constexpr, ROWS: tl.constexpr):
+    """This program's (batch·head, rows): the pointers to its q rows in qkv (k and v follow at
+    +s3, +2·s3), its batch, head and row indices (int64 where offsets grow large) and the row mask."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = (tile * ROWS + tl.arange(0, ROWS))[:, None].to(tl.int64)
+    cols = tl.arange(0, D)[None, :]
+    src = QKV + b * sb + h * sh + rows * sl + cols * sd
+    return src, tile, bh, b, h, rows, cols, rows < L
+
+
+@triton.jit
+def _inverse_norm(x, eps):
+    """1 / max(||row||, eps) of each row, and the norms."""
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    return 1.0 / tl.maximum(norm, eps), norm
+
+
+@triton.jit
 def _cosine_qkv_fwd(QKV, LOG_SCALE, Q, K, V, L, H, sb, sl, s3, sh, sd, max_log, eps,
                     D: tl.constexpr, ROWS: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, D)
-    inside = rows[:, None] < L
-    src = QKV + b.to(tl.int64) * sb + h * sh + rows[:, None].to(tl.int64) * sl + cols[None, :] * sd
-    dst = bh.to(tl.int64) * L * D + rows[:, None] * D + cols[None, :]  # outputs: contiguous (B, H, L, D)
+    src, tile, bh, b, h, rows, cols, inside = _row_tile(QKV, L, H, sb, sl, sh, sd, D, ROWS)
+    dst = bh.to(tl.int64) * L * D + rows * D + cols  # outputs: contiguous (B, H, L, D)
     t, _ = _temperature(LOG_SCALE, h, max_log)
 
     x = tl.load(src, mask=inside, other=0.0).to(tl.float32)
-    r = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
-    tl.store(Q + dst, (x * (t / r)[:, None]).to(Q.dtype.element_ty), mask=inside)
+    inv, _ = _inverse_norm(x, eps)
+    tl.store(Q + dst, (x * (t * inv)[:, None]).to(Q.dtype.element_ty), mask=inside)
     x = tl.load(src + s3, mask=inside, other=0.0).to(tl.float32)
-    r = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
-    tl.store(K + dst, (x / r[:, None]).to(K.dtype.element_ty), mask=inside)
+    inv, _ = _inverse_norm(x, eps)
+    tl.store(K + dst, (x * inv[:, None]).to(K.dtype.element_ty), mask=inside)
     x = tl.load(src + 2 * s3, mask=inside, other=0.0)
     tl.store(V + dst, x.to(V.dtype.element_ty), mask=inside)
 
@@ -74,8 +88,7 @@ def _cosine_qkv_fwd(QKV, LOG_SCALE, Q, K, V, L, H, sb, sl, s3, sh, sd, max_log, 
 @triton.jit
 def _normalize_backward(x, g, eps):
     """dx of n = x / max(||x||, eps) given g = dL/dn (rows of a tile); also returns n."""
-    norm = tl.sqrt(tl.sum(x * x, axis=1))
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv, norm = _inverse_norm(x, eps)
     n = x * inv[:, None]
     radial = tl.where(norm > eps, tl.sum(n * g, axis=1), 0.0)  # below eps the denominator is the constant eps
     return (g - n * radial[:, None]) * inv[:, None], n
@@ -85,31 +98,23 @@ def _normalize_backward(x, g, eps):
 def _cosine_qkv_bwd(QKV, LOG_SCALE, DQ, DK, DV, DQKV, PARTIAL, L, H, sb, sl, s3, sh, sd,
                     gqb, gqh, gql, gqd, gkb, gkh, gkl, gkd, gvb, gvh, gvl, gvd, max_log, eps,
                     D: tl.constexpr, ROWS: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, D)
-    inside = rows[:, None] < L
-    r64 = rows[:, None].to(tl.int64)
-    b64 = b.to(tl.int64)
-    src = QKV + b64 * sb + h * sh + r64 * sl + cols[None, :] * sd
-    # the gradient of qkv: contiguous (B, L, 3, H, D)
-    dst = DQKV + (b64 * L + r64) * (3 * H * D) + h * D + cols[None, :]
+    src, tile, bh, b, h, rows, cols, inside = _row_tile(QKV, L, H, sb, sl, sh, sd, D, ROWS)
+    dst = DQKV + (b * L + rows) * (3 * H * D) + h * D + cols  # the gradient of qkv: contiguous (B, L, 3, H, D)
     t, unclamped = _temperature(LOG_SCALE, h, max_log)
 
-    dq = tl.load(DQ + b64 * gqb + h * gqh + r64 * gql + cols[None, :] * gqd, mask=inside, other=0.0).to(tl.float32)
+    dq = tl.load(DQ + b * gqb + h * gqh + rows * gql + cols * gqd, mask=inside, other=0.0).to(tl.float32)
     x = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     dx, n = _normalize_backward(x, dq * t, eps)
     tl.store(dst, dx.to(DQKV.dtype.element_ty), mask=inside)
     dlog = tl.sum(tl.sum(dq * n, axis=1), axis=0) * t
     tl.store(PARTIAL + bh * tl.num_programs(0) + tile, tl.where(unclamped, dlog, 0.0))
 
-    dk = tl.load(DK + b64 * gkb + h * gkh + r64 * gkl + cols[None, :] * gkd, mask=inside, other=0.0).to(tl.float32)
+    dk = tl.load(DK + b * gkb + h * gkh + rows * gkl + cols * gkd, mask=inside, other=0.0).to(tl.float32)
     x = tl.load(src + s3, mask=inside, other=0.0).to(tl.float32)
     dx, _ = _normalize_backward(x, dk, eps)
     tl.store(dst + H * D, dx.to(DQKV.dtype.element_ty), mask=inside)
 
-    dv = tl.load(DV + b64 * gvb + h * gvh + r64 * gvl + cols[None, :] * gvd, mask=inside, other=0.0)
+    dv = tl.load(DV + b * gvb + h * gvh + rows * gvl + cols * gvd, mask=inside, other=0.0)
     tl.store(dst + 2 * H * D, dv.to(DQKV.dtype.element_ty), mask=inside)
 
 
