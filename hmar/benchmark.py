@@ -21,7 +21,7 @@ from hmar.attention import AttentionFn, select_attention
 from hmar.checkpoints import build_models
 from hmar.compile import compile_blocks, wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
-from hmar.cuda_graph import capture
+from hmar.cuda_graph import TRAIN_GRAPH_WARMUP, GraphedTrainStep
 from hmar.pipeline import Pipeline
 from hmar.profiling import StepProfile, profile_steps
 from hmar.sampler import make_generator
@@ -42,10 +42,6 @@ GRAPHED_WARMUP = 2
 # Inductor modes `hmar bench train --compile-mode` takes ("max-autotune" itself would add Inductor's
 # own CUDA graphs, which the whole-step graph replaces).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-# Eager steps before a training step is captured (on a side stream, as capture requires: lazy
-# initialisation, compilation and autotuning happen there); the capture takes the next call.
-TRAIN_GRAPH_WARMUP = 3
-
 
 @dataclass
 class BenchRow:
@@ -150,34 +146,6 @@ def stage1_loss_fn(transformer: ScaleTransformer, attend: AttentionFn, weights: 
         return next_scale_loss(score_logits(logits, targets), weights, transformer.patch_nums)[0]
 
     return all_logits
-
-
-class GraphedTrainStep:
-    """A training step (forward, backward, clipping, optimizer step) on static tensors, run eagerly
-    `TRAIN_GRAPH_WARMUP` times on a side stream, then captured as one CUDA graph and replayed: one
-    launch per step instead of thousands, so the GPU never waits for the host. The step must read
-    nothing on the host, its optimizer must be capturable, and its autocast must not cache casts.
-    Its gradients and activations live in the graph's pool (`memory_bytes`) between steps."""
-
-    def __init__(self, step: Callable[[], None], device: torch.device):
-        self.step, self.device = step, device
-        self.memory_bytes, self._eager_steps = 0, 0
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def __call__(self) -> None:
-        if self._graph is not None:
-            self._graph.replay()
-            return
-        if self._eager_steps < TRAIN_GRAPH_WARMUP:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._eager_steps += 1
-            return
-        self._graph, _, self.memory_bytes = capture(self.step, self.device)
-        self._graph.replay()
 
 
 def train_step_fn(config: ModelConfig, batch_size: int, device: torch.device, attention: str = "auto", loss: str = "chunked",

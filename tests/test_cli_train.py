@@ -42,3 +42,14 @@ def test_bad_training_options_are_usage_errors(tmp_path):
                                  "--sharding", "zero3", *FAST])
     assert result.exit_code == 2 and "sharding must be one of ('ddp', 'fsdp'), got 'zero3'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cuda_graph_on_the_cpu_is_a_one_line_error(tmp_path):
+    from tests.test_train_helpers import make_data, make_tokenizer_folder
+
+    data, tokenizer = make_data(tmp_path / "data"), make_tokenizer_folder(tmp_path / "tok")
+    (tmp_path / "hmar.json").write_text(json.dumps(dataclasses.asdict(tiny_transformer_config())))
+    result = runner.invoke(app, ["train", "stage1", "--data", str(data), "--out", str(tmp_path / "s1"), "--tokenizer", str(tokenizer),
+                                 "--model", str(tmp_path / "hmar.json"), "--cuda-graph", *FAST])
+    assert result.exit_code != 0 and "--cuda-graph needs one training process on a CUDA device" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s1").exists()

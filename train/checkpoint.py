@@ -22,7 +22,8 @@ CHECKPOINT = "checkpoint.pt"
 RUN_OPTIONS = "run.json"
 # Options a resumed run may change; any other difference is refused. (Checkpoints hold whole tensors
 # under either sharding, see hmar.train.sharding.)
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile", "sharding"})
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile", "sharding",
+                               "cuda_graph"})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

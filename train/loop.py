@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from hmar.compile import compile_blocks, eager, wanted as compile_wanted
+from hmar.cuda_graph import GraphedTrainStep
 from hmar.train.checkpoint import CHECKPOINT, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
 from hmar.train.data import BatchOrder
 from hmar.train.distributed import Processes
@@ -59,6 +60,9 @@ class Stage:
     procs: Processes
     objective: nn.Module
     order: BatchOrder
+    # Whether to replay the training step as one CUDA graph (`hmar.cuda_graph.GraphedTrainStep`); a
+    # stage sets it only where its step has fixed shapes and reads nothing on the host.
+    cuda_graph: bool = False
 
     def batches(self, start: int) -> Iterator[StepInputs]:
         raise NotImplementedError
@@ -114,6 +118,9 @@ def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
 def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     config, procs, objective = stage.config, stage.procs, stage.objective
     out = config.out
+    graphed = stage.cuda_graph
+    if graphed and (procs.device.type != "cuda" or procs.world_size > 1):
+        raise TrainingError(f"--cuda-graph needs one training process on a CUDA device, not {procs.world_size} on {procs.device}")
     check_run_folder(out, config.as_dict(), config.resume)
     procs.barrier()  # every process has checked before the main one writes
     if procs.is_main and not config.resume:
@@ -127,7 +134,10 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         compile_blocks(objective)
     model = sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=config.lr, betas=config.betas, fused=procs.device.type == "cuda")
+    # A captured optimizer step reads its learning rate from a tensor, which the schedule fills.
+    lr = torch.tensor(config.lr, device=procs.device) if graphed else config.lr
+    optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=lr, betas=config.betas,
+                                  fused=procs.device.type == "cuda", capturable=graphed)
     scheduler = build_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
     ema = ParameterEMA(objective, config.ema_decay) if config.ema_decay > 0 else None
 
@@ -139,7 +149,9 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
+            value = float(base) * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
+            group["lr"] = torch.tensor(value, device=procs.device) if graphed else value
+            group["capturable"] = graphed  # the stored groups say how the checkpoint's run stepped, not this one
         if ema is not None:
             ema.load_state_dict(shard_state(state["ema"], ema.state_dict()))
         stage.load_extra_state(state["extra"])
@@ -155,6 +167,18 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         if procs.is_main or sharding.sharded:  # a sharded model samples on every process
             _write_samples(stage, path, compiled, sharding)
 
+    def eager_step(tensors: tuple, cache_casts: bool = True):
+        """Forward, backward, clipping and the optimizer step: (loss, logged numbers, gradient norm)."""
+        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_casts):
+            loss, numbers = model(*tensors)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
+        optimizer.step()
+        return loss.detach(), numbers, grad_norm
+
+    run_step = _GraphedSteps(eager_step, procs.device) if graphed else eager_step
+
     log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
     speed, skipped, last = Throughput(), 0, {}
     objective.train()
@@ -166,10 +190,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             inputs = next(batches)
             seed_step(config.seed, step, procs.rank)
             try:
-                with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, numbers = model(*inputs.tensors)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, numbers, grad_norm = run_step(inputs.tensors)
             except Exception as exc:
                 if _is_out_of_memory(exc):
                     raise TrainingError(
@@ -177,8 +198,6 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
                         f"(the global batch is batch size x processes, so more GPUs keep it), or use a smaller model"
                     ) from None
                 raise
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
-            optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update(objective)
@@ -188,11 +207,11 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             skipped += inputs.skipped
 
             if done % config.log_every == 0 or done == config.steps:
-                numbers = {"loss": loss.detach(), **numbers}
+                numbers = {"loss": loss, **numbers}
                 if grad_norm is not None:
                     numbers["grad_norm"] = whole(grad_norm)
                 averaged = {k: procs.mean(v) for k, v in numbers.items()}
-                last = {"step": done, "lr": scheduler.get_last_lr()[0], "images_per_s": speed.read(),
+                last = {"step": done, "lr": float(scheduler.get_last_lr()[0]), "images_per_s": speed.read(),
                         "skipped_images": int(procs.total(torch.tensor(float(skipped))).item()),
                         "epoch": stage.order.epoch_of(done), "time": time.time(), **_flatten(averaged)}
                 if log is not None:
@@ -216,6 +235,27 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     exported = stage.export(final) if procs.is_main else out
     procs.barrier()
     return RunResult(out, config.steps, exported, last)
+
+
+class _GraphedSteps:
+    """Training steps replayed as one CUDA graph (`GraphedTrainStep`): each batch is copied into the
+    graph's static input tensors first. A batch of another shape (one that lost unreadable images)
+    takes an eager step instead."""
+
+    def __init__(self, eager_step: Callable[..., tuple], device: torch.device):
+        self.eager_step, self.static = eager_step, None
+        # (a graph must not keep autocast's cached casts: they are freed when the context exits)
+        self.graphed = GraphedTrainStep(lambda: eager_step(self.static, cache_casts=False), device)
+
+    def __call__(self, tensors: tuple) -> tuple:
+        if self.static is None:
+            self.static = tuple(t.clone() for t in tensors)
+        elif [t.shape for t in tensors] != [t.shape for t in self.static]:
+            return self.eager_step(tensors)
+        else:
+            for static, t in zip(self.static, tensors):
+                static.copy_(t)
+        return self.graphed()
 
 
 def _write_samples(stage: Stage, path: Path, compiled: bool, sharding: Sharding) -> None:

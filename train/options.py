@@ -93,6 +93,7 @@ class Stage1Config(TrainConfig):
     exp_decay_rate: float = 0.5  # exp_decay: weight ∝ exp(-rate·k)
     token_cache: Path | None = None  # encode the data set once into this file and train from it
     attention: str = "auto"  # hmar.attention.select_attention name
+    cuda_graph: bool | None = None  # replay each step as one CUDA graph (hmar.cuda_graph.GraphedTrainStep); None: with one CUDA process
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -75,6 +75,8 @@ class Stage1(Stage):
 
     def __init__(self, config: Stage1Config, procs: Processes):
         self.config, self.procs = config, procs
+        # the step has fixed shapes and reads nothing on the host, so it may be replayed as a CUDA graph
+        self.cuda_graph = (procs.device.type == "cuda" and procs.world_size == 1) if config.cuda_graph is None else config.cuda_graph
         self.folder = ImageFolder.scan(config.data)
         self.tokenizer = load_tokenizer(config.tokenizer).to(procs.device).requires_grad_(False)
         transformer = transformer_config(config.model, self.folder.num_classes, config.cond_drop_rate)
