@@ -43,6 +43,7 @@ GRAPHED_WARMUP = 2
 # own CUDA graphs, which the whole-step graph replaces).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
+
 @dataclass
 class BenchRow:
     family: str

@@ -139,7 +139,7 @@ def _forward(qkv, log_scale, max_log_scale):
 def _backward(dq, dk, dv, qkv, log_scale, max_log_scale):
     B, L, _, H, D = qkv.shape
     grid = _grid(qkv)
-    dqkv = qkv.new_empty((B, L, 3, H, D))
+    dqkv = qkv.new_empty(qkv.shape)  # contiguous (B, L, 3, H, D), as the kernel writes it
     partial = torch.empty((B * H, grid[0]), device=qkv.device, dtype=torch.float32)
     _cosine_qkv_bwd[grid](qkv, log_scale, dq, dk, dv, dqkv, partial, L, H, *qkv.stride(), *dq.stride(), *dk.stride(),
                           *dv.stride(), max_log_scale, NORM_EPS, D=D, ROWS=ROWS, num_warps=4)
@@ -168,8 +168,7 @@ def _bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Ten
 
 @_bwd_op.register_fake
 def _bwd_fake(dq, dk, dv, qkv, log_scale, max_log_scale):
-    B, L, _, H, D = qkv.shape
-    return qkv.new_empty((B, L, 3, H, D)), torch.empty_like(log_scale)
+    return qkv.new_empty(qkv.shape), torch.empty_like(log_scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -180,7 +179,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, dq, dk, dv):
     qkv, log_scale = ctx.saved_tensors
-    dq, dk, dv = (torch.zeros_like(qkv[:, :, 0].transpose(1, 2)) if g is None else g for g in (dq, dk, dv))
+    dq, dk, dv = (_heads_like(qkv).zero_() if g is None else g for g in (dq, dk, dv))
     dqkv, dlog = _bwd_op(dq, dk, dv, qkv, log_scale, ctx.max_log_scale)
     return dqkv, dlog, None
 
