@@ -228,6 +228,8 @@ def _mm(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, bound,
               lo, hi, qk_scale, offs_d,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # qk_scale > 0 (the host flips q's sign for a negative scale), so the running maximum can be taken
+    # over the raw scores and each unmasked score scaled and shifted in one FMA.
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -241,10 +243,11 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, 
         if MASKED:
             ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             s = tl.where(ok, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
         else:
-            s = s * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -482,7 +485,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, TAB, LO, HI,
 # --------------------------------------------------------------------------------------------
 
 _SPLIT = {"SPLIT_EXP": True}
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                (64, 128, 4, 3), (64, 32, 4, 2), (128, 64, 4, 4)]
 # The split exponential (half of each unmasked tile's exp2 on the FMA pipe) never won the H100
 # autotuning at any benchmark shape (see BENCHMARKS.md), so it is not a candidate by default; it stays
@@ -579,6 +582,8 @@ def _counts(ntiles: Sequence[int], bh) -> dict:
 def _forward(q, k, v, out, lse, tables, meta, scale, config):
     B, H, N, D = q.shape
     lo, hi, _, _, row_tab, _ = tables
+    if scale < 0:  # the kernel needs a positive scale: softmax(c·q·kᵀ) = softmax(|c|·(−q)·kᵀ), negation exact
+        q, scale = -q, -scale
     kernel, tuned = _attn_fwd, _attn_fwd_tuned
     upcast = _interpreting() and q.dtype == torch.bfloat16
     args = (q, k, v, out, lse, row_tab, lo, hi,
