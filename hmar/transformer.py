@@ -70,20 +70,60 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.div_(1 - p)
 
 
-def _cosine_qkv_kernel(qkv: torch.Tensor, log_scale: torch.Tensor):
-    """`hmar.kernels.cosine_qkv` where training on CUDA (eager or compiled), else None.
+def _sampling_eagerly_on_cuda(x: torch.Tensor) -> bool:
+    """No gradients, not traced by torch.compile, on CUDA: where the sampler's eager path runs
+    PyTorch's element-wise ops one kernel each, and our fused kernels replace them. (Compiled
+    sampling keeps Inductor's fusions; the CPU, the conformance fixtures' float32 reference, keeps
+    PyTorch's ops.)"""
+    return x.device.type == "cuda" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    Why only with gradients: compiled, Inductor fuses the forward of the split and normalisation
-    well, but its backward (a reduction over D, then a transposition back into the projection's
-    layout) was ~7 % of a d16 training step; the kernel does both directions in one pass each.
-    Sampling keeps PyTorch's ops, whose rounding the conformance fixtures were recorded with."""
-    if not (torch.is_grad_enabled() and (qkv.requires_grad or log_scale.requires_grad)):
+
+def _cosine_qkv_kernel(qkv: torch.Tensor, log_scale: torch.Tensor):
+    """`hmar.kernels.cosine_qkv` when training on CUDA (eager or compiled) or sampling eagerly there,
+    else None.
+
+    Training: compiled, Inductor fuses the forward of the split and normalisation well, but its
+    backward (a reduction over D, then a transposition back into the projection's layout) was ~7 % of
+    a d16 training step; the kernel does both directions in one pass each. Eager sampling: PyTorch
+    runs the same lines as ~10 kernels over q and k."""
+    training = torch.is_grad_enabled() and (qkv.requires_grad or log_scale.requires_grad)
+    if not (training or _sampling_eagerly_on_cuda(qkv)):
         return None
     try:
         from hmar.kernels import cosine_qkv  # here, not at the top: Triton takes seconds to import
     except ImportError:  # no Triton on this platform
         return None
     return cosine_qkv.cosine_qkv if cosine_qkv.supports(qkv, log_scale) else None
+
+
+def _adaln_kernels(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """`hmar.kernels.adaln` (the modulated LayerNorm, alone or after the gated residual add, one pass
+    each way) on CUDA except in compiled sampling, else None.
+
+    Eagerly each of those lines is 2-4 passes over the float32 residual stream, the largest share of
+    the eager sampler's element-wise time. Training (eager or compiled): Inductor fuses the forward
+    well, but its backward of the two norms with their per-sample reductions (d scale, d shift,
+    d gamma over the tokens) took ~9 ms of a 76 ms d16 step as 4-6 kernels per block."""
+    if x.device.type != "cuda" or not (torch.is_grad_enabled() or not torch.compiler.is_compiling()):
+        return None
+    try:
+        from hmar.kernels import adaln
+    except ImportError:
+        return None
+    return adaln if adaln.supports(x, scale, shift) else None
+
+
+def _gelu_in_epilogue(x: torch.Tensor, fc1: nn.Linear) -> bool:
+    """Whether the MLP's first layer runs as one matmul with bias and (tanh) GELU in its epilogue
+    (`torch._addmm_activation`, cuBLASLt's GELU_BIAS): when sampling eagerly on CUDA with x already in
+    the weights' dtype (the fused norms hand the autocast dtype over). Saves a pass over the 4×-wide
+    hidden activations; PyTorch's own tanh GELU where cuBLASLt cannot take the shapes."""
+    return _sampling_eagerly_on_cuda(x) and fc1.bias is not None and x.dtype == fc1.weight.dtype == fc1.bias.dtype
+
+
+def _linear_input_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the next Linear would cast x to: the autocast dtype where autocast is on."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class SelfAttention(nn.Module):
@@ -130,6 +170,9 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gelu_in_epilogue(x, self.fc1):
+            hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(hidden.view(*x.shape[:-1], -1))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -155,6 +198,15 @@ class AdaLNBlock(nn.Module):
         else:  # cond: (B, C) class embedding
             mods = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
+        fused = _adaln_kernels(x, scale1, shift1)
+        if fused is not None:  # on CUDA: the same function in 2 passes over x instead of ~8
+            # dropping a sample's branch (drop path) = zeroing (and rescaling) that sample's gain
+            gamma1 = drop_path(gamma1, self.drop_path_rate, self.training)
+            gamma2 = drop_path(gamma2, self.drop_path_rate, self.training)
+            eps, dtype = self.ln_wo_grad.eps, _linear_input_dtype(x)
+            h = self.attn(fused.modulated_layer_norm(x, scale1, shift1, eps, dtype), attend, cache)
+            x, y = fused.residual_modulated_layer_norm(x, h, gamma1, scale2, shift2, eps, dtype)
+            return torch.addcmul(x, self.ffn(y), gamma2)
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attend, cache)
         x = x + drop_path(h.mul(gamma1), self.drop_path_rate, self.training)  # not in place: under compile, h is a graph output autograd keeps
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
@@ -172,6 +224,9 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
+        fused = _adaln_kernels(x, scale, shift)
+        if fused is not None:
+            return fused.modulated_layer_norm(x, scale, shift, self.ln_wo_grad.eps, _linear_input_dtype(x))
         return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 

@@ -40,7 +40,7 @@ for task in $TASKS; do
   case $task in
     tests) timeout 420 python3 -m pytest -m gpu tests/test_pipeline.py tests/test_gpu_engine.py tests/test_compile.py tests/test_inference.py \
              tests/test_cuda_graph.py tests/test_benchmark.py tests/test_tokenizer.py tests/test_conformance.py \
-             tests/test_channels_last_kernels.py tests/test_kernels.py tests/test_cosine_qkv.py -q -p no:cacheprovider -rfE \
+             tests/test_channels_last_kernels.py tests/test_kernels.py tests/test_cosine_qkv.py tests/test_adaln.py tests/test_fused_blocks.py -q -p no:cacheprovider -rfE \
              2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15 ;;
     sample) bench sample64 sample --batch-size 64 --steps 14 --no-compile --profile "$OUT/profiles"
             bench sample1 sample --batch-size 1 --steps 14 --iters 10 --no-compile ;;
