@@ -48,8 +48,9 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     # cuBLAS(Lt) / CUTLASS kernels, Inductor GEMM templates, and the CPU's matmul operators
     ("matmul", r"gemm|gemv|nvjet|cutlass|splitkreduce|triton_tem_|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation)$|addmmbackward|mmbackward"),
     # Inductor's fused point-wise / reduction kernels, ATen's element-wise and reduction kernels,
-    # layer norms, activations, copies, our cosine-attention inputs kernels (_cosine_qkv_fwd/_bwd)
-    ("element-wise/norm", r"triton_|_cosine_qkv|elementwise|vectorized|reduce_kernel|norm|gelu|silu|aten::(add|sub|mul|div|neg|exp|pow|clamp|copy|cat|where|fill|masked_fill|sum|mean|to|_to_copy)_?$"),
+    # layer norms, activations, copies, our cosine-attention inputs (_cosine_qkv_fwd/_bwd) and AdaLN
+    # (_adaln_fwd/_bwd) kernels
+    ("element-wise/norm", r"triton_|_cosine_qkv|_adaln_|elementwise|vectorized|reduce_kernel|norm|gelu|silu|aten::(add|sub|mul|div|neg|exp|pow|clamp|copy|cat|where|fill|masked_fill|sum|mean|to|_to_copy)_?$"),
 )
 OTHER = "other"
 CATEGORY_NAMES = tuple(name for name, _ in CATEGORIES) + (OTHER,)

@@ -187,6 +187,7 @@ def test_compiled_training_step_is_timed_after_compiling_and_profiled():
     ("cub::DeviceRadixSortOnesweepKernel", "top-k/top-p/draw"), ("aten::embedding", OTHER),
     ("_partial_moments", "vq-vae"), ("_normalize_act", "vq-vae"), ("_add_bias", "vq-vae"),
     ("_cosine_qkv_bwd", "element-wise/norm"),
+    ("_adaln_bwd", "element-wise/norm"),
 ])
 def test_kernel_and_operator_names_fall_into_categories(name, category):
     assert category_of(name) == category
