@@ -4,8 +4,9 @@
 restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton; traceable by
 torch.compile (custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bwd``, registered on import).
 
-Submodules: ``cosine_qkv`` (cosine attention's q, k, v from a fused projection, forward and backward,
-for training) and ``channels_last`` (GroupNorm+SiLU and bias adds for the half-precision decoder).
+Submodules: ``cosine_qkv`` (cosine attention's q, k, v from a fused projection, forward and backward),
+``adaln`` (the blocks' modulated LayerNorms, alone or after the gated residual add, forward and
+backward) and ``channels_last`` (GroupNorm+SiLU and bias adds for the half-precision decoder).
 """
 from .block_sparse_attention import PATTERNS, block_sparse_attention
 
