@@ -192,7 +192,7 @@ def _shared(mod: torch.Tensor) -> bool:
     return mod.dim() < 3 or mod.shape[0] == 1
 
 
-def _strides(mod: torch.Tensor, B: int) -> tuple[int, int]:
+def _strides(mod: torch.Tensor) -> tuple[int, int]:
     """(batch stride, channel stride) of a (B | 1, 1, C) modulation; batch stride 0 where it is shared."""
     return (0 if _shared(mod) else mod.stride(0)), mod.stride(-1)
 
@@ -206,10 +206,10 @@ def _forward(x, h, gamma, scale, shift, eps, out_dtype):
     rstd = x.new_empty((B, L), dtype=torch.float32)
     if B * L:
         block, rows, _, _, warps = _config(C)
-        h_args = (h, gamma, *h.stride(), *_strides(gamma, B)) if residual else (x, x, 0, 0, 0, 0, 0)
+        h_args = (h, gamma, *h.stride(), *_strides(gamma)) if residual else (x, x, 0, 0, 0, 0, 0)
         _adaln_fwd[(triton.cdiv(L, rows), B)](
             x, h_args[0], h_args[1], scale, shift, x1, y, mean, rstd, L, C, eps, *x.stride(), *h_args[2:],
-            *_strides(scale, B), *_strides(shift, B), BLOCK_C=block, ROWS=rows, RESIDUAL=residual, num_warps=warps)
+            *_strides(scale), *_strides(shift), BLOCK_C=block, ROWS=rows, RESIDUAL=residual, num_warps=warps)
     return x1, y, mean, rstd
 
 
@@ -228,11 +228,11 @@ def _backward(dy, dx1, x1, h, gamma, scale, mean, rstd):
     partial = _partial_like(x1, 3 if residual else 2)
     if B * L:
         block, _, rows, tiles, warps = _config(C)
-        h_args = (h, gamma, dh, *h.stride(), *_strides(gamma, B)) if residual else (x1, x1, dx, 0, 0, 0, 0, 0)
+        h_args = (h, gamma, dh, *h.stride(), *_strides(gamma)) if residual else (x1, x1, dx, 0, 0, 0, 0, 0)
         dx1_args = (dx1, *dx1.stride()) if upstream else (dy, 0, 0, 0)
         _adaln_bwd[(partial.shape[2], B)](
             x1, h_args[0], h_args[1], scale, mean, rstd, dy, dx1_args[0], dx, h_args[2], partial, B, L, C,
-            *x1.stride(), *h_args[3:], *_strides(scale, B), *dy.stride(), *dx1_args[1:],
+            *x1.stride(), *h_args[3:], *_strides(scale), *dy.stride(), *dx1_args[1:],
             BLOCK_C=block, ROWS=rows, TILES=tiles, RESIDUAL=residual, UPSTREAM=upstream, num_warps=warps)
     else:
         partial.zero_()
