@@ -16,7 +16,10 @@ Work is cut along the block structure, on the host, once per (block sizes, patte
 * The tables for every tile size the configurations use are packed into one int32 tensor with a
   small header, so that Triton's autotuner may pick the tile size (keyed on N, head dim, pattern).
 
-Passes: forward (online softmax in base 2, saves the row log-sum-exp), backward preprocess
+Passes: forward (online softmax in base 2, saves the row log-sum-exp; on long key ranges the middle
+key tiles after the first keep the running maximum fixed, which drops the per-score maximum and the
+per-tile rescaling, and a second launch redoes, with a running maximum, the rare tiles where a later
+score outgrew it), backward preprocess
 (delta = rowsum(dO * O)), a dK/dV pass over key tiles (loops over the queries that see them) and a
 separate dQ pass over query tiles: no atomics, each output written exactly once.
 
@@ -29,7 +32,7 @@ output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk
 q/k normalisation, reshapes) and calls the operators, which launch the kernels. (As
 ``torch.library.triton_op``s, which Inductor would compile itself, they failed torch's analysis of
 what each kernel writes on the device's torch 2.11.) The layout enters the operators as one int32
-tensor plus 9 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
+tensor plus 10 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
 dispatcher's overhead.
 """
 from __future__ import annotations
@@ -52,6 +55,12 @@ TILE_SIZES = (16, 32, 64, 128)  # row-tile sizes the tables are built for (heade
 _RECORD = 8  # int32 words per tile record: r0, r1, ul, uh, il, ih, pad, pad
 _HEADER = 8  # offsets of the four tables, then their tile counts
 LOG2E = 1.4426950408889634
+FROZEN_L_LIMIT = tl.constexpr(4.0e9)  # ~2**32: above it a tile's fixed softmax reference is redone
+FP32_FINITE = tl.constexpr(3.0e38)
+# The forward takes the fixed softmax reference (MODE 1, plus a launch for the rare tiles to redo) when
+# some query attends to at least this many keys: it pays off on long key ranges (H100: 1024 px 0.98 ->
+# 0.89 ms, 512 px causal 0.62 -> 0.55 ms); on short ones the extra launch costs what it saves.
+FROZEN_MIN_KEYS = 2048
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read by Triton when it decorates
@@ -134,8 +143,9 @@ class Layout:
 
     The kernels' tables are packed into one int32 tensor, `table`: the per-token ranges lo, hi, clo,
     chi (each padded to a multiple of 4 entries), then the row-tile bank and the column-tile bank.
-    `meta` = (pattern key, row tiles per tile size (4 ints), column tiles per tile size (4 ints)):
-    with N (the tokens) it is all the host needs to cut the table and size the grids. The custom
+    `meta` = (pattern key, row tiles per tile size (4 ints), column tiles per tile size (4 ints), the
+    longest key range of a query): with N (the tokens) it is all the host needs to cut the table, size
+    the grids and choose the forward's mode. The custom
     operators take `table` and `meta`, nothing else about the layout.
     """
 
@@ -152,7 +162,7 @@ class Layout:
         self.row_ntiles = {t: int(row_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
         self.col_ntiles = {t: int(col_bank[4 + s]) for s, t in enumerate(TILE_SIZES)}
         self.pattern_key = 10 * (1 + PATTERNS.index(pattern))  # autotune key (never 1 nor %16)
-        self.meta = (self.pattern_key, *self.row_ntiles.values(), *self.col_ntiles.values())
+        self.meta = (self.pattern_key, *self.row_ntiles.values(), *self.col_ntiles.values(), int((hi - lo).max()))
         self.tables = _split_table(self.table, self.meta, self.n)  # views: lo, hi, clo, chi, row bank, column bank
         self.lo, self.hi, self.clo, self.chi, self.row_tab, self.col_tab = self.tables
         # useful (unmasked) query-key pairs, for FLOP counts
@@ -261,6 +271,24 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, 
 
 
 @triton.jit
+def _fwd_loop_frozen(acc, l_i, m_ref, q, k_base, v_base, skn, skd, svn, svd, start, end, qk_scale, offs_d,
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Unmasked key tiles after the first: exponentials relative to a fixed reference m_ref (the running
+    # maximum so far) instead of a running maximum. Softmax does not depend on the reference, so this is
+    # exact as long as no 2**(score - m_ref) overflows, which the caller checks; per score it saves the
+    # maximum and per output element the rescaling, and the P.V product becomes a plain accumulation.
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd)
+        s = _mm(q, tl.trans(k), None, PREC, UPCAST)
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+        l_i += tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd)
+        acc = _mm(p.to(v.dtype), v, acc, PREC, UPCAST)
+    return acc, l_i
+
+
+@triton.jit
 def _exp2_fma(x):
     """2**x for x <= 0 on the FMA pipe (Cody-Waite split + cubic, rel. error 1.4e-4, far under bf16's
     rounding of P): lets half of a tile's exponentials bypass the MUFU unit, which at head dim 64 is
@@ -301,11 +329,48 @@ def _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI,
+def _fwd_tile(q, k_base, v_base, skn, skd, svn, svd, ul, uh, il, ih, lo, hi, qk_scale, offs_d,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, FROZEN: tl.constexpr,
+              SPLIT_EXP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One row tile's (acc, l, m): masked head, unmasked middle, masked tail of its key range."""
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: rows with no key yet stay NaN-free
+    a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
+                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    if SPLIT_EXP:
+        acc, l_i, m_i = _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end,
+                                        qk_scale, offs_d, BLOCK_N, BLOCK_N // 2, PREC, UPCAST)
+    elif FROZEN:
+        # The first unmasked key tile updates the running maximum (every row has then seen a key); the
+        # rest of the middle keeps it as a fixed reference.
+        peel = tl.minimum(a + BLOCK_N, b_end)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, peel, uh,
+                                  lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
+        acc, l_i = _fwd_loop_frozen(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, peel, b_end,
+                                    qk_scale, offs_d, BLOCK_N, PREC, UPCAST)
+    else:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
+                                  lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, b_end, uh, uh,
+                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI, REDO,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
               H, N, qk_scale, KEY_PATTERN,
               HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT_EXP: tl.constexpr = False):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr = 0, SPLIT_EXP: tl.constexpr = False):
+    # MODE 0: a running maximum throughout. MODE 1: the middle key tiles after the first use a fixed
+    # softmax reference (see _fwd_loop_frozen); REDO[program] = 1 where it did not hold (a later score
+    # above it by ~32 or more in log2 units: l passes 2**32 or overflows), else 0. MODE 2: the same grid
+    # again, computing only the tiles REDO marks, with a running maximum (overwriting their outputs).
+    if MODE == 2:
+        if tl.load(REDO + tl.program_id(0)) == 0:
+            return
     bh, r0, r1, ul, uh, il, ih = _tile_record(TAB, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -319,20 +384,11 @@ def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI,
                 mask=m_ok[:, None], other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: rows with no key yet stay NaN-free
-    a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
-                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
-    if SPLIT_EXP:
-        acc, l_i, m_i = _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end,
-                                        qk_scale, offs_d, BLOCK_N, BLOCK_N // 2, PREC, UPCAST)
-    else:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end, uh,
-                                  lo, hi, qk_scale, offs_d, BLOCK_N, False, PREC, UPCAST)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, b_end, uh, uh,
-                              lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
+    acc, l_i, m_i = _fwd_tile(q, k_base, v_base, skn, skd, svn, svd, ul, uh, il, ih, lo, hi, qk_scale, offs_d,
+                              BLOCK_M, BLOCK_N, HEAD_D, MODE == 1, SPLIT_EXP, PREC, UPCAST)
+    if MODE == 1:
+        held = (l_i < FROZEN_L_LIMIT) & (tl.max(tl.abs(acc), 1) < FP32_FINITE)
+        tl.store(REDO + tl.program_id(0), 1 - tl.min(held.to(tl.int32), 0))
     acc = acc / l_i[:, None]
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -586,11 +642,17 @@ def _forward(q, k, v, out, lse, tables, meta, scale, config):
         q, scale = -q, -scale
     kernel, tuned = _attn_fwd, _attn_fwd_tuned
     upcast = _interpreting() and q.dtype == torch.bfloat16
-    args = (q, k, v, out, lse, row_tab, lo, hi,
+    counts = _counts(meta[1:5], B * H)
+    split = config is not None and len(config) > 4 and config[4].get("SPLIT_EXP", False)
+    frozen = meta[9] >= FROZEN_MIN_KEYS and not split
+    redo = torch.empty(max(counts.values()), device=q.device, dtype=torch.int32) if frozen else lse
+    args = (q, k, v, out, lse, row_tab, lo, hi, redo,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
-    _launch(kernel, tuned, _counts(meta[1:5], B * H), "BLOCK_M", "BLOCK_N", "fwd", config, args, kwargs,
-            ("fwd", N, D, meta[0], q.dtype))
+    key = ("fwd", N, D, meta[0], q.dtype)
+    _launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=int(frozen)), key)
+    if frozen:  # the tiles whose fixed reference did not hold, again (same configuration, so the same grid)
+        _launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=2), key)
 
 
 def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config):
@@ -655,7 +717,7 @@ def _new_lse(q):
 # hmar::block_sparse_attn_fwd(q, k, v, table, meta, scale, configs) -> (out, lse)
 # hmar::block_sparse_attn_bwd(do, q, k, v, out, lse, table, meta, scale, configs) -> (dq, dk, dv)
 #
-# `table`, `meta`: the layout (see `Layout`): one int32 tensor and 9 ints, built once per (block
+# `table`, `meta`: the layout (see `Layout`): one int32 tensor and 10 ints, built once per (block
 # sizes, pattern, device) by the wrapper. `configs`: 15 ints, explicit (rows, inner, warps, stages,
 # split exponential) for the fwd, dq and dkdv passes in turn, all zero where the pass autotunes (or
 # takes its default): tests and benchmarks pin configurations with it.

@@ -7,7 +7,9 @@ three gradients are compared with a float64 masked-softmax reference computed on
 inputs, by ||x - ref|| / ||ref||. Bounds: fp32 1e-5, fp16 2e-3, bf16 1.5e-2 (bf16 rounds the output,
 P and dS to 8 bits; measured about 4e-3 / 8e-3 at these sizes); cases with the forward's
 split exponential (half on the FMA pipe, cubic with rel. error 1.4e-4) allow 3e-4. Every output buffer is filled with NaN
-before the kernel runs, and must come back finite.
+before the kernel runs, and must come back finite. The "late-spike" cases give one query a key, past the
+forward's first key tile, that outscores that tile's maximum by far: the forward's fixed softmax
+reference overflows there, and the tile must be recomputed with a running maximum.
 
 torch.compile (the kernels are custom operators, `torch.ops.hmar.block_sparse_attn_fwd/_bwd`): in a
 second interpreter subprocess, a function that L2-normalises q and k around the kernel (as the
@@ -49,9 +51,18 @@ CPU_CASES = [
     ("causal-all-ones", "float32", 16, [1] * 19, "block_causal", 2.0, "contiguous"),
     ("diag-split-exp-bf16", "bfloat16", 16, [3, 70, 2, 40], "block_diagonal", None, "contiguous"),
     ("causal-split-exp-fp32", "float32", 16, [3, 70, 2, 40], "block_causal", 0.5, "contiguous"),
+    # key 40 (a frozen-reference key tile of the forward) scores far above the first key tile's maximum
+    # for query 3: by tens (log2 units; past the 2**32 check: the tile is redone with a running maximum)
+    # and by hundreds (2**x overflows: likewise); without the check the output is NaN
+    *[(f"{p}-late-spike-x{f}", "float32", 16, [70, 6], p, 0.7, f"spike{f}")
+      for p in ("block_diagonal", "block_causal") for f in (2, 12)],
 ]
 # forward configuration per case (row tile, key tile, warps, stages, extra); default: the interpreter's
 CPU_FWD_CONFIG = {name: (16, 32, 1, 1, {"SPLIT_EXP": True}) for name in ("diag-split-exp-bf16", "causal-split-exp-fp32")}
+# cases whose forward takes the fixed softmax reference (and its redo launch), which real sizes take
+# where a query sees FROZEN_MIN_KEYS keys or more; the others keep a running maximum throughout
+CPU_FROZEN = {"block_diagonal-float32", "block_causal-bfloat16", "block_diagonal-float16", "diag-one-block",
+              "causal-d32-strided-default-scale", *(c[0] for c in CPU_CASES if "spike" in c[0])}
 
 
 # ------------------------------------------------------------------ interpreter worker (subprocess)
@@ -71,11 +82,15 @@ def _worker(cases):
     from hmar.kernels.reference import reference_attention
 
     results = {}
+    frozen_min_keys = bsa.FROZEN_MIN_KEYS
     for name, dtype_name, D, sizes, pattern, scale, layout in cases:
+        bsa.FROZEN_MIN_KEYS = 0 if name in CPU_FROZEN else frozen_min_keys
         dtype = getattr(torch, dtype_name)
         gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         shape = (2, 3, sum(sizes), D)
         q, k, v = (_make(shape, dtype, layout, gen) for _ in range(3))
+        if layout.startswith("spike"):  # key 40 aligned with query 3, scaled
+            k[:, :, 40] = float(layout[len("spike"):]) * q[:, :, 3]
         do = _make(shape, dtype, "contiguous", gen)
         qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref = reference_attention(qr, kr, vr, sizes, pattern, scale)
