@@ -36,12 +36,13 @@ and the sums per sample (and over the batch of a (1, 1, C) modulation) are left 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from . import devices
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 4096
@@ -49,7 +50,6 @@ FORWARD_ELEMENTS = 16  # values of one tensor per thread in a forward tile (row 
 BACKWARD_ELEMENTS = 8  # the same in a backward tile (it holds more tensors: x1, xhat, dy, dx, h, their pointers)
 BACKWARD_ROWS = 32  # rows one backward program sums the modulations' gradients over (a whole number of tiles)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _config(C: int) -> tuple[int, int, int, int, int]:
@@ -163,8 +163,7 @@ def _adaln_bwd(X1, H, GAMMA, SCALE, MEAN, RSTD, DY, DX1, DX, DH, PARTIAL, B, L, 
 def _problem(x: torch.Tensor, mods: dict[str, torch.Tensor], h: torch.Tensor | None = None,
              out_dtype: torch.dtype | None = None) -> str | None:
     """Why these inputs are not supported, or None."""
-    device_ok = x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRET)
-    if not device_ok:
+    if not devices.runs_on(x.device):
         return f"x is on {x.device}: needs CUDA (or the CPU under TRITON_INTERPRET=1)"
     if x.dim() != 3 or not 1 <= x.shape[-1] <= MAX_CHANNELS:
         return f"x must be (B, L, C) with C ≤ {MAX_CHANNELS}; got {tuple(x.shape)}"

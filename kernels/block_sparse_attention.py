@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import devices
+
 PATTERNS = ("block_diagonal", "block_causal")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,11 +65,8 @@ FP32_FINITE = tl.constexpr(3.0e38)  # just under float32's largest value: a larg
 FROZEN_MIN_KEYS = 2048
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read by Triton when it decorates
-
-
 def _interpreting() -> bool:
-    return _INTERPRET
+    return devices.INTERPRETING
 
 
 # --------------------------------------------------------------------------------------------
@@ -866,7 +865,7 @@ def _check(q, k, v, block_sizes, pattern, scale):
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"block_sparse_attention: scale must be finite, got {scale}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if not devices.runs_on(q.device):
         raise ValueError(f"block_sparse_attention runs on CUDA (or on the CPU under TRITON_INTERPRET=1), got {q.device}; "
                          "use a reference implementation elsewhere")
     return sizes, scale

@@ -32,11 +32,12 @@ rounded once where PyTorch rounds after each step (tests: `tests/test_channels_l
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import devices
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
@@ -44,7 +45,6 @@ MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics
 # (tile and warps for the statistics measured on H100 over the d16 decoder's shapes: ~2.4 TB/s at 256 px)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _add_bias(y_ptr, bias_ptr, residual_ptr, M, C,
 
 def _warps(count: int) -> dict:
     """Launch options: `count` warps on a GPU, none under the interpreter (which takes none)."""
-    return {} if _INTERPRET else {"num_warps": count}
+    return {} if devices.INTERPRETING else {"num_warps": count}
 
 
 def _tile_rows(elements: int, hw: int, c_pad: int) -> int:
@@ -156,8 +156,7 @@ def _multiprocessors(device: torch.device) -> int:
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernels take `x`: a 4-D channels-last map of a supported dtype on CUDA (or on the
     CPU under TRITON_INTERPRET=1)."""
-    device_ok = x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRET)
-    return (device_ok and x.dim() == 4 and x.dtype in DTYPES
+    return (devices.runs_on(x.device) and x.dim() == 4 and x.dtype in DTYPES
             and x.is_contiguous(memory_format=torch.channels_last))
 
 

@@ -29,18 +29,18 @@ as the attention kernels are (see `block_sparse_attention`).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import devices
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 NORM_EPS = 1e-12  # F.normalize's default
 ROWS = 32  # rows of one program: 32 × 128 float32 values per tensor fit the registers of 4 warps
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -190,8 +190,7 @@ _fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
 def supports(qkv: torch.Tensor, log_scale: torch.Tensor) -> bool:
     """Whether `cosine_qkv` takes these inputs: a (B, L, 3, H, D) projection of a supported dtype and
     head dim on CUDA (or on the CPU under TRITON_INTERPRET=1), and one log-temperature per head."""
-    device_ok = qkv.device.type == "cuda" or (qkv.device.type == "cpu" and _INTERPRET)
-    return (device_ok and qkv.dim() == 5 and qkv.shape[2] == 3 and qkv.shape[-1] in HEAD_DIMS
+    return (devices.runs_on(qkv.device) and qkv.dim() == 5 and qkv.shape[2] == 3 and qkv.shape[-1] in HEAD_DIMS
             and qkv.dtype in DTYPES and log_scale.numel() == qkv.shape[3] and log_scale.device == qkv.device)
 
 

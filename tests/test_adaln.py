@@ -224,8 +224,9 @@ def test_unsupported_inputs_raise():
 
 def test_unsupported_shapes_and_dtypes_raise(monkeypatch):
     import hmar.kernels.adaln as adaln
+    from hmar.kernels import devices
 
-    monkeypatch.setattr(adaln, "_INTERPRET", True)  # past the device check; nothing is launched
+    monkeypatch.setattr(devices, "INTERPRETING", True)  # past the device check; nothing is launched
     x, mod = torch.randn(2, 4, 8), torch.randn(2, 1, 8)
     assert adaln.supports(x, mod, mod) and adaln.supports(x, mod[:1], mod[0, 0], x, mod)
     bad = [
