@@ -288,49 +288,9 @@ def _fwd_loop_frozen(acc, l_i, m_ref, q, k_base, v_base, skn, skd, svn, svd, sta
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2**x for x <= 0 on the FMA pipe (Cody-Waite split + cubic, rel. error 1.4e-4, far under bf16's
-    rounding of P): lets half of a tile's exponentials bypass the MUFU unit, which at head dim 64 is
-    as busy as the tensor cores."""
-    x = tl.maximum(x, -126.0)
-    xi = tl.floor(x)
-    f = x - xi
-    p = 0.0778225360556388 * f + 0.22587184826754556
-    p = p * f + 0.6961693895660717
-    p = p * f + 0.9998641508044009
-    bits = p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, qk_scale, offs_d,
-                    BLOCK_N: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Unmasked key tiles as two halves: one half's exponentials on MUFU, the other's on the FMA pipe.
-    for n0 in range(start, end, BLOCK_N):
-        offs_a = n0 + tl.arange(0, HALF)
-        offs_b = offs_a + HALF
-        ka = tl.load(k_base + offs_a[:, None] * skn + offs_d[None, :] * skd)
-        kb = tl.load(k_base + offs_b[:, None] * skn + offs_d[None, :] * skd)
-        sa = _mm(q, tl.trans(ka), None, PREC, UPCAST) * qk_scale
-        sb = _mm(q, tl.trans(kb), None, PREC, UPCAST) * qk_scale
-        m_new = tl.maximum(m_i, tl.maximum(tl.max(sa, 1), tl.max(sb, 1)))
-        pa = tl.math.exp2(sa - m_new[:, None])
-        pb = _exp2_fma(sb - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
-        acc = acc * alpha[:, None]
-        va = tl.load(v_base + offs_a[:, None] * svn + offs_d[None, :] * svd)
-        vb = tl.load(v_base + offs_b[:, None] * svn + offs_d[None, :] * svd)
-        acc = _mm(pa.to(va.dtype), va, acc, PREC, UPCAST)
-        acc = _mm(pb.to(vb.dtype), vb, acc, PREC, UPCAST)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _fwd_tile(q, k_base, v_base, skn, skd, svn, svd, ul, uh, il, ih, lo, hi, qk_scale, offs_d,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, FROZEN: tl.constexpr,
-              SPLIT_EXP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile's (acc, l, m): masked head, unmasked middle, masked tail of its key range."""
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -338,10 +298,7 @@ def _fwd_tile(q, k_base, v_base, skn, skd, svn, svd, ul, uh, il, ih, lo, hi, qk_
     a_end, a, b_end = _phases(ul, uh, il, ih, BLOCK_N)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, ul, a_end, uh,
                               lo, hi, qk_scale, offs_d, BLOCK_N, True, PREC, UPCAST)
-    if SPLIT_EXP:
-        acc, l_i, m_i = _fwd_loop_split(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, a, b_end,
-                                        qk_scale, offs_d, BLOCK_N, BLOCK_N // 2, PREC, UPCAST)
-    elif FROZEN:
+    if FROZEN:
         # The first unmasked key tile updates the running maximum (every row has then seen a key); the
         # rest of the middle keeps it as a fixed reference.
         peel = tl.minimum(a + BLOCK_N, b_end)
@@ -362,7 +319,7 @@ def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI, REDO,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
               H, N, qk_scale, KEY_PATTERN,
               HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr = 0, SPLIT_EXP: tl.constexpr = False):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr = 0):
     # MODE 0: a running maximum throughout. MODE 1: the middle key tiles after the first use a fixed
     # softmax reference (see _fwd_loop_frozen); REDO[program] = 1 where it did not hold (a later score
     # above it by ~32 or more in log2 units: l passes 2**32 or overflows), else 0. MODE 2: the same grid
@@ -384,7 +341,7 @@ def _attn_fwd(Q, K, V, O, LSE, TAB, LO, HI, REDO,
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     acc, l_i, m_i = _fwd_tile(q, k_base, v_base, skn, skd, svn, svd, ul, uh, il, ih, lo, hi, qk_scale, offs_d,
-                              BLOCK_M, BLOCK_N, HEAD_D, MODE == 1, SPLIT_EXP, PREC, UPCAST)
+                              BLOCK_M, BLOCK_N, HEAD_D, MODE == 1, PREC, UPCAST)
     if MODE == 1:
         held = (l_i < FROZEN_L_LIMIT) & (tl.max(tl.abs(acc), 1) < FP32_FINITE)
         tl.store(REDO + tl.program_id(0), 1 - tl.min(held.to(tl.int32), 0))
@@ -539,13 +496,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, TAB, LO, HI,
 # Configurations: (row tile, inner tile, warps, stages). The row tile picks the table.
 # --------------------------------------------------------------------------------------------
 
-_SPLIT = {"SPLIT_EXP": True}
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                (64, 128, 4, 3), (64, 32, 4, 2), (128, 64, 4, 4)]
-# The split exponential (half of each unmasked tile's exp2 on the FMA pipe) never won the H100
-# autotuning at any benchmark shape (see BENCHMARKS.md), so it is not a candidate by default; it stays
-# selectable through an explicit forward config, e.g. (128, 128, 8, 3, _SPLIT), and is tested.
-SPLIT_FWD_CONFIGS = [(128, 128, 8, 3, _SPLIT), (128, 128, 4, 3, _SPLIT), (128, 64, 4, 3, _SPLIT), (128, 64, 8, 3, _SPLIT)]
 DKDV_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)]
 
@@ -562,15 +514,11 @@ def default_config(pass_name: str, head_d: int, dtype: torch.dtype):
 
 
 def _autotuned(kernel, configs, row_key, inner_key):
-    cfgs = [triton.Config({row_key: c[0], inner_key: c[1], **(c[4] if len(c) > 4 else {})}, num_warps=c[2],
-                          num_stages=c[3]) for c in configs]
+    cfgs = [triton.Config({row_key: c[0], inner_key: c[1]}, num_warps=c[2], num_stages=c[3]) for c in configs]
 
     def prune(configs_, named_args, **kwargs):
         head_d = kwargs.get("HEAD_D", named_args.get("HEAD_D", 64) if isinstance(named_args, dict) else 64)
-        q = named_args.get("Q") if isinstance(named_args, dict) else None
-        fp32 = q is not None and getattr(q, "dtype", None) == torch.float32
-        keep = [c for c in configs_ if not (head_d >= 128 and c.kwargs[row_key] * c.kwargs[inner_key] > 128 * 64)
-                and not (fp32 and c.kwargs.get("SPLIT_EXP"))]  # fp32 callers get exact exponentials
+        keep = [c for c in configs_ if not (head_d >= 128 and c.kwargs[row_key] * c.kwargs[inner_key] > 128 * 64)]
         return keep or configs_
 
     return triton.autotune(cfgs, key=["N", "HEAD_D", "KEY_PATTERN"], prune_configs_by={"early_config_prune": prune})(kernel)
@@ -589,7 +537,7 @@ _PICKED: dict = {}  # (pass, N, head dim, pattern, dtype) -> the autotuner's cho
 
 
 def picked_configs() -> dict:
-    """What the autotuner chose so far: {(pass, N, head_dim, pattern_key, dtype): (rows, inner, warps, stages, extra)}."""
+    """What the autotuner chose so far: {(pass, N, head_dim, pattern_key, dtype): (rows, inner, warps, stages)}."""
     return dict(_PICKED)
 
 
@@ -601,25 +549,20 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
     skip its Python dispatch and launch the chosen configuration directly (the per-call host cost
     matters at 256 px, where a pass is ~50 us).
     """
-    extra = {}
     if config is None and _autotune_enabled():
         config = _PICKED.get(key)
         if config is None:
             tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
             best = tuned.best_config
-            rest = {k: v for k, v in best.kwargs.items() if k not in (row_key, inner_key)}
-            _PICKED[key] = (best.kwargs[row_key], best.kwargs[inner_key], best.num_warps, best.num_stages, rest)
+            _PICKED[key] = (best.kwargs[row_key], best.kwargs[inner_key], best.num_warps, best.num_stages)
             return
     if config is None:
         config = default_config(pass_name, kwargs["HEAD_D"], key[-1])
-    rows, inner, warps, stages = config[:4]
-    if len(config) > 4:
-        extra = dict(config[4])
+    rows, inner, warps, stages = config
     if rows not in TILE_SIZES:
         raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
-    if not _interpreting():
-        extra.update(num_warps=warps, num_stages=stages)
-    kernel[(grid_counts[rows],)](*args, **kwargs, **{row_key: rows, inner_key: inner}, **extra)
+    compile_options = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
+    kernel[(grid_counts[rows],)](*args, **kwargs, **{row_key: rows, inner_key: inner}, **compile_options)
 
 
 def _strides(t):
@@ -642,8 +585,7 @@ def _forward(q, k, v, out, lse, tables, meta, scale, config):
     kernel, tuned = _attn_fwd, _attn_fwd_tuned
     upcast = _interpreting() and q.dtype == torch.bfloat16
     counts = _counts(meta[1:5], B * H)
-    split = config is not None and len(config) > 4 and config[4].get("SPLIT_EXP", False)
-    frozen = meta[9] >= FROZEN_MIN_KEYS and not split
+    frozen = meta[9] >= FROZEN_MIN_KEYS
     redo = torch.empty(max(counts.values()), device=q.device, dtype=torch.int32) if frozen else lse
     args = (q, k, v, out, lse, row_tab, lo, hi, redo,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
@@ -717,14 +659,14 @@ def _new_lse(q):
 # hmar::block_sparse_attn_bwd(do, q, k, v, out, lse, table, meta, scale, configs) -> (dq, dk, dv)
 #
 # `table`, `meta`: the layout (see `Layout`): one int32 tensor and 10 ints, built once per (block
-# sizes, pattern, device) by the wrapper. `configs`: 15 ints, explicit (rows, inner, warps, stages,
-# split exponential) for the fwd, dq and dkdv passes in turn, all zero where the pass autotunes (or
-# takes its default): tests and benchmarks pin configurations with it.
+# sizes, pattern, device) by the wrapper. `configs`: 12 ints, explicit (rows, inner, warps, stages)
+# for the fwd, dq and dkdv passes in turn, all zero where the pass autotunes (or takes its default):
+# tests and benchmarks pin configurations with it.
 #
 # They are `torch.library.custom_op`s: compiled graphs call them as opaque operators. Their fake
 # implementations give the outputs' shapes, dtypes and strides (what torch.compile plans with).
 
-_CONFIG_WORDS = 5
+_CONFIG_WORDS = 4
 _PASSES = ("fwd", "dq", "dkdv")
 
 
@@ -735,19 +677,16 @@ def _encode_configs(configs) -> list[int]:
         if c is None:
             words += [0] * _CONFIG_WORDS
             continue
-        extra = dict(c[4]) if len(c) > 4 else {}
-        if set(extra) - {"SPLIT_EXP"}:
-            raise ValueError(f"block_sparse_attention: unknown config options {sorted(set(extra) - {'SPLIT_EXP'})}")
-        words += [int(c[0]), int(c[1]), int(c[2]), int(c[3]), int(bool(extra.get("SPLIT_EXP", False)))]
+        if len(c) != _CONFIG_WORDS:
+            raise ValueError(f"block_sparse_attention: a {name} config is (rows, inner, warps, stages), got {c!r}")
+        words += [int(x) for x in c]
     return words
 
 
 def _decode_config(words: Sequence[int], name: str):
     i = _PASSES.index(name) * _CONFIG_WORDS
-    rows, inner, warps, stages, split = words[i:i + _CONFIG_WORDS]
-    if rows == 0:
-        return None
-    return (rows, inner, warps, stages, {"SPLIT_EXP": True}) if split else (rows, inner, warps, stages)
+    config = tuple(words[i:i + _CONFIG_WORDS])
+    return None if config[0] == 0 else config
 
 
 @torch.library.custom_op("hmar::block_sparse_attn_fwd", mutates_args=())
