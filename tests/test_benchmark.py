@@ -114,7 +114,22 @@ def test_bench_attention_times_the_baselines_on_the_cpu():
             assert "CUDA" in row["error"] and "fwd_ms" not in row
         else:
             assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+            # one measurement window on the CPU (ROUNDS of them on the GPU); the reported time is their median
+            assert row["fwd_windows_ms"] == [row["fwd_ms"]] and row["fwd_bwd_windows_ms"] == [row["fwd_bwd_ms"]]
     assert rows[("block_diagonal", "sdpa per scale")]["rel_err"] < 1e-5
+
+
+def test_attention_bench_times_several_windows_and_settles(monkeypatch):
+    import triton.testing
+
+    from hmar.kernels import bench
+
+    windows = iter([0.3, 0.1, 0.2])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: next(windows))
+    assert bench._time_ms(lambda: None, torch.device("cuda"), 1, 1) == [0.3, 0.1, 0.2]
+    calls = []
+    bench._settle(lambda: calls.append(1), torch.device("cpu"), 0.05)
+    assert len(calls) > 1
 
 
 def test_bench_attention_runs_our_kernel_under_the_interpreter():
