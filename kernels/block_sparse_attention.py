@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from . import devices
+from .launch import launch
 
 PATTERNS = ("block_diagonal", "block_causal")
 HEAD_DIMS = (16, 32, 64, 128)
@@ -562,7 +563,7 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
     if rows not in TILE_SIZES:
         raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
     compile_options = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
-    kernel[(grid_counts[rows],)](*args, **kwargs, **{row_key: rows, inner_key: inner}, **compile_options)
+    launch(kernel, (grid_counts[rows],), args, {**kwargs, row_key: rows, inner_key: inner, **compile_options})
 
 
 def _strides(t):

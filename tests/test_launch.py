@@ -1,0 +1,83 @@
+"""hmar.kernels.launch: a compiled binary is launched again directly only where Triton would pick the
+same binary (same ints, tensor dtypes and 16-byte alignment, constexprs and compile options). A fake
+kernel stands in for Triton's (CPU; the real launches run in the GPU kernel tests)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+class _Binary:
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+class _Kernel:
+    """What `launch` uses of a JITFunction: `fn` (the Python function) and ``kernel[grid](...)``,
+    which returns the binary it launched."""
+
+    def __init__(self):
+        self.compiled = []
+
+    @staticmethod
+    def fn(X, n, scale, BLOCK, MODE=0):
+        pass
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            binary = _Binary()
+            self.compiled.append((grid, args, kwargs, binary))
+            return binary
+        return run
+
+
+@pytest.fixture
+def launching(monkeypatch):
+    devices = importlib.import_module("hmar.kernels.devices")
+    module = importlib.import_module("hmar.kernels.launch")
+    monkeypatch.setattr(devices, "INTERPRETING", False)
+    monkeypatch.setattr(module, "_binaries", {})
+    return module.launch
+
+
+def test_same_key_launches_the_kept_binary_with_every_parameter(launching):
+    kernel, x = _Kernel(), torch.zeros(64)
+    launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
+    launching(kernel, (5,), (x, 32, 0.7), {"BLOCK": 16, "num_warps": 4})  # floats and the grid are not in the key
+    assert len(kernel.compiled) == 1
+    grid, args, kwargs, binary = kernel.compiled[0]
+    assert grid == (4,) and args == (x, 32, 0.5) and kwargs == {"BLOCK": 16, "num_warps": 4}
+    # the binary's launcher gets a 3-d grid and all parameters in order, defaults filled in, options left out
+    assert binary.launches == [((5, 1, 1), (x, 32, 0.7, 16, 0))]
+
+
+@pytest.mark.parametrize("change", ["int", "alignment", "dtype", "constexpr", "option"])
+def test_a_different_specialisation_goes_through_triton(launching, change):
+    kernel, x = _Kernel(), torch.zeros(64)
+    launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
+    args, kwargs = [x, 32, 0.5], {"BLOCK": 16, "num_warps": 4}
+    if change == "int":
+        args[1] = 33
+    elif change == "alignment":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "dtype":
+        args[0] = x.double()
+    elif change == "constexpr":
+        kwargs["BLOCK"] = 32
+    else:
+        kwargs["num_warps"] = 8
+    launching(kernel, (4,), tuple(args), kwargs)
+    assert len(kernel.compiled) == 2 and not kernel.compiled[0][3].launches
+
+
+def test_the_interpreter_always_goes_through_triton(launching, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("hmar.kernels.devices"), "INTERPRETING", True)
+    kernel, x = _Kernel(), torch.zeros(64)
+    for _ in range(2):
+        launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16})
+    assert len(kernel.compiled) == 2
