@@ -6,11 +6,11 @@ binary up. On the device's H100 host that costs ~60 us per launch: more than the
 takes on the GPU at 256 px, so eager callers were bound by it.
 
 `launch` keeps the binary that Triton's own launch returned, under a key that decides at least as
-much as Triton's specialisation does: the exact value of every int, the dtype and 16-byte alignment
-of every tensor, the constexprs and the compile options. A later call with the same key calls the
-binary's own launcher (what Triton's dispatch ends in, with the same arguments: every parameter in
-order, constexprs included). A new key goes through Triton, which compiles when it must. Under the
-interpreter every call goes through Triton.
+much as Triton's specialisation does: the exact value of every scalar, the dtype, device and
+16-byte alignment of every tensor, the constexprs and the compile options (in the caller's order).
+A later call with the same key calls the binary's own launcher (what Triton's dispatch ends in, with
+the same arguments: every parameter in order, constexprs included). A new key goes through Triton,
+which compiles when it must. Under the interpreter every call goes through Triton.
 """
 from __future__ import annotations
 
@@ -34,21 +34,15 @@ def _signature_of(kernel):
     return found
 
 
-def _arg_key(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, float):
-        return float  # Triton does not specialise on float values
-    return arg  # ints (exact value: finer than Triton's ==1 / %16 / width classes), bools, None, strings
-
-
 def launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     """``kernel[grid](*args, **kwargs)``; `kwargs` holds the constexprs and compile options."""
     if devices.INTERPRETING:
         kernel[grid](*args, **kwargs)
         return
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    key = (kernel, device, tuple(map(_arg_key, args)), tuple(sorted(kwargs.items())))
+    # Tensors by dtype, device and 16-byte alignment; everything else by value (ints exactly: finer
+    # than Triton's ==1 / %16 / width classes; floats too, which Triton does not specialise on).
+    key = (kernel, tuple((a.dtype, a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                         for a in args), tuple(kwargs.items()))
     binary = _binaries.get(key)
     if binary is None:
         binary = kernel[grid](*args, **kwargs)

@@ -1,5 +1,5 @@
 """hmar.kernels.launch: a compiled binary is launched again directly only where Triton would pick the
-same binary (same ints, tensor dtypes and 16-byte alignment, constexprs and compile options). A fake
+same binary (same scalars; tensor dtypes, devices and 16-byte alignment; constexprs and compile options). A fake
 kernel stands in for Triton's (CPU; the real launches run in the GPU kernel tests)."""
 from __future__ import annotations
 
@@ -48,21 +48,24 @@ def launching(monkeypatch):
 def test_same_key_launches_the_kept_binary_with_every_parameter(launching):
     kernel, x = _Kernel(), torch.zeros(64)
     launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
-    launching(kernel, (5,), (x, 32, 0.7), {"BLOCK": 16, "num_warps": 4})  # floats and the grid are not in the key
+    launching(kernel, (5,), (torch.ones(64), 32, 0.5), {"BLOCK": 16, "num_warps": 4})  # other data, other grid
     assert len(kernel.compiled) == 1
     grid, args, kwargs, binary = kernel.compiled[0]
     assert grid == (4,) and args == (x, 32, 0.5) and kwargs == {"BLOCK": 16, "num_warps": 4}
     # the binary's launcher gets a 3-d grid and all parameters in order, defaults filled in, options left out
-    assert binary.launches == [((5, 1, 1), (x, 32, 0.7, 16, 0))]
+    ((grid, args),) = binary.launches
+    assert grid == (5, 1, 1) and args[1:] == (32, 0.5, 16, 0) and torch.equal(args[0], torch.ones(64))
 
 
-@pytest.mark.parametrize("change", ["int", "alignment", "dtype", "constexpr", "option"])
+@pytest.mark.parametrize("change", ["int", "float", "alignment", "dtype", "constexpr", "option"])
 def test_a_different_specialisation_goes_through_triton(launching, change):
     kernel, x = _Kernel(), torch.zeros(64)
     launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
     args, kwargs = [x, 32, 0.5], {"BLOCK": 16, "num_warps": 4}
     if change == "int":
         args[1] = 33
+    elif change == "float":
+        args[2] = 0.7
     elif change == "alignment":
         args[0] = x[1:]  # 4 bytes past a 16-byte boundary
     elif change == "dtype":
