@@ -7,7 +7,8 @@ torch.compile (custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bw
 Submodules: ``cosine_qkv`` (cosine attention's q, k, v from a fused projection, forward and backward),
 ``adaln`` (the blocks' modulated LayerNorms, alone or after the gated residual add, forward and
 backward) and ``channels_last`` (GroupNorm+SiLU and bias adds for the half-precision decoder);
-``devices`` says where they all run (CUDA, or the CPU under Triton's interpreter).
+``devices`` says where they all run (CUDA, or the CPU under Triton's interpreter); ``launch``
+launches a compiled kernel again without Triton's per-call dispatch (the attention passes use it).
 """
 from .block_sparse_attention import PATTERNS, block_sparse_attention
 
