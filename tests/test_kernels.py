@@ -62,8 +62,8 @@ CPU_CASES = [
 CPU_FWD_CONFIG = {name: (16, 32, 1, 1) for name in ("diag-key-tile-32-bf16", "causal-key-tile-32-fp32")}
 # cases whose forward takes the fixed softmax reference (and its redo launch), which real sizes take
 # where a query sees FROZEN_MIN_KEYS keys or more; the others keep a running maximum throughout
-CPU_FROZEN = {"block_diagonal-float32", "block_causal-bfloat16", "block_diagonal-float16", "diag-one-block", "causal-key-tile-32-fp32",
-              "causal-d32-strided-default-scale", *(c[0] for c in CPU_CASES if "spike" in c[0])}
+CPU_FROZEN = {"block_diagonal-float32", "block_causal-bfloat16", "block_diagonal-float16", "diag-one-block",
+              "causal-key-tile-32-fp32", "causal-d32-strided-default-scale", *(c[0] for c in CPU_CASES if "spike" in c[0])}
 
 
 # ------------------------------------------------------------------ interpreter worker (subprocess)

@@ -1,6 +1,6 @@
 """hmar.kernels.launch: a compiled binary is launched again directly only where Triton would pick the
-same binary (same scalars; tensor dtypes, devices and 16-byte alignment; constexprs and compile options). A fake
-kernel stands in for Triton's (CPU; the real launches run in the GPU kernel tests)."""
+same binary (same scalars; tensor dtypes, devices and 16-byte alignment; constexprs and compile
+options). A fake kernel stands in for Triton's (CPU; the real launches run in the GPU kernel tests)."""
 from __future__ import annotations
 
 import importlib
