@@ -15,10 +15,11 @@
   layout, and the convolutions' bias adds fused with the residual adds after them
   (`hmar.kernels.channels_last`), the decoder runs channels-last from end to end.
 - `compile_for_sampling`: regional `torch.compile` of the blocks and heads with dynamic token counts
-  (one graph for scale 0's single token, one for all the others), fusing the element-wise work. Since
-  the blocks run their norms, residual adds and attention inputs as our kernels on CUDA
-  (`hmar.transformer`), compiling gains little (2 % at batch 64 on an H100) and is optional. The channels-last decoder stays eager: its
-  norms and bias adds are already fused, and Inductor would replace them with its own.
+  (one graph for scale 0's single token, one for all the others), fusing the element-wise work.
+  Since the blocks run their norms, residual adds and attention inputs as our kernels on CUDA
+  (`hmar.transformer`), compiling gains little (2 % at batch 64 on an H100) and is optional. The
+  channels-last decoder stays eager: its norms and bias adds are already fused, and Inductor would
+  replace them with its own.
 
 Models prepared this way are for sampling only (their Linear weights are no longer float32).
 """

@@ -196,13 +196,16 @@ def _strides(mod: torch.Tensor) -> tuple[int, int]:
     return (0 if _shared(mod) else mod.stride(0)), mod.stride(-1)
 
 
+def _stats_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
 def _forward(x, h, gamma, scale, shift, eps, out_dtype):
     B, L, C = x.shape
     residual = h is not None
     y = x.new_empty((B, L, C), dtype=out_dtype)
     x1 = x.new_empty((B, L, C)) if residual else y
-    mean = x.new_empty((B, L), dtype=torch.float32)
-    rstd = x.new_empty((B, L), dtype=torch.float32)
+    mean, rstd = _stats_like(x), _stats_like(x)
     if B * L:
         block, rows, _, _, warps = _config(C)
         h_args = (h, gamma, *h.stride(), *_strides(gamma)) if residual else (x, x, 0, 0, 0, 0, 0)
@@ -247,10 +250,6 @@ def _modulation_grad(sums: torch.Tensor, meta: tuple) -> torch.Tensor:
     modulation is shared, in its shape and dtype."""
     shape, dtype, shared = meta
     return (sums.sum(0) if shared else sums).reshape(shape).to(dtype)
-
-
-def _stats_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
 # hmar::modulated_layer_norm_fwd(x, scale, shift, eps, out_dtype) -> (y, mean, rstd)

@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .block_sparse_attention import _interpreting, block_sparse_attention, picked_configs
+from . import devices
+from .block_sparse_attention import block_sparse_attention, picked_configs
 from .reference import flex_attention_baseline, sdpa_masked, sdpa_per_scale, useful_pairs
 
 PATCH_NUMS = {
@@ -238,7 +239,7 @@ def environment(device: torch.device) -> dict:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "triton_interpreter": _interpreting()}
+            "python": platform.python_version(), "triton_interpreter": devices.INTERPRETING}
 
 
 def run(cells: Sequence[Cell], impls: Sequence[str], device: torch.device, warmup: float = 25, rep: float = 100,

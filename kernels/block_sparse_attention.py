@@ -66,10 +66,6 @@ FP32_FINITE = tl.constexpr(3.0e38)  # just under float32's largest value: a larg
 FROZEN_MIN_KEYS = 2048
 
 
-def _interpreting() -> bool:
-    return devices.INTERPRETING
-
-
 # --------------------------------------------------------------------------------------------
 # Host-side layout: per-token ranges and per-tile tables
 # --------------------------------------------------------------------------------------------
@@ -505,7 +501,7 @@ DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2),
 
 def default_config(pass_name: str, head_d: int, dtype: torch.dtype):
     """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0) or under the interpreter."""
-    if _interpreting():
+    if devices.INTERPRETING:
         return (16, 16, 1, 1)  # small tiles so the CPU tests cross tile edges
     if dtype == torch.float32:
         return (64, 32, 4, 2)
@@ -531,7 +527,7 @@ _attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq, DQ_CONFIGS, "BLOCK_M", "BLOCK_N")
 
 
 def _autotune_enabled() -> bool:
-    return not _interpreting() and os.environ.get("HMAR_ATTN_AUTOTUNE", "1") not in ("0", "")
+    return not devices.INTERPRETING and os.environ.get("HMAR_ATTN_AUTOTUNE", "1") not in ("0", "")
 
 
 _PICKED: dict = {}  # (pass, N, head dim, pattern, dtype) -> the autotuner's choice, launched directly after
@@ -562,7 +558,7 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
     rows, inner, warps, stages = config
     if rows not in TILE_SIZES:
         raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
-    compile_options = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
+    compile_options = {} if devices.INTERPRETING else dict(num_warps=warps, num_stages=stages)
     launch(kernel, (grid_counts[rows],), args, {**kwargs, row_key: rows, inner_key: inner, **compile_options})
 
 
@@ -584,7 +580,7 @@ def _forward(q, k, v, out, lse, tables, meta, scale, config):
     if scale < 0:  # the kernel needs a positive scale: softmax(c·q·kᵀ) = softmax(|c|·(−q)·kᵀ), negation exact
         q, scale = -q, -scale
     kernel, tuned = _attn_fwd, _attn_fwd_tuned
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = devices.INTERPRETING and q.dtype == torch.bfloat16
     counts = _counts(meta[1:5], B * H)
     frozen = meta[9] >= FROZEN_MIN_KEYS
     redo = torch.empty(max(counts.values()), device=q.device, dtype=torch.int32) if frozen else lse
@@ -603,7 +599,7 @@ def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config,
     dq_kernel, dq_tuned = _attn_bwd_dq, _attn_bwd_dq_tuned
     dkdv_kernel, dkdv_tuned = _attn_bwd_dkdv, _attn_bwd_dkdv_tuned
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = devices.INTERPRETING and q.dtype == torch.bfloat16
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
     args = (q, k, v, out, do, dq, lse, delta, row_tab, lo, hi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),

@@ -29,7 +29,6 @@ as the attention kernels are (see `block_sparse_attention`).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +39,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 NORM_EPS = 1e-12  # F.normalize's default
 ROWS = 32  # rows of one program: 32 × 128 float32 values per tensor fit the registers of 4 warps
-
 
 
 @triton.jit
