@@ -2,9 +2,11 @@
 
 Reading: any image Pillow decodes, in any mode (RGBA, LA, palette, grayscale, 1-bit, CMYK, 16-bit),
 turned upright by its EXIF orientation and flattened to 8-bit RGB: transparency is composited on
-white (or dropped). Masks are read the same way but composited on black, then white (luminance above
-50 %) means "regenerate". Every failure is an `InputError` that names the file and the problem, and
-images above a pixel limit are refused before they are decoded (decompression bombs).
+white (or dropped). A mask is read as grey levels, white (above 50 %) = regenerate, unless it has
+transparent pixels: then its alpha alone decides, opaque = regenerate (`MASK_RULE`). Every failure is
+an `InputError` that names the file and the problem; images above a pixel limit are refused before
+they are decoded (decompression bombs), and so is every size that would make the model's window over
+a region, or an outpaint canvas, larger than that limit.
 
 Editing at the model's resolution (`plan_edit`): the model sees a square window of the image, the
 largest centred square (side = the shorter edge), moved to contain the region to regenerate and grown
@@ -20,6 +22,7 @@ never replacing an existing file unless asked; output names from a template; gri
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -57,6 +60,11 @@ def load_image(path: str | os.PathLike, *, alpha: str = "white", max_pixels: int
     return _to_rgb(image, WHITE if alpha == "white" else None)
 
 
+#: how a mask file reads: said once, in the help and in the errors about masks
+MASK_RULE = ("white (above 50 %) = regenerate, black = keep; a mask with transparent pixels is read by its alpha "
+             "alone: opaque (painted) = regenerate, transparent = keep")
+
+
 @dataclass(frozen=True)
 class Mask:
     regenerate: np.ndarray  # (H, W) bool: True where new pixels are generated
@@ -64,16 +72,70 @@ class Mask:
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS) -> Mask:
-    """A mask file for an image of `size` (W, H): white (> 50 %) = regenerate, black = keep;
-    transparent areas count as black. A mask of another size is resized to the image."""
-    image = _decode(Path(path), "mask", max_pixels)
-    gray = _to_rgb(image, BLACK).convert("L")
+    """A mask file for an image of `size` (W, H), read by `MASK_RULE`. Transparency counts when some
+    pixel is less than 50 % opaque: a stroke painted on an empty layer, whatever its colour, marks
+    what to regenerate. A mask of another size is resized to the image (with a note; one of another
+    aspect ratio is stretched, and the note says so). A mask that selects nothing is refused with
+    what was seen in it."""
+    path = Path(path)
+    image = _decode(path, "mask", max_pixels)
+    alpha = _alpha(image)
+    by_alpha = alpha is not None and bool((alpha <= 127).any())
+    values = alpha if by_alpha else np.asarray(_to_rgb(image, BLACK).convert("L"))
+    _check_mask_selects(path.name, values, by_alpha, "")
     notes = []
-    if gray.size != tuple(size):
-        notes.append(f"mask {Path(path).name} is {gray.size[0]}x{gray.size[1]} but the image is "
-                     f"{size[0]}x{size[1]}: the mask was resized to the image")
-        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
-    return Mask(np.asarray(gray) > 127, tuple(notes))
+    if values.shape != (size[1], size[0]):
+        notes.append(_resize_note(path.name, (values.shape[1], values.shape[0]), size))
+        original = values.shape
+        values = np.asarray(Image.fromarray(values, mode="L").resize(tuple(size), Image.Resampling.BILINEAR))
+        _check_mask_selects(path.name, values, by_alpha, f" once resized from {original[1]}x{original[0]} to the image's "
+                            f"{size[0]}x{size[1]} (what it marks is too thin at that scale)")
+    regenerate = values > 127
+    if by_alpha:
+        notes.append(f"mask {path.name} has transparency, so its alpha decides: its opaque pixels ({_share(regenerate)} of "
+                     f"the image) are regenerated, its transparent ones kept")
+    return Mask(regenerate, tuple(notes))
+
+
+def _alpha(image: Image.Image) -> np.ndarray | None:
+    """The (H, W) uint8 alpha of an image that has one (a band, or a palette/colour-key
+    transparency), else None."""
+    bands = image.getbands()
+    for band in ("A", "a"):
+        if band in bands:
+            return np.asarray(image.getchannel(band))
+    if "transparency" in image.info and image.mode not in _SIXTEEN_BIT_MODES:
+        return np.asarray(image.convert("RGBA").getchannel("A"))
+    return None
+
+
+def _check_mask_selects(name: str, values: np.ndarray, by_alpha: bool, where: str) -> None:
+    if (values > 127).any():
+        return
+    brightest = int(values.max()) if values.size else 0
+    if by_alpha:
+        seen = "it is fully transparent" if brightest == 0 else f"the most opaque is {brightest}/255"
+        raise InputError(f"mask {name} selects nothing to regenerate{where}: no pixel is more than 50 % opaque ({seen}; "
+                         f"a mask with transparent pixels is read by its alpha: opaque = regenerate)")
+    seen = "it is all black" if brightest == 0 else f"the brightest is {brightest}/255"
+    raise InputError(f"mask {name} selects nothing to regenerate{where}: no pixel is brighter than 50 % ({seen}; "
+                     f"white = regenerate, black = keep)")
+
+
+def _resize_note(name: str, mask_size: tuple[int, int], size: tuple[int, int]) -> str:
+    """A mask of the image's aspect ratio (up to rounding: a scaled copy) is resized; another is
+    stretched, which moves what it marks: the note says which."""
+    (mask_width, mask_height), (width, height) = mask_size, size
+    said = f"mask {name} is {mask_width}x{mask_height} but the image is {width}x{height}"
+    if 2 * abs(mask_width * height - mask_height * width) <= max(width + height, mask_width + mask_height):
+        return f"{said}: the mask was resized to the image"
+    return (f"{said}: another aspect ratio ({mask_width / mask_height:.2f} against {width / height:.2f}), so the mask was "
+            f"stretched {width / mask_width:.3g}x wide and {height / mask_height:.3g}x tall to fit, which moves what it marks")
+
+
+def _share(regenerate: np.ndarray) -> str:
+    percent = 100.0 * np.count_nonzero(regenerate) / max(regenerate.size, 1)
+    return f"{percent:.0f} %" if percent >= 1 or percent == 0 else f"{percent:.2g} %"
 
 
 def _decode(path: Path, what: str, max_pixels: int) -> Image.Image:
@@ -82,11 +144,14 @@ def _decode(path: Path, what: str, max_pixels: int) -> Image.Image:
         raise InputError(f"{what} not found: {path}")
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder, not an image file")
+    if not path.is_file():  # a pipe or a device would block or never end
+        raise InputError(f"{what} {path} is not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             with Image.open(path) as image:
                 _check_pixels(path, what, image.size, max_pixels)
+                _check_still(path, what, image)
                 image.load()
                 return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
@@ -107,6 +172,15 @@ def _check_pixels(path: Path, what: str, size: tuple[int, int], max_pixels: int)
                          f"{max_pixels:,} (a decompression bomb, or simply too large: downscale it first)")
 
 
+def _check_still(path: Path, what: str, image: Image.Image) -> None:
+    """Refuses an animation (GIF, APNG, WebP) or a multi-page file: which frame is meant is unknown.
+    A camera's MPO counts as still: its first picture is the photo, the others are previews."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":
+        raise InputError(f"{what} {path} has {frames} frames (an animation or a multi-page file): save the frame to "
+                         f"edit as a still image first")
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
     """Any mode → 8-bit RGB; transparency composited on `background` (None: dropped)."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
@@ -121,7 +195,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int] | None) -> Imag
 
 def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     """Single-channel 16-bit pixels (0..65535) or floats (0..1, else 0..255) → uint8."""
-    values = values.astype(np.float64)
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0)
     if mode in _SIXTEEN_BIT_MODES:
         values = values / 257.0
     elif values.size and values.min() >= 0.0 and values.max() <= 1.0:
@@ -141,49 +215,113 @@ class Box:
 
 
 def parse_box(text: str) -> Box:
-    """`x0,y0,x1,y1` (integers; x1 > x0, y1 > y0)."""
+    """`x0,y0,x1,y1`: whole numbers of pixels, x0,y0 the top-left corner, x1,y1 the bottom-right
+    (exclusive), so x1 > x0 and y1 > y0. Any values: `clip_box` fits the box to an image."""
+    shown = _shown(text)
     parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 4 or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
-        raise InputError(f"box must be four integers x0,y0,x1,y1, got {text!r}")
+    if len(parts) != 4:
+        raise InputError(f"box must be four integers x0,y0,x1,y1, got {len(parts)} value{'s' * (len(parts) != 1)}: {shown}")
+    for part in parts:
+        if not re.fullmatch(r"[+-]?\d{1,30}", part):  # more digits than that: no image is that large
+            raise InputError(f"box must be four integers x0,y0,x1,y1, but {_shown(part)} is not a whole number of pixels "
+                             f"(in {shown})")
     box = Box(*(int(p) for p in parts))
-    if box.x1 <= box.x0 or box.y1 <= box.y0:
-        raise InputError(f"box {text} is empty: it needs x1 > x0 and y1 > y0")
+    for axis, start, stop in (("x", box.x0, box.x1), ("y", box.y0, box.y1)):
+        if stop <= start:
+            raise InputError(f"box {_box_text(box)} is empty: {axis}1 {stop} is not past {axis}0 {start} (x0,y0 is the top-left "
+                             f"corner, x1,y1 the bottom-right: x1 > x0 and y1 > y0)")
     return box
+
+
+def clip_box(box: Box, size: tuple[int, int]) -> tuple[Box, tuple[str, ...]]:
+    """`box` cut to an image of `size` (W, H), with a note when that changed it; a box wholly
+    outside the image is refused."""
+    width, height = size
+    clipped = Box(max(box.x0, 0), max(box.y0, 0), min(box.x1, width), min(box.y1, height))
+    if clipped.x1 <= clipped.x0 or clipped.y1 <= clipped.y0:
+        raise InputError(f"box {_box_text(box)} lies wholly outside the {width}x{height} image "
+                         f"(x must be within 0..{width}, y within 0..{height})")
+    if clipped == box:
+        return box, ()
+    return clipped, (f"box {_box_text(box)} reaches past the edge of the {width}x{height} image: clipped to {_box_text(clipped)}",)
 
 
 def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
     """(H, W) bool, True inside `box`, which must lie within an image of `size` (W, H)."""
     width, height = size
     if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
-        raise InputError(f"box {box.x0},{box.y0},{box.x1},{box.y1} reaches outside the {width}x{height} image "
+        raise InputError(f"box {_box_text(box)} reaches outside the {width}x{height} image "
                          f"(x must be within 0..{width}, y within 0..{height})")
     regenerate = np.zeros((height, width), dtype=bool)
     regenerate[box.y0:box.y1, box.x0:box.x1] = True
     return regenerate
 
 
+def _box_text(box: Box) -> str:
+    return f"{box.x0},{box.y0},{box.x1},{box.y1}"
+
+
+def _shown(text: object, limit: int = 40) -> str:
+    """A user's text quoted for a one-line message, shortened when long."""
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def mask_notes(regenerate: np.ndarray) -> tuple[str, ...]:
     """Refuses a mask with nothing to regenerate; notes one that covers everything."""
     if not regenerate.any():
-        raise InputError("the mask selects nothing to regenerate (it is all black): nothing to do")
+        raise InputError("the mask selects nothing to regenerate: nothing to do")
     if regenerate.all():
         return ("the mask covers the whole image: this is the same as generating a new image",)
     return ()
 
 
+def check_region(regenerate: np.ndarray, *, dilate_pixels: int = 0, feather_pixels: int = 0,
+                 max_pixels: int = MAX_PIXELS) -> None:
+    """Refuses, before anything of the image's size is made, what an edit of `regenerate` (H, W)
+    bool cannot do: nothing to regenerate, a bad --dilate or --feather, or a region
+    whose square model window (at least as wide as the region's bounding box, after dilation)
+    would have more than `max_pixels`."""
+    mask_notes(regenerate)
+    check_pixels_option("dilate", dilate_pixels)
+    check_pixels_option("feather", feather_pixels)
+    height, width = regenerate.shape
+    rows, columns = regenerate.any(axis=1), regenerate.any(axis=0)
+    y0, y1 = int(rows.argmax()), height - int(rows[::-1].argmax())
+    x0, x1 = int(columns.argmax()), width - int(columns[::-1].argmax())
+    grown = (min(width, x1 + dilate_pixels) - max(0, x0 - dilate_pixels), min(height, y1 + dilate_pixels) - max(0, y0 - dilate_pixels))
+    if feather_pixels > max(grown):  # the blend weight would stay far below 1 everywhere
+        raise InputError(f"--feather {feather_pixels} is wider than the region to regenerate ({grown[0]}x{grown[1]} pixels"
+                         f"{' after --dilate' if dilate_pixels else ''}): the generated pixels would never blend in")
+    check_window_side(grown, max_pixels)
+
+
+def check_window_side(extent: tuple[int, int], max_pixels: int = MAX_PIXELS,
+                      remedy: str = "make the region smaller or downscale the image") -> None:
+    """Refuses a region spanning `extent` (W, H) pixels when the model's square window over it,
+    at least max(W, H) a side, would have more than `max_pixels`: it is made at that size."""
+    side = max(extent)
+    if side * side > max_pixels:
+        raise InputError(f"the region to generate spans {extent[0]}x{extent[1]} pixels: the model's square window over it "
+                         f"would be {side}x{side} = {side * side:,} pixels, more than the limit of {max_pixels:,} "
+                         f"(a side of at most {math.isqrt(max_pixels):,}); {remedy}")
+
+
 def dilate(regenerate: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow the region to regenerate by `pixels` in every direction (a round brush)."""
-    _check_pixels_option("dilate", pixels)
-    if pixels == 0:
+    """Grow the region to regenerate by `pixels` in every direction: every pixel within that
+    (Euclidean) distance of it. A distance transform, not a brush, so that time and memory do not
+    grow with `pixels`."""
+    check_pixels_option("dilate", pixels)
+    if pixels == 0 or not regenerate.any():
         return regenerate.copy()
-    brush = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
-    return cv2.dilate(regenerate.astype(np.uint8), brush).astype(bool)
+    distance = cv2.distanceTransform((~regenerate).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return distance <= pixels
 
 
 def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     """Blend weight of the generated pixels, (H, W) float32: 0 exactly outside the region, rising
     to 1 over `pixels` inside it (0: a hard edge)."""
-    _check_pixels_option("feather", pixels)
+    check_pixels_option("feather", pixels)
     if pixels == 0:
         return regenerate.astype(np.float32)
     distance = cv2.distanceTransform(regenerate.astype(np.uint8), cv2.DIST_L2, 5)
@@ -318,9 +456,13 @@ def _membrane(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     return fill
 
 
-def _check_pixels_option(name: str, pixels: int) -> None:
-    if int(pixels) != pixels or pixels < 0:
+def check_pixels_option(name: str, pixels: int) -> None:
+    """--dilate and --feather: whole pixels, no more than the longest side any accepted image can
+    have (time and memory do not grow with them: a distance transform does the work)."""
+    if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or pixels < 0:
         raise InputError(f"--{name} must be a whole number of pixels >= 0, got {pixels}")
+    if pixels > MAX_PIXELS:
+        raise InputError(f"--{name} {pixels} is more than {MAX_PIXELS:,} pixels, longer than any image hmar reads")
 
 
 # ---- the model's view and back ------------------------------------------------------------------
@@ -438,28 +580,58 @@ class Margins:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """`WxH` → (W, H)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
-    if not match or int(match[1]) == 0 or int(match[2]) == 0:
-        raise InputError(f"size must look like WIDTHxHEIGHT, e.g. 512x384, got {text!r}")
-    return int(match[1]), int(match[2])
+    """`WxH` → (W, H), whole numbers of pixels >= 1."""
+    match = re.fullmatch(r"\s*(\d{1,30})\s*[xX×]\s*(\d{1,30})\s*", str(text))
+    if not match:
+        raise InputError(f"size must look like WIDTHxHEIGHT in whole pixels, e.g. 512x384, got {_shown(text)}")
+    width, height = int(match[1]), int(match[2])
+    if width == 0 or height == 0:
+        raise InputError(f"size {width}x{height} has a side of 0 pixels: it must look like WIDTHxHEIGHT, e.g. 512x384")
+    return width, height
+
+
+def check_outpaint_options(*, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, expand: float | None = None,
+                           to: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS) -> None:
+    """What `outpaint_margins` refuses whatever the image: not exactly one way to grow, a negative
+    margin, an --expand that is not a finite factor above 1, or a margin, factor or size that no
+    image could take within `max_pixels` (a strip of `right` pixels needs a model window at least
+    that wide and as tall)."""
+    sides = {"left": left, "top": top, "right": right, "bottom": bottom}
+    if sum([any(sides.values()), expand is not None, to is not None]) != 1:
+        raise InputError("give exactly one of --left/--right/--top/--bottom, --expand or --to")
+    if any(value < 0 for value in sides.values()):
+        raise InputError("margins must be >= 0 pixels, got " + ", ".join(f"{name} {value}" for name, value in sides.items()))
+    longest = math.isqrt(max_pixels)
+    for name, value in sides.items():
+        if value > longest:
+            raise InputError(f"--{name} {value} is more than {longest:,} pixels: the model's square window over the new "
+                             f"strip would have more than the limit of {max_pixels:,} pixels; outpaint less at a time")
+    if expand is not None:
+        if not (math.isfinite(expand) and expand > 1.0):
+            raise InputError(f"--expand must be more than 1 (1.5 = half as large again) and finite, got {expand}")
+        if expand > longest:  # even a 1x1 image would outgrow the limit
+            raise InputError(f"--expand {expand:g} makes any image more than {longest:,} pixels wide: more than the limit of "
+                             f"{max_pixels:,} pixels")
+    if to is not None:
+        _check_canvas(to, max_pixels)
+
+
+def _check_canvas(size: tuple[int, int], max_pixels: int) -> None:
+    if size[0] * size[1] > max_pixels:
+        raise InputError(f"the extended canvas {size[0]}x{size[1]} has {size[0] * size[1]:,} pixels, more than the limit of "
+                         f"{max_pixels:,}")
 
 
 def outpaint_margins(size: tuple[int, int], *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
                      expand: float | None = None, to: tuple[int, int] | None = None,
                      max_pixels: int = MAX_PIXELS) -> Margins:
     """How far to extend an image of `size` (W, H): explicit sides, a factor `expand` on both
-    dimensions (centred), or a target size `to` (centred). Exactly one way."""
+    dimensions (centred), or a target size `to` (centred). Exactly one way. Both the new canvas
+    and the model's window over the new area (`check_window_side`) must stay within `max_pixels`."""
+    check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=to, max_pixels=max_pixels)
     width, height = size
     sides = (left, top, right, bottom)
-    chosen = [bool(any(sides)), expand is not None, to is not None]
-    if sum(chosen) != 1:
-        raise InputError("give exactly one of --left/--right/--top/--bottom, --expand or --to")
-    if any(s < 0 for s in sides):
-        raise InputError(f"margins must be >= 0 pixels, got left {left}, top {top}, right {right}, bottom {bottom}")
     if expand is not None:
-        if not expand > 1.0:
-            raise InputError(f"--expand must be more than 1 (1.5 = half as large again), got {expand}")
         to = (round(width * expand), round(height * expand))
     if to is not None:
         new_width, new_height = to
@@ -470,9 +642,18 @@ def outpaint_margins(size: tuple[int, int], *, left: int = 0, right: int = 0, to
         sides = (extra_x // 2, extra_y // 2, extra_x - extra_x // 2, extra_y - extra_y // 2)
     margins = Margins(*sides)
     new_size = (width + margins.left + margins.right, height + margins.top + margins.bottom)
-    if new_size[0] * new_size[1] > max_pixels:
-        raise InputError(f"the extended canvas {new_size[0]}x{new_size[1]} has more than {max_pixels:,} pixels")
+    _check_canvas(new_size, max_pixels)
+    check_window_side(_new_area_extent(margins, new_size), max_pixels, "grow the canvas less at a time")
     return margins
+
+
+def _new_area_extent(margins: Margins, canvas: tuple[int, int]) -> tuple[int, int]:
+    """Width and height of the bounding box of the strips added around the image: a strip on the
+    left or right spans the canvas' height, one at the top or bottom its width."""
+    vertical, horizontal = (margins.left, margins.right), (margins.top, margins.bottom)
+    width = canvas[0] if any(horizontal) or all(vertical) else max(vertical)
+    height = canvas[1] if any(vertical) or all(horizontal) else max(horizontal)
+    return width, height
 
 
 def extend_canvas(image: Image.Image, margins: Margins) -> tuple[Image.Image, np.ndarray]:

@@ -19,8 +19,9 @@ import typer
 from PIL import Image
 
 from hmar.errors import InputError
-from hmar.images import (Box, box_mask, check_writable, extend_canvas, image_from_array, load_image, load_mask, mask_notes,
-                         output_paths, outpaint_margins, parse_box, parse_size, plan_edit)
+from hmar.images import (MASK_RULE, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
+                         clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
+                         parse_size, plan_edit)
 from hmar_cli.options import option_group
 from hmar_cli.sampling import SamplingOptions, class_index, note, report, sampling_progress, save_images, settings_metadata, with_sampling_options
 
@@ -63,14 +64,18 @@ class RegionOptions:
 
 
 def _region_options(
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image: white (> 50 %) = regenerate, black = keep."),
-    box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0,x1,y1 in pixels."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help=f"Mask image: {MASK_RULE}. A mask of another size is resized to the image (a note says so, and "
+                                        "whether it was stretched to another aspect ratio)."),
+    box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0 the top-left corner, x1,y1 the "
+                                      "bottom-right, in pixels; a box reaching past the image is clipped to it (with a note)."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the region by this many pixels first (covers halos around an object)."),
     feather: int = typer.Option(0, "--feather", min=0, help="Blend generated pixels in over this many pixels inside the region's edge (0: a hard edge)."),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
 ) -> RegionOptions:
     if (mask is None) == (box is None):
         raise InputError("give the region to regenerate as either --mask FILE or --box x0,y0,x1,y1 (one of them)")
+    check_pixels_option("dilate", dilate)
+    check_pixels_option("feather", feather)
     return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather, match_colours)
 
 
@@ -122,6 +127,7 @@ def outpaint(
 ) -> None:
     """Extend an image's canvas and generate the new area; the original pixels stay as they are."""
     target_size = parse_size(to) if to is not None else None
+    check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
     paths = _checked_outputs(image, "outpaint", out, num, options)
     original = load_image(image)
     margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
@@ -137,13 +143,15 @@ def _edit_region(command: str, image: Path, region: RegionOptions, label: str | 
     paths = _checked_outputs(image, command, out, num, options)
     picture = load_image(image)
     if region.box is not None:
-        regenerate, notes = box_mask(region.box, picture.size), ()
-        details = {"hmar:box": f"{region.box.x0},{region.box.y0},{region.box.x1},{region.box.y1}"}
+        box, notes = clip_box(region.box, picture.size)
+        regenerate = box_mask(box, picture.size)
+        details = {"hmar:box": f"{box.x0},{box.y0},{box.x1},{box.y1}"}
     else:
         loaded = load_mask(region.mask, picture.size)
         regenerate, notes = loaded.regenerate, loaded.notes
         details = {"hmar:mask": region.mask.name}
-    mask_notes(regenerate)  # an empty region fails here, before the model is loaded
+    # an empty region, or one whose model window would be too large, fails here: before the model loads
+    check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
     details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
                     "hmar:match_colours": str(region.match_colours).lower()})
     _run(EditRequest(command, image, picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours),

@@ -223,7 +223,7 @@ def _bad_inputs(folder: Path) -> None:
     ("inpaint", ["photo.png", "--mask", "black.png"], 2, "selects nothing to regenerate"),
     ("inpaint", ["photo.png", "--mask", "white.png", "--box", "0,0,8,8"], 2, "either --mask FILE or --box"),
     ("edit", ["photo.png", "--class", "1"], 2, "either --mask FILE or --box"),
-    ("inpaint", ["photo.png", "--box", "50,40,70,48"], 2, "reaches outside the 64x48 image"),
+    ("inpaint", ["photo.png", "--box", "64,40,70,48"], 2, "lies wholly outside the 64x48 image"),
     ("inpaint", ["photo.png", "--box", "1,2,3"], 2, "four integers"),
     ("inpaint", ["photo.png", "--box", "0,0,8,8", "--dilate", "-1"], 2, "--dilate"),
     ("edit", ["photo.png", "--box", "0,0,8,8"], 2, "Missing option '--class'"),
