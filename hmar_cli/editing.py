@@ -19,7 +19,7 @@ import typer
 from PIL import Image
 
 from hmar.errors import InputError
-from hmar.images import (MASK_RULE, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
+from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
                          clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
                          parse_size, plan_edit)
 from hmar_cli.options import option_group
@@ -118,7 +118,7 @@ def outpaint(
     top: int = typer.Option(0, "--top", help="Pixels to add at the top."),
     bottom: int = typer.Option(0, "--bottom", help="Pixels to add at the bottom."),
     expand: Optional[float] = typer.Option(None, "--expand", help="Grow both sides by this factor, centred (1.5: half as large again)."),
-    to: Optional[str] = typer.Option(None, "--to", metavar="WxH", help="Grow to this size, centred: WIDTHxHEIGHT."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="WxH", help=f"Grow to this size, centred: WIDTHxHEIGHT (at most {MAX_PIXELS:,} pixels)."),
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("outpainted")),
