@@ -175,9 +175,8 @@ def _check_pixels(path: Path, what: str, size: tuple[int, int], max_pixels: int)
 def _check_still(path: Path, what: str, image: Image.Image) -> None:
     """Refuses an animation (GIF, APNG, WebP) or a multi-page file: which frame is meant is unknown.
     A camera's MPO counts as still: its first picture is the photo, the others are previews."""
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1 and image.format != "MPO":
-        raise InputError(f"{what} {path} has {frames} frames (an animation or a multi-page file): save the frame to "
+    if getattr(image, "is_animated", False) and image.format != "MPO":
+        raise InputError(f"{what} {path} has {image.n_frames} frames (an animation or a multi-page file): save the frame to "
                          f"edit as a still image first")
 
 
@@ -636,8 +635,8 @@ def outpaint_margins(size: tuple[int, int], *, left: int = 0, right: int = 0, to
     if to is not None:
         new_width, new_height = to
         if new_width < width or new_height < height or (new_width, new_height) == (width, height):
-            raise InputError(f"--to {new_width}x{new_height} does not enlarge the {width}x{height} image "
-                             f"(outpainting only grows the canvas)")
+            asked = f"--to {new_width}x{new_height}" if expand is None else f"--expand {expand:g} ({new_width}x{new_height}, rounded)"
+            raise InputError(f"{asked} does not enlarge the {width}x{height} image (outpainting only grows the canvas)")
         extra_x, extra_y = new_width - width, new_height - height
         sides = (extra_x // 2, extra_y // 2, extra_x - extra_x // 2, extra_y - extra_y // 2)
     margins = Margins(*sides)

@@ -179,6 +179,7 @@ REFUSED = [
     ("outpaint", ["photo.png", "--expand", "0"], 2, "--expand must be more than 1", False),
     ("outpaint", ["photo.png", "--expand", "-2"], 2, "--expand must be more than 1", False),
     ("outpaint", ["photo.png", "--expand", "1"], 2, "--expand must be more than 1", False),
+    ("outpaint", ["photo.png", "--expand", "1.001"], 2, "--expand 1.001 (64x48, rounded) does not enlarge the 64x48 image", False),
     ("outpaint", ["photo.png", "--expand", "1e9"], 2, "--expand 1e+09 makes any image more than 10,954 pixels wide", True),
     ("outpaint", ["photo.png", "--expand", "200"], 2, "the extended canvas 12800x9600 has 122,880,000 pixels, more than the limit", True),
     ("outpaint", ["photo.png", "--to", "0x0"], 2, "size 0x0 has a side of 0 pixels", False),
