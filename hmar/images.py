@@ -154,8 +154,11 @@ def _decode(path: Path, what: str, max_pixels: int) -> Image.Image:
                 _check_still(path, what, image)
                 image.load()
                 return ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError:
-        raise InputError(f"{what} {path} has more pixels than Pillow's safety limit allows (decompression bomb?)") from None
+    except Image.DecompressionBombError as exc:  # refused by Pillow from the header, before ours could see the size
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(counted[1]):,} pixels, " if counted else ""
+        raise InputError(f"{what} {path} has {size}more than Pillow's safety limit allows (a decompression bomb?) and more "
+                         f"than the limit of {max_pixels:,}") from None
     except UnidentifiedImageError:
         raise InputError(f"{what} {path} is not an image (or not in a format Pillow can read)") from None
     except PermissionError:
