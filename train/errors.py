@@ -1,4 +1,7 @@
-"""Training's user-facing error: a run that cannot go on for a reason the user can fix."""
+"""Training's user-facing errors and notes: a run that cannot go on for a reason the user can fix, and
+what the user should know that is no error."""
+import sys
+
 from hmar.errors import HmarError
 
 
@@ -8,3 +11,8 @@ class TrainingError(HmarError):
 
 class TrainingInterrupted(TrainingError):
     """SIGTERM/SIGINT stopped the run after a checkpoint was written; --resume continues it."""
+
+
+def note(message: str) -> None:
+    """One line on stderr, in the form the CLI's notes take."""
+    print(f"note: {message}", file=sys.stderr)
