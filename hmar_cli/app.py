@@ -71,8 +71,8 @@ def _stop(signum, frame) -> None:
 
 def finite_numbers(command) -> None:
     """Make every command under `command` refuse a float option that is NaN or infinite before it
-    runs (Typer takes "nan" and "inf" as floats, and NaN passes any min/max check). Its callback is
-    wrapped, which sees the options after parsing and before the command body."""
+    runs: Typer reads "nan" and "inf" as floats, and an option without bounds would pass them on.
+    The command's callback is wrapped: it sees the options after parsing, before the command body."""
     callback = command.callback
     if callback is not None:
         options = {param.name: param for param in command.params}

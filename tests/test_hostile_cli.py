@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from hmar.atomic import atomic_write
 from hmar.errors import InputError
 from hmar.pipeline import Pipeline
 from hmar_cli.app import app
@@ -257,3 +258,54 @@ def test_the_signal_handlers_are_put_back_after_a_command(workdir):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     runner.invoke(app, ["generate", "--model", str(workdir / "none"), "--class", "1", "--cfg", "nan"])
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ---- the one atomic writer --------------------------------------------------------------------
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, OSError, ValueError])
+def test_any_exception_while_writing_removes_the_temporary_file(tmp_path, stop):
+    (tmp_path / "x.bin").write_bytes(b"old")
+    before = snapshot(tmp_path)
+    with pytest.raises(stop):
+        with atomic_write(tmp_path / "x.bin", overwrite=True, durable=True) as temporary:
+            temporary.write_bytes(b"half")
+            raise stop()
+    assert snapshot(tmp_path) == before
+
+
+def test_an_existing_file_is_replaced_only_when_asked(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        with atomic_write(tmp_path / "x.bin") as temporary:
+            temporary.write_bytes(b"new")
+    assert (tmp_path / "x.bin").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_a_file_that_appears_while_writing_is_kept(tmp_path):
+    with pytest.raises(FileExistsError):
+        with atomic_write(tmp_path / "x.bin") as temporary:
+            temporary.write_bytes(b"mine")
+            (tmp_path / "x.bin").write_bytes(b"someone else's")
+    assert (tmp_path / "x.bin").read_bytes() == b"someone else's" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
+    with atomic_write(tmp_path / "x.bin", overwrite=True) as first, atomic_write(tmp_path / "x.bin", overwrite=True) as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert (tmp_path / "x.bin").read_bytes() == b"first"  # the outer block ends last
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_a_written_file_gets_the_ordinary_mode_and_a_missing_folder_is_an_os_error(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "x.bin", durable=True) as temporary:
+            assert temporary.stat().st_mode & 0o777 == 0o600  # private while incomplete
+            temporary.write_bytes(b"done")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(FileNotFoundError):
+        with atomic_write(tmp_path / "no" / "x.bin"):
+            pass

@@ -26,9 +26,10 @@ SAMPLES = "samples"
 # What a run folder holds before the first checkpoint is written.
 STARTED_FILES = frozenset({RUN_OPTIONS, METRICS, SAMPLES})
 # Options a resumed run may change; any other difference is refused. (Checkpoints hold whole tensors
-# under either sharding, see hmar.train.sharding.)
+# under either sharding, see hmar.train.sharding; a run folder may be moved or copied, and `out` is
+# where it is now.)
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile", "sharding",
-                               "cuda_graph"})
+                               "cuda_graph", "out"})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

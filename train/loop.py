@@ -228,7 +228,8 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             if done % config.checkpoint_every == 0 or done == config.steps or stopping:
                 checkpoint(done)
             if stopping and done < config.steps:
-                raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume")
+                raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume",
+                                         stop.requested)
 
     write_samples(out / SAMPLES / "final.png")
     final = sharding.gather(ema.averaged_state(objective) if ema else objective.state_dict())
