@@ -79,7 +79,7 @@ def _sampling_options(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=f"Keep the k most likely tokens (0: off; default: the model's, else {DEFAULT_SAMPLING['top_k']})."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help=f"Nucleus filtering (0: off; default: the model's, else {DEFAULT_SAMPLING['top_p']})."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Random seed, 0 to 2^64-1 (default: a fresh one, recorded in the PNG); same seed and settings give the same pixels."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_IMAGES, help="Images per forward pass (default: the library's bounded default)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_IMAGES, help="Images per forward pass (default: the library's, a fixed bound: never all images at once)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
