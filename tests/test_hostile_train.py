@@ -248,3 +248,31 @@ def test_the_library_refuses_bad_option_values(tmp_path, config_class, change, n
     with pytest.raises(ValueError, match=needle):
         config_class(data=tmp_path, out=tmp_path / "run", **required, **change)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- a full disk while writing ----------------------------------------------------------------
+def _disk_full(target_name: str):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(f".{target_name}."):  # the atomic writer's temporary file
+            Path(f).write_bytes(b"PK half a file")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    return save
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one(setup, run, monkeypatch):
+    before = (run / CHECKPOINT).read_bytes()
+    monkeypatch.setattr(torch, "save", _disk_full(CHECKPOINT))
+    refused(resume(setup, run), 1, f"cannot write checkpoint {run / CHECKPOINT}: No space left on device")
+    assert (run / CHECKPOINT).read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_while_writing_the_token_cache_leaves_no_file(setup, tmp_path, monkeypatch):
+    cache = tmp_path / "cache.pt"
+    monkeypatch.setattr(torch, "save", _disk_full(cache.name))
+    refused(runner.invoke(app, stage1_args(setup, tmp_path / "run", cache=cache)), 1, f"cannot write token cache {cache}")
+    assert list(tmp_path.iterdir()) == []
