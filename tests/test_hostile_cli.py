@@ -92,6 +92,8 @@ OPTION_CASES = [
     ("inpaint", ["--seed", "-1"], 2, "'--seed'"),
     ("outpaint", ["--top-p", "nan"], 2, "'--top-p'"),
     ("outpaint", ["--cfg", "inf"], 2, "'--cfg'"),
+    ("outpaint", ["--expand", "inf"], 2, "'--expand'"),
+    ("outpaint", ["--expand", "nan"], 2, "'--expand'"),
     ("edit", ["--top-k", "-4"], 2, "'--top-k'"),
     ("edit", ["--seed", str(2**65)], 2, "'--seed'"),
 ]
