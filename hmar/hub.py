@@ -19,12 +19,12 @@ import difflib
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hmar.atomic import atomic_write
 from hmar.config import FAMILIES, model_preset
 from hmar.errors import HmarError, InputError
 
@@ -288,10 +288,8 @@ def _synthesise_folder(entry: RegistryEntry, status: ModelEntry) -> Path:
         return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, target)
+        with atomic_write(target, overwrite=True) as temporary:
+            temporary.write_text(text)
     except OSError as exc:
         raise HmarError(f"cannot write the model folder {folder}: {exc.strerror} (set HMAR_CACHE to a writable folder)") from None
     return folder

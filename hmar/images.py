@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from hmar.atomic import atomic_write
 from hmar.errors import HmarError, InputError
-from hmar.file_mode import ordinary_file_mode
 
 MAX_PIXELS = 120_000_000  # larger images are refused unread (Pillow's own hard limit is ~179 MP)
 WHITE = (255, 255, 255)
@@ -712,34 +711,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    folder = _folder_of(path)
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
-    try:
-        os.fchmod(handle, ordinary_file_mode())
-        with os.fdopen(handle, "wb") as stream:
+        with atomic_write(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _move_without_replacing(Path(temporary), path)
-    except OSError as exc:  # a full disk, a folder in the way…: the user's to fix, not a bug
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def _move_without_replacing(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # atomic, and fails if the target exists
     except FileExistsError:
-        raise OutputError(f"{target} exists; pass --overwrite to replace it") from None
-    except OSError:  # file systems without hard links: check, then rename
-        if target.exists():
-            raise OutputError(f"{target} exists; pass --overwrite to replace it") from None
-        os.replace(source, target)
+        raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+    except OSError as exc:  # a full disk, a missing folder…: the user's to fix, not a bug
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _folder_of(path: Path) -> Path:

@@ -5,19 +5,23 @@ from pathlib import Path
 
 import typer
 
+from hmar.errors import InputError
 from hmar.images import check_writable, grid, image_from_array, output_paths, save_png
-from hmar_cli.sampling import SamplingOptions, class_index, report, sampling_progress, save_images, settings_metadata, with_sampling_options
+from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, settings_metadata, with_sampling_options
 
 
 @with_sampling_options
 def generate(
     classes: list[str] = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name; repeat for several."),
-    num: int = typer.Option(1, "--num", "-n", min=1, help="Images per class."),
+    num: int = typer.Option(1, "--num", "-n", min=1, max=MAX_IMAGES, help=f"Images per class (at most {MAX_IMAGES} images in all)."),
     out: str = typer.Option("hmar.png", "--out", "-o", metavar="PATH", help="Output PNG; several images: {i} in the name, else -0, -1 … appended."),
     make_grid: bool = typer.Option(False, "--grid", help="Also write all images as one grid (<out>-grid.png)."),
     options: SamplingOptions = None,
 ) -> None:
     """Generate images of the given classes."""
+    if len(classes) * num > MAX_IMAGES:
+        raise InputError(f"{len(classes)} classes x --num {num} is {len(classes) * num} images; one command makes at most {MAX_IMAGES} "
+                         f"(run several, each with its own --seed)")
     paths = output_paths(out, len(classes) * num)  # checked before a model is loaded (or downloaded)
     grid_path = _grid_path(out) if make_grid else None
     check_writable(paths + ([grid_path] if grid_path else []), options.overwrite)

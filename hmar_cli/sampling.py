@@ -20,13 +20,18 @@ from hmar.classes import display_name, resolve_class
 from hmar.config import ModelConfig
 from hmar.errors import InputError
 from hmar.images import save_png
-from hmar.pipeline import DEFAULT_SAMPLING, Pipeline, SamplingSettings
+from hmar.pipeline import DEFAULT_SAMPLING, Pipeline, SamplingSettings, resolve_device
 from hmar.sampler import ProgressCallback
 from hmar.schedule import format_schedule, resolve_schedule
+from hmar.train.options import MAX_SEED
 from hmar_cli.downloads import model_config, model_folder
 from hmar_cli.options import option_group
 
 err_console = Console(stderr=True)
+#: images one command makes: all of them are held in memory until they are written
+MAX_IMAGES = 1000
+#: guidance strength: far beyond any useful value, larger ones push the guided logits towards overflow
+MAX_CFG = 100.0
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,14 @@ class SamplingOptions:
 
 def _sampling_options(
     model: str = typer.Option(..., "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
     schedule: Optional[str] = typer.Option(None, "--schedule", metavar="SCHEDULE", help='Instead of --steps: tokens committed per step, scales separated by ";" and steps by "," '
                                    '(each scale\'s counts sum to its tokens), e.g. "1;1,3;1,1,2,5;16;25;36;64;100;169;256".'),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help=f"Classifier-free guidance strength (default: the model's, else {DEFAULT_SAMPLING['cfg']})."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", min=0.0, max=MAX_CFG, help=f"Classifier-free guidance strength, 0 to {MAX_CFG:g} (default: the model's, else {DEFAULT_SAMPLING['cfg']})."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help=f"Keep the k most likely tokens (0: off; default: the model's, else {DEFAULT_SAMPLING['top_k']})."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help=f"Nucleus filtering (0: off; default: the model's, else {DEFAULT_SAMPLING['top_p']})."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: a fresh one, recorded in the PNG); same seed and settings give the same pixels."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Random seed, 0 to 2^64-1 (default: a fresh one, recorded in the PNG); same seed and settings give the same pixels."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_IMAGES, help="Images per forward pass (default: the library's, a fixed bound: never all images at once)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -83,6 +88,7 @@ def _sampling_options(
 ) -> SamplingOptions:
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
+    resolve_device(device)  # an unknown or missing device fails before anything loads or downloads
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed
     return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile)

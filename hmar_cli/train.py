@@ -14,6 +14,8 @@ import typer
 
 from hmar.config import TokenizerConfig, TransformerConfig, tokenizer_preset
 from hmar.errors import InputError
+from hmar.train.options import MAX_SEED, MAX_WORKERS
+from hmar.train.synthetic import MAX_IMAGES_PER_CLASS
 from hmar_cli.options import option_group
 
 SHARDING_HELP = "Under torchrun: ddp replicates the model on every process, fsdp shards it over them (large models)."
@@ -25,15 +27,15 @@ def _shared(
     out: Path = typer.Option(..., "--out", help="Run folder (new, or the run to --resume)."),
     steps: int = typer.Option(1000, "--steps", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Per process."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (stage default if unset)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak learning rate (stage default if unset)."),
     warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
-    ema_decay: float = typer.Option(0.0, "--ema", help="EMA decay of the exported weights (0: off)."),
+    ema_decay: float = typer.Option(0.0, "--ema", min=0.0, max=1.0, help="EMA decay of the exported weights, below 1 (0: off)."),
     export_dtype: str = typer.Option("float32", "--export-dtype", help="float32, float16 or bfloat16 weight files."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
     device: str = typer.Option("auto", "--device"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on CUDA)."),
-    seed: int = typer.Option(0, "--seed"),
-    num_workers: int = typer.Option(2, "--workers", min=0),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    num_workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
     sample_every: int = typer.Option(0, "--sample-every", min=0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
@@ -66,10 +68,10 @@ def _report(result) -> None:
 @app.command("data")
 def data(
     out: Path = typer.Option(..., "--out", help="New folder for the data set."),
-    images_per_class: int = typer.Option(500, "--images-per-class", min=1),
-    size: int = typer.Option(64, "--size", help="Image side in pixels (64–512)."),
-    seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(1, "--workers", min=1, help="Processes rendering in parallel (same files for any number)."),
+    images_per_class: int = typer.Option(500, "--images-per-class", min=1, max=MAX_IMAGES_PER_CLASS),
+    size: int = typer.Option(64, "--size", min=64, max=512, help="Image side in pixels (64–512)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
+    workers: int = typer.Option(1, "--workers", min=1, max=MAX_WORKERS, help="Processes rendering in parallel (same files for any number)."),
 ) -> None:
     """Write the procedural 10-class data set (shapes and patterns) anyone can regenerate offline."""
     from hmar.train import write_dataset
@@ -100,7 +102,7 @@ def stage1(
     token_cache: Optional[Path] = typer.Option(None, "--token-cache", help="Encode the images once into this file."),
     sharding: str = typer.Option("ddp", "--sharding", help=SHARDING_HELP),
     cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each step as one CUDA graph: no "
-                                              "launch gaps (d16, 256 px, H100: 92.5 -> 76.4 ms a step). Default: with one CUDA process."),
+                                              "launch gaps between kernels. Default: with one CUDA process."),
     shared: dict = None,
 ) -> None:
     """Markovian next-scale prediction; writes the model folder <out>/model."""

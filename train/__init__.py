@@ -10,6 +10,7 @@ Each run writes into its own folder: checkpoint.pt, run.json, metrics.jsonl, sam
 """
 from __future__ import annotations
 
+from hmar.train.checkpoint import discard_failed_start
 from hmar.train.distributed import setup
 from hmar.train.loop import RunResult, StepCallback, train
 from hmar.train.options import Stage1Config, Stage2Config, TokenizerTrainConfig, TrainConfig
@@ -23,8 +24,15 @@ __all__ = [
 
 def _run(stage_class, config, on_step: StepCallback | None) -> RunResult:
     procs = setup(config.device)
+    created = not config.out.exists()
     try:
         return train(stage_class(config, procs), on_step)
+    except BaseException:
+        # a new run that fails before its first checkpoint leaves nothing behind: neither a new start
+        # nor --resume would otherwise accept the folder
+        if not config.resume and procs.is_main:
+            discard_failed_start(config.out, created)
+        raise
     finally:
         procs.close()
 

@@ -1,4 +1,8 @@
-"""Training's user-facing error: a run that cannot go on for a reason the user can fix."""
+"""Training's user-facing errors and notes: a run that cannot go on for a reason the user can fix, and
+what the user should know that is no error."""
+import signal
+import sys
+
 from hmar.errors import HmarError
 
 
@@ -7,4 +11,15 @@ class TrainingError(HmarError):
 
 
 class TrainingInterrupted(TrainingError):
-    """SIGTERM/SIGINT stopped the run after a checkpoint was written; --resume continues it."""
+    """SIGTERM/SIGINT stopped the run after a checkpoint was written; --resume continues it. The exit
+    code is 128 + the signal's number, as for any other command a signal stops."""
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        if signal_name is not None:
+            self.exit_code = 128 + signal.Signals[signal_name].value
+
+
+def note(message: str) -> None:
+    """One line on stderr, in the form the CLI's notes take."""
+    print(f"note: {message}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """Sample grids written during training: a row-major mosaic of images in [0, 1], as one PNG."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from hmar.atomic import atomic_write
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Path:
@@ -19,7 +20,6 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Path:
         canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
     array = canvas.mul(255).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array, "RGB").save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, overwrite=True) as temporary:
+        Image.fromarray(array, "RGB").save(temporary, format="PNG")
     return path

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from hmar.compile import compile_blocks, eager, wanted as compile_wanted
 from hmar.cuda_graph import GraphedTrainStep
-from hmar.train.checkpoint import CHECKPOINT, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
+from hmar.train.checkpoint import CHECKPOINT, SAMPLES, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
 from hmar.train.data import BatchOrder
 from hmar.train.distributed import Processes
 from hmar.train.ema import ParameterEMA
@@ -223,14 +223,15 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
                 bar.update(done)
 
             if config.sample_every and done % config.sample_every == 0:
-                write_samples(out / "samples" / f"step_{done:07d}.png")
+                write_samples(out / SAMPLES / f"step_{done:07d}.png")
             stopping = procs.any(stop.requested is not None)
             if done % config.checkpoint_every == 0 or done == config.steps or stopping:
                 checkpoint(done)
             if stopping and done < config.steps:
-                raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume")
+                raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume",
+                                         stop.requested)
 
-    write_samples(out / "samples" / "final.png")
+    write_samples(out / SAMPLES / "final.png")
     final = sharding.gather(ema.averaged_state(objective) if ema else objective.state_dict())
     exported = stage.export(final) if procs.is_main else out
     procs.barrier()

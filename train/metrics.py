@@ -8,6 +8,9 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from hmar.atomic import atomic_write
+from hmar.train.errors import TrainingError, note
+
 METRICS = "metrics.jsonl"
 
 
@@ -18,8 +21,12 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int | None):
         self.path = out / METRICS
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            records, partial = _parse(self.path)
+            if partial:
+                note(f"dropped the incomplete last line of {self.path} (the run stopped while writing it)")
+            kept = "".join(line + "\n" for line, record in records if record.get("step", 0) <= resume_step)
+            with atomic_write(self.path, overwrite=True) as temporary:
+                temporary.write_text(kept)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -27,8 +34,29 @@ class MetricsLog:
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run; a last line still being written (or cut by a crash) is left out."""
+    return [record for _, record in _parse(Path(out) / METRICS)[0]]
+
+
+def _parse(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """(line, record) pairs, and whether an incomplete last line was left out. Only the last line
+    may be incomplete (a crash or a full disk while appending it); a bad line elsewhere means the
+    file was damaged otherwise: an error."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path}: {exc.strerror or exc}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        elif number < len(lines):
+            raise TrainingError(f"{path} line {number} is not a metrics record; repair or delete the file")
+    return records, len(records) < len(lines)
 
 
 class ProgressBar:

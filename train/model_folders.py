@@ -4,7 +4,7 @@ A tokenizer folder (`hmar train tokenizer`): `tokenizer.json` (the TokenizerConf
 `tokenizer.safetensors`. A model folder (stages 1 and 2): `config.json` in the schema of
 `hmar.config.ModelConfig` (tokenizer and hmar sections, `files`, `class_names`, `sampling`) with
 `tokenizer.safetensors` and `hmar.safetensors` beside it: `hmar generate --model <folder>` loads it.
-Files are written to a temporary name and renamed, so a reader never sees half a file.
+Files are written with `hmar.atomic.atomic_write`, so a reader never sees half a file.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
+from hmar.atomic import atomic_write
 from hmar.checkpoints import load_models, load_weights, read_state_dict
 from hmar.config import ModelConfig, TokenizerConfig
 from hmar.errors import ConfigError
-from hmar.file_mode import ordinary_file_mode
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
 
@@ -31,17 +31,14 @@ MODEL_CONFIG = "config.json"
 
 def save_weights(state: Mapping[str, torch.Tensor], path: Path, dtype: str = "float32") -> None:
     """Floating-point tensors are stored as `dtype`; integer buffers keep theirs."""
-    tmp = path.with_name(path.name + ".tmp")
     cast = getattr(torch, dtype)
-    save_file({k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.chmod(tmp, ordinary_file_mode())  # safetensors creates it private to its owner
-    os.replace(tmp, path)
+    with atomic_write(path, overwrite=True) as temporary:
+        save_file({k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}, str(temporary))
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, overwrite=True) as temporary:
+        temporary.write_text(text)
 
 
 def write_tokenizer_folder(folder: Path, tokenizer: MultiScaleVQVAE, state: Mapping[str, torch.Tensor] | None = None,

@@ -7,6 +7,7 @@ torchrun the global batch is `batch_size` times the number of processes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,22 @@ LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_de
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SHARDINGS = ("ddp", "fsdp")  # see hmar.train.sharding
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
+MAX_WORKERS = 64  # image decoding processes per training process: each is a whole Python process
+
+
+def _check_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """`value` a finite number in the interval (open or closed at each end); ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _check_count(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -57,8 +74,18 @@ class TrainConfig:
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            _check_count(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_every"):
+            _check_count(name, getattr(self, name), 0)
+        _check_count("num_workers", self.num_workers, 0, MAX_WORKERS)
+        _check_count("seed", self.seed, 0, MAX_SEED)
+        _check_range("lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        _check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _check_range("weight_decay", self.weight_decay, 0, math.inf, high_open=True)
+        _check_range("grad_clip", self.grad_clip, 0, math.inf, high_open=True)
+        _check_range("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        for beta in self.betas:
+            _check_range("betas", beta, 0, 1, high_open=True)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form, recorded in the run folder and compared on --resume."""
@@ -76,6 +103,8 @@ class TokenizerTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_count("dead_code_every", self.dead_code_every, 0)
+        _check_range("dead_code_threshold", self.dead_code_threshold, 0, math.inf, high_open=True)
         if self.sharding != "ddp":  # dead-code restarts write into the whole codebook on every process
             raise ValueError(f"the tokenizer stage trains with sharding 'ddp' only, got {self.sharding!r}")
 
@@ -101,6 +130,10 @@ class Stage1Config(TrainConfig):
         self.token_cache = None if self.token_cache is None else Path(self.token_cache)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        _check_range("cond_drop_rate", self.cond_drop_rate, 0, 1)
+        _check_range("lognormal_mu", self.lognormal_mu, -math.inf, math.inf, low_open=True, high_open=True)
+        _check_range("lognormal_sigma", self.lognormal_sigma, 0, math.inf, low_open=True, high_open=True)
+        _check_range("exp_decay_rate", self.exp_decay_rate, -math.inf, math.inf, low_open=True, high_open=True)
 
 
 @dataclass(kw_only=True)

@@ -15,9 +15,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hmar.atomic import atomic_write
 from hmar.errors import InputError
+from hmar.train.options import MAX_WORKERS
 
 SUPERSAMPLE = 4  # shapes are drawn this much larger, then downsampled: smooth edges
+MAX_IMAGES_PER_CLASS = 100_000  # the whole job list is built up front
 
 Colour = tuple[int, int, int]
 
@@ -172,10 +175,10 @@ def write_dataset(root: str | Path, images_per_class: int = 500, size: int = 64,
     function of seed, class, index and size)."""
     if not 64 <= size <= 512:
         raise InputError(f"synthetic images are 64 to 512 px, got {size}")
-    if images_per_class <= 0:
-        raise InputError(f"images per class must be positive, got {images_per_class}")
-    if workers <= 0:
-        raise InputError(f"workers must be positive, got {workers}")
+    if not 0 < images_per_class <= MAX_IMAGES_PER_CLASS:
+        raise InputError(f"images per class must be between 1 and {MAX_IMAGES_PER_CLASS}, got {images_per_class}")
+    if not 0 < workers <= MAX_WORKERS:
+        raise InputError(f"workers must be between 1 and {MAX_WORKERS}, got {workers}")
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root} exists and is not empty; choose a new folder for the synthetic data set")
@@ -194,4 +197,5 @@ def write_dataset(root: str | Path, images_per_class: int = 500, size: int = 64,
 
 def _write_one(job: tuple[Path, str, int, int, int]) -> None:
     path, name, index, seed, size = job
-    render(name, index, seed, size).save(path)
+    with atomic_write(path) as temporary:
+        render(name, index, seed, size).save(temporary, format="PNG")

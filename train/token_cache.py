@@ -7,13 +7,13 @@ refused rather than silently used.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from hmar.atomic import atomic_write
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import ImageBatches, ImageFolder, collate_readable, ignore_stop_signals
 from hmar.train.errors import TrainingError
@@ -80,13 +80,16 @@ def _collate_with_keys(samples):
 
 def save_cache(cache: TokenCache, path: Path, folder: ImageFolder, digest: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({
+    record = {
         "tokens": cache.tokens, "labels": cache.labels, "valid": cache.valid,
         "patch_nums": list(cache.patch_nums), "files": [str(f.relative_to(folder.root)) for f in folder.files],
         "tokenizer": digest,
-    }, tmp)
-    os.replace(tmp, path)
+    }
+    try:
+        with atomic_write(path) as temporary:
+            torch.save(record, temporary)
+    except OSError as exc:
+        raise TrainingError(f"cannot write token cache {path}: {exc.strerror or exc}") from None
 
 
 def load_cache(path: Path, folder: ImageFolder, digest: str) -> TokenCache:
@@ -94,12 +97,38 @@ def load_cache(path: Path, folder: ImageFolder, digest: str) -> TokenCache:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file: say which and why
         raise TrainingError(f"cannot read token cache {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    problem = _malformed(data)
+    if problem:
+        raise TrainingError(f"{path} is not a token cache ({problem}); delete it or give another --token-cache path")
     files = [str(f.relative_to(folder.root)) for f in folder.files]
     if data.get("files") != files:
         raise TrainingError(f"token cache {path} was made from other images than {folder.root}; delete it or give another --token-cache path")
     if data.get("tokenizer") != digest:
         raise TrainingError(f"token cache {path} was made with another tokenizer; delete it or give another --token-cache path")
     return TokenCache(data["tokens"], data["labels"], data["valid"], tuple(data["patch_nums"]))
+
+
+def _malformed(data) -> str | None:
+    """What makes `data` something other than what `save_cache` writes (None: nothing)."""
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}"
+    missing = [k for k in ("tokens", "labels", "valid", "patch_nums", "files", "tokenizer") if k not in data]
+    if missing:
+        return f"no {', '.join(missing)}"
+    tokens, labels, valid = data["tokens"], data["labels"], data["valid"]
+    if not all(isinstance(t, torch.Tensor) for t in (tokens, labels, valid)):
+        return "tokens, labels and valid are not all tensors"
+    patch_nums = data["patch_nums"]
+    if not (isinstance(patch_nums, list) and patch_nums and all(type(p) is int and p > 0 for p in patch_nums)):
+        return "patch_nums is not a list of positive integers"
+    n = len(tokens) if tokens.ndim else 0
+    if tokens.ndim != 3 or tokens.shape[1:] != (2, sum(p * p for p in patch_nums)) or tokens.dtype.is_floating_point:
+        return f"tokens of shape {tuple(tokens.shape)} and type {tokens.dtype} do not fit its scales"
+    if labels.shape != (n,) or valid.shape != (n,) or valid.dtype != torch.bool or labels.dtype.is_floating_point:
+        return "labels or valid do not fit its tokens"
+    if not isinstance(data["files"], list) or len(data["files"]) != n:
+        return "its file list does not fit its tokens"
+    return None
 
 
 def cached_tokens(path: Path, folder: ImageFolder, tokenizer: MultiScaleVQVAE, device: torch.device, num_workers: int, is_main: bool, barrier) -> TokenCache:
