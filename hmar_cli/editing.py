@@ -223,7 +223,11 @@ def expand_images(arguments: list[Path]) -> tuple[list[Path], bool]:
             batch = True
         else:
             found.append(argument)  # a missing file is reported when it is read
-    unique = list({path.resolve(): path for path in reversed(found)}.values())[::-1]
+    unique, seen = [], set()
+    for path in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
     return unique, batch
 
 
@@ -324,7 +328,8 @@ class _Run:
         """A bad image: fatal for one image, reported and skipped in a batch."""
         if not self.batch_mode:
             raise exc
-        typer.echo(f"error: {source.name}: {exc}", err=True)
+        message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
+        typer.echo(f"error: {message}", err=True)
         self.failed.append({"source": str(source), "error": str(exc)})
         self.progress(advance=1)
 
