@@ -307,14 +307,15 @@ def plan_edit(image: Image.Image, regenerate: np.ndarray, resolution: int, *, di
         if window.side * window.side > max_pixels:
             raise InputError(f"the model's view of this region would be {window.side}x{window.side} pixels, more than the "
                              f"limit of {max_pixels:,}: make the region (or the outpainted margin) smaller")
-    pixels = np.asarray(image.convert("RGB"))
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    pixels = np.asarray(image)
     views = []
     for g, window in enumerate(grouped.windows):
         model_image = _resize(crop_window(pixels, window), resolution)
         share = _resize_mask((crop_window(grouped.groups, window) == g + 1).astype(np.float32), resolution)
         views.append(View(window, np.ascontiguousarray(model_image), share <= 1e-6))
     notes += _enlargement_note(views, grouped.groups, context)
-    return EditPlan(image.convert("RGB"), alpha, grouped.groups, views, tuple(notes), colour_matching)
+    return EditPlan(image, alpha, grouped.groups, views, tuple(notes), colour_matching)
 
 
 def _enlargement_note(views: list[View], groups: np.ndarray, context: Context) -> tuple[str, ...]:

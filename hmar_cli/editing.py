@@ -42,7 +42,7 @@ NUM_HELP = "Variants to make of each image (different draws from the one seed)."
 OUT_HELP = ("Output PNG (default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
             "images), {{i}} the variant (else several variants get -0, -1 … appended).")
 CONTEXT_HELP = ("How much around each region the model sees: pixels on each side (64), a fraction of the region's larger side "
-                f"(0.5, the default) or full (the largest centred square of the image, as before). Each connected group of "
+                f"(0.5, the default) or full (the largest centred square of the image, one window for all regions). Each connected group of "
                 f"regions gets its own square window: its box grown by the context, at least the model's resolution where the "
                 f"image is that large, kept inside the image, always with at least {MIN_CONTEXT:g} of the region's size around it; "
                 f"groups whose windows overlap share one. Outpainting: each new strip (or the band around the image) is a region, "
@@ -57,8 +57,6 @@ class EditRequest:
     """One image to edit: the picture the model works on (the input, or outpainting's larger
     canvas), what to regenerate in it, and how the request reads in the outputs' metadata."""
 
-    command: str
-    source: Path
     picture: Image.Image
     regenerate: np.ndarray  # (H, W) bool, True where pixels are generated
     metadata: dict[str, str]
@@ -111,7 +109,7 @@ with_context_option = option_group(_context_option, "view")
 @with_context_option
 @with_region_options
 def inpaint(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help=IMAGES_HELP, show_default=False),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("inpainted")),
@@ -130,7 +128,7 @@ def inpaint(
 @with_context_option
 @with_region_options
 def edit(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help=IMAGES_HELP, show_default=False),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: str = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name the region becomes."),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("edited")),
@@ -148,7 +146,7 @@ def edit(
 @with_sampling_options
 @with_context_option
 def outpaint(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help=IMAGES_HELP.replace("to edit", "to extend"), show_default=False),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP.replace("to edit", "to extend"), show_default=False),
     left: int = typer.Option(0, "--left", help="Pixels to add on the left."),
     right: int = typer.Option(0, "--right", help="Pixels to add on the right."),
     top: int = typer.Option(0, "--top", help="Pixels to add at the top."),
@@ -171,7 +169,7 @@ def outpaint(
         canvas, regenerate = extend_canvas(original, margins)
         details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
                    "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
-        return EditRequest("outpaint", source, canvas, regenerate, details, (), match_colours=match_colours,
+        return EditRequest(canvas, regenerate, details, (), match_colours=match_colours,
                            origin=(margins.left, margins.top))
 
     _run("outpaint", images, prepare, view, label, num, out, options)
@@ -195,7 +193,7 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
         mask_notes(regenerate)  # an empty region fails here, before the model is loaded
         details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
                         "hmar:match_colours": str(region.match_colours).lower()})
-        return EditRequest(command, source, picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours)
+        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours)
 
     _run(command, images, prepare, context, label, num, out, options)
 
@@ -263,18 +261,22 @@ def planned_outputs(sources: list[Path], command: str, out: str | None, num: int
     for source in sources:
         outputs[source] = output_paths(template.replace("{name}", source.stem), num)
         for path in outputs[source]:
-            if path in owner:
-                raise InputError(f"{owner[path]} and {source} would both be written to {path}: rename one, or edit them in separate runs")
-            owner[path] = source
+            if path.resolve() in owner:
+                raise InputError(f"{owner[path.resolve()]} and {source} would both be written to {path}: rename one, or edit them "
+                                 f"in separate runs")
+            owner[path.resolve()] = source
     return outputs
 
 
 # ---- the run ----------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """An image between planning and writing: its views are generated `num` times each."""
+    """An image between planning and writing (its views are generated `num` times each): what the
+    outputs need of its `EditRequest`, without the picture, which the plan holds."""
 
-    request: EditRequest
+    source: Path
+    metadata: dict[str, str]
+    origin: tuple[int, int]
     plan: EditPlan
     paths: list[Path]
     notes: list[str]
@@ -306,7 +308,7 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
             except HmarError as exc:
                 run.fail(source, exc)
                 continue
-            run.add(Job(request, plan, outputs[source], [*request.notes, *plan.notes]))
+            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], [*request.notes, *plan.notes]))
         run.flush()
     run.finish()
 
@@ -340,7 +342,7 @@ class _Run:
             self.settings = self.pipe.settings(**{**self.options.sampler_options(), "batch_size": self.batch})
             self.generator = make_generator(self.settings.seed, self.pipe.device)
         for line in job.notes:
-            note(f"{job.request.source.name}: {line}" if self.batch_mode else line)
+            note(f"{job.source.name}: {line}" if self.batch_mode else line)
         self.queue += [(job, item) for item in range(job.items)]
         while len(self.queue) >= self.batch:
             self._sample(self.queue[:self.batch])
@@ -365,23 +367,23 @@ class _Run:
                 self._write(job)
 
     def _write(self, job: Job) -> None:
-        request, plan, views = job.request, job.plan, len(job.plan.views)
+        plan, views = job.plan, len(job.plan.views)
         try:
             edited = [plan.composite([job.generated[v * views + g] for g in range(views)]) for v in range(self.num)]
-            metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": request.command,
-                        "hmar:source": request.source.name, "hmar:context": str(self.context), **request.metadata}
-            windows, enlargement = _window_fields(plan, request.origin)
+            metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": self.command,
+                        "hmar:source": job.source.name, "hmar:context": str(self.context), **job.metadata}
+            windows, enlargement = _window_fields(plan, job.origin)
             stored = {**metadata, "hmar:window": ";".join(",".join(map(str, w)) for w in windows),
                       "hmar:enlargement": ";".join(f"{e:g}" for e in enlargement)}
             records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite)
         except HmarError as exc:
-            self.fail(request.source, exc)
+            self.fail(job.source, exc)
             return
         finally:
             job.generated.clear()
         fields = {"size": list(edited[0].size), "window": windows, "enlargement": enlargement, "notes": job.notes}
         if self.batch_mode:
-            self.records += [{**record, "source": str(request.source), **fields} for record in records]
+            self.records += [{**record, "source": str(job.source), **fields} for record in records]
         else:
             self.records, self.single = records, {"metadata": metadata, **fields}
         self.progress(advance=1)

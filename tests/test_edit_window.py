@@ -82,7 +82,7 @@ def test_region_larger_than_the_image_allows_is_capped_by_the_whole_square_and_n
     assert "instead of --context full" in full.notes[0]
 
 
-def test_region_wider_than_the_short_side_reaches_past_the_edges_as_before():
+def test_region_wider_than_the_short_side_reaches_past_the_edges():
     size = (320, 100)
     window = context_window(size, (0, 10, 300, 60), RESOLUTION, DEFAULT_CONTEXT)
     assert window == Window(0, -100, 300)
@@ -119,7 +119,7 @@ def test_outpaint_strips_get_windows_with_the_nearest_known_pixels():
     bottom = region_windows(images.extend_canvas(original, images.outpaint_margins(original.size, bottom=40))[1], RESOLUTION)
     assert bottom.windows == [Window(0, -12, 256)]  # the strip's width, centred on the canvas: 192 known rows of 256
     band = region_windows(images.extend_canvas(original, images.outpaint_margins(original.size, expand=1.5))[1], RESOLUTION)
-    assert band.windows == [Window(0, -48, 384)]  # one band around the image: the whole canvas, as before
+    assert band.windows == [Window(0, -48, 384)]  # one band around the image: the whole canvas, as --context full
 
 
 def test_a_thin_strip_beside_a_small_image_still_sees_some_of_it():
