@@ -3,14 +3,17 @@ name collisions) and the window metadata (`hmar:window`, `hmar:enlargement`, `--
 with Typer's CliRunner on the conformance model folder (random weights: mechanics, not pictures)."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from hmar import images
+from hmar_cli import editing
 from tests.test_cli_edit import invoke, pixels, succeeded
 from tests.test_images import random_rgb
 
@@ -189,3 +192,13 @@ def test_outpaint_several_images_windows_in_input_pixels(tmp_path, conformance_m
         assert x0 == -30 and x1 > 0  # the strip left of the image and some of the image itself
         after, before = pixels(tmp_path / f"{Path(name).stem}-wide.png"), pixels(tmp_path / name)
         assert np.array_equal(after[:, 30:], before)
+
+
+def test_the_progress_bar_counts_images(tmp_path, conformance_models, shots, monkeypatch):
+    """On a terminal, stderr shows a bar of images done out of all (here drawn into a buffer)."""
+    screen = io.StringIO()
+    monkeypatch.setattr(editing, "err_console", Console(file=screen, force_terminal=True, width=120))
+    (shots / "broken.png").unlink()
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(shots), "--box", BOX, "--seed", "0",
+                     "--out", str(tmp_path / "{name}.png")))
+    assert "images" in screen.getvalue() and "3/3" in screen.getvalue()

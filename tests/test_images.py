@@ -1,5 +1,5 @@
-"""hmar.images: reading any image (and every way it can be bad), masks and boxes, the model's view of
-an edit and the way back (bit-exact outside the mask), outpaint canvases, atomic PNG writing."""
+"""hmar.images: reading any image (and every way it can be bad), masks and boxes, colour matching,
+outpaint canvases, atomic PNG writing (the model's view of an edit: tests/test_edit_window.py)."""
 from __future__ import annotations
 
 import io
