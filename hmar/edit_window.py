@@ -32,6 +32,7 @@ MIN_CONTEXT = 0.125  # of the region's larger side, on each side: the least surr
 MAX_FRACTION = 100.0  # a context fraction beyond this is a typo (the window is capped by the image anyway)
 MAX_GROUPS = 16  # separate windows per image; a mask with more groups gets one window around them all
 MAX_COMPONENTS = 4096  # separate regions worth grouping one by one (more: speckle, one window)
+MAX_GROUPING_ROUNDS = 32  # merging windows that keeps reaching further regions: one window for all
 NOTED_ENLARGEMENT = 2.0  # a window enlarged more than this from the model's resolution is noted
 
 
@@ -149,7 +150,7 @@ def region_windows(regenerate: np.ndarray, resolution: int, context: Context = D
     and give each group its window; `context.full`: one whole-image window for all."""
     height, width = regenerate.shape
     _, labels, stats, _ = cv2.connectedComponentsWithStats(regenerate.astype(np.uint8), connectivity=8)
-    boxes = [(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h in stats[1:, :4]]
+    boxes = np.concatenate([stats[1:, :2], stats[1:, :2] + stats[1:, 2:4]], axis=1).astype(np.int64)  # x0, y0, x1, y1
     notes = ()
     if context.full or len(boxes) <= 1:
         group_of = np.zeros(len(boxes), dtype=np.int64)
@@ -158,8 +159,9 @@ def region_windows(regenerate: np.ndarray, resolution: int, context: Context = D
         notes = (f"the mask has {len(boxes):,} separate regions: they are regenerated in one window around them all",)
     else:
         group_of = _group(boxes, (width, height), resolution, context)
-        if group_of.max() + 1 > MAX_GROUPS:
-            notes = (f"the mask has {group_of.max() + 1} separate groups of regions, more than {MAX_GROUPS}: "
+        if group_of is None or group_of.max() + 1 > MAX_GROUPS:
+            many = "many" if group_of is None else group_of.max() + 1
+            notes = (f"the mask has {many} separate groups of regions, more than {MAX_GROUPS}: "
                      f"they are regenerated in one window around them all",)
             group_of = np.zeros(len(boxes), dtype=np.int64)
     lookup = np.concatenate([[0], group_of + 1]).astype(np.uint8)
@@ -170,14 +172,15 @@ def region_windows(regenerate: np.ndarray, resolution: int, context: Context = D
     return RegionGroups(windows, groups, notes)
 
 
-def _group(boxes: list[Bounds], size: tuple[int, int], resolution: int, context: Context) -> np.ndarray:
-    """Group index of each region: regions whose windows overlap inside the image share a group,
-    and a group's window (around all its regions) may reach further ones, so this repeats until no
-    two windows overlap. Overlap is found by painting each window, one pixel short of its far edges,
-    into a map of the image: overlapping windows then touch, abutting ones do not."""
+def _group(boxes: np.ndarray, size: tuple[int, int], resolution: int, context: Context) -> np.ndarray | None:
+    """Group index of each of the (N, 4) region `boxes`: regions whose windows overlap inside the
+    image share a group, and a group's window (around all its regions) may reach further ones, so
+    this repeats until no two windows overlap (None: not within `MAX_GROUPING_ROUNDS`). Overlap is
+    found by painting each window, one pixel short of its far edges, into a map of the image:
+    overlapping windows then touch, abutting ones do not."""
     width, height = size
     group_of = np.arange(len(boxes))
-    while True:
+    for _ in range(MAX_GROUPING_ROUNDS):
         count = int(group_of.max()) + 1
         painted = np.zeros((height, width), dtype=np.uint8)
         corners = []
@@ -192,16 +195,18 @@ def _group(boxes: list[Bounds], size: tuple[int, int], resolution: int, context:
         if merged.max() + 1 == count:
             return group_of
         group_of = merged[group_of]
+    return None
 
 
-def _windows(boxes: list[Bounds], group_of: np.ndarray, size: tuple[int, int], resolution: int, context: Context) -> list[Window]:
+def _windows(boxes: np.ndarray, group_of: np.ndarray, size: tuple[int, int], resolution: int, context: Context) -> list[Window]:
     """Each group's window, around the bounding box of its regions."""
-    windows = []
-    for g in range(int(group_of.max()) + 1):
-        members = [boxes[i] for i in np.flatnonzero(group_of == g)]
-        bounds = (min(b[0] for b in members), min(b[1] for b in members), max(b[2] for b in members), max(b[3] for b in members))
-        windows.append(context_window(size, bounds, resolution, context))
-    return windows
+    count = int(group_of.max()) + 1
+    starts = np.full((count, 2), np.iinfo(np.int64).max)
+    stops = np.full((count, 2), np.iinfo(np.int64).min)
+    np.minimum.at(starts, group_of, boxes[:, :2])
+    np.maximum.at(stops, group_of, boxes[:, 2:])
+    return [context_window(size, (int(x0), int(y0), int(x1), int(y1)), resolution, context)
+            for (x0, y0), (x1, y1) in zip(starts, stops)]
 
 
 def crop_window(pixels: np.ndarray, window: Window) -> np.ndarray:
