@@ -152,7 +152,9 @@ def region_windows(regenerate: np.ndarray, resolution: int, context: Context = D
     _, labels, stats, _ = cv2.connectedComponentsWithStats(regenerate.astype(np.uint8), connectivity=8)
     boxes = np.concatenate([stats[1:, :2], stats[1:, :2] + stats[1:, 2:4]], axis=1).astype(np.int64)  # x0, y0, x1, y1
     notes = ()
-    if context.full or len(boxes) <= 1:
+    if len(boxes) == 0:
+        return RegionGroups([], np.zeros((height, width), dtype=np.uint8))
+    if context.full or len(boxes) == 1:
         group_of = np.zeros(len(boxes), dtype=np.int64)
     elif len(boxes) > MAX_COMPONENTS:
         group_of = np.zeros(len(boxes), dtype=np.int64)

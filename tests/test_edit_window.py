@@ -145,6 +145,7 @@ def test_far_apart_regions_get_one_window_each_near_ones_share_one():
     near = region_windows(boxes_mask(size, (100, 100, 140, 140), (150, 100, 190, 140)), RESOLUTION)
     assert len(near.windows) == 1 and contains(near.windows[0], (100, 100, 190, 140))
     assert np.unique(near.groups).tolist() == [0, 1]
+    assert region_windows(np.zeros((8, 8), dtype=bool), RESOLUTION).windows == []
 
 
 def test_grouping_repeats_when_a_merged_window_reaches_a_third_region():
