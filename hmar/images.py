@@ -8,14 +8,10 @@ an `InputError` that names the file and the problem; images above a pixel limit 
 they are decoded (decompression bombs), and so is every size that would make the model's window over
 a region, or an outpaint canvas, larger than that limit.
 
-Editing at the model's resolution (`plan_edit`): the model sees a square window of the image, the
-largest centred square (side = the shorter edge), moved to contain the region to regenerate and grown
-past the image edges (edge pixels repeated) when the region is wider than that; the window is resized
-to the model resolution. The result is resized back and blended in only where the (dilated,
-feathered) mask is above zero, so every other pixel of the output is the input pixel, bit for bit.
-Before blending, the generated pixels' colours can be matched to the kept ones (`match_colours`): a
-model that regenerates a region may shift its colours a little, which shows as a box; the smooth
-offset that takes the generated border to the input's is added inside the region.
+Colour matching (`match_colours`): a model that regenerates a region may shift its colours a little,
+which shows as a box; the smooth offset that takes the generated border to the input's is added
+inside the region. Which windows of the image the model sees, and how its outputs go back, is
+`hmar.edit_window`.
 
 Writing: PNG with text metadata, written to a temporary file beside the target and moved into place,
 never replacing an existing file unless asked; output names from a template; grids.
@@ -27,7 +23,7 @@ import os
 import re
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -464,111 +460,6 @@ def check_pixels_option(name: str, pixels: int) -> None:
         raise InputError(f"--{name} must be a whole number of pixels >= 0, got {pixels}")
     if pixels > MAX_PIXELS:
         raise InputError(f"--{name} {pixels} is more than {MAX_PIXELS:,} pixels, longer than any image hmar reads")
-
-
-# ---- the model's view and back ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """A square of the image in pixels; it may reach past the image edges (edge pixels repeat)."""
-
-    x0: int
-    y0: int
-    side: int
-
-
-def square_window(size: tuple[int, int], regenerate: np.ndarray) -> Window:
-    """The centred square of side min(W, H), moved to contain the region, grown to fit it if needed."""
-    width, height = size
-    ys, xs = np.nonzero(regenerate)
-    if xs.size == 0:  # nothing to contain: the centred square
-        left, top, right, bottom = width // 2, height // 2, width // 2, height // 2
-    else:
-        left, top, right, bottom = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    side = max(min(width, height), right - left, bottom - top)
-    return Window(_place(left, right, side, width), _place(top, bottom, side, height), side)
-
-
-def _place(start: int, stop: int, side: int, extent: int) -> int:
-    """Start of a span of `side` covering [start, stop) and as much of [0, extent) as possible."""
-    if side >= extent:
-        return (extent - side) // 2
-    return int(np.clip(round((start + stop - side) / 2), 0, extent - side))
-
-
-def crop_window(pixels: np.ndarray, window: Window) -> np.ndarray:
-    """The window's pixels of an (H, W, …) array, edge pixels repeated outside the image."""
-    height, width = pixels.shape[:2]
-    pad = (max(0, -window.y0), max(0, window.y0 + window.side - height),
-           max(0, -window.x0), max(0, window.x0 + window.side - width))
-    if any(pad):
-        pixels = cv2.copyMakeBorder(pixels, *pad, cv2.BORDER_REPLICATE)
-    y0, x0 = window.y0 + pad[0], window.x0 + pad[2]
-    return pixels[y0:y0 + window.side, x0:x0 + window.side]
-
-
-def _resize(pixels: np.ndarray, side: int) -> np.ndarray:
-    shrinking = side < pixels.shape[0]
-    return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
-
-
-def _resize_mask(share: np.ndarray, side: int) -> np.ndarray:
-    """A 0/1 float mask resized so that any output pixel touching the region gets a share > 0."""
-    shrinking = side < share.shape[0]
-    return cv2.resize(share, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-@dataclass
-class EditPlan:
-    """An edit of one image: what the model sees, and how its output goes back."""
-
-    original: Image.Image  # RGB, the full input
-    alpha: np.ndarray  # (H, W) float32 blend weight of generated pixels; 0 = the input pixel, exactly
-    window: Window
-    model_image: np.ndarray  # (S, S, 3) uint8: the window at the model resolution
-    model_keep: np.ndarray  # (S, S) bool: pixels whose tokens are forced (False = regenerate)
-    notes: tuple[str, ...] = field(default=())
-    colour_matching: bool = False  # shift the generated region's colours to meet the input at its edge
-
-    def composite(self, generated: Image.Image | np.ndarray) -> Image.Image:
-        """The model's (S, S) output placed back at the original size: generated pixels (colour
-        matched, if planned) blended in by `alpha`, all others the input's own."""
-        result = np.asarray(generated.convert("RGB") if isinstance(generated, Image.Image) else generated)
-        if result.shape != self.model_image.shape or result.dtype != np.uint8:
-            raise ValueError(f"generated image must be uint8 {self.model_image.shape}, got {result.dtype} {result.shape}")
-        original = np.asarray(self.original)
-        height, width = original.shape[:2]
-        window = _resize(result, self.window.side)
-        full = np.zeros_like(original)
-        y0, x0 = max(0, self.window.y0), max(0, self.window.x0)
-        y1, x1 = min(height, self.window.y0 + self.window.side), min(width, self.window.x0 + self.window.side)
-        full[y0:y1, x0:x1] = window[y0 - self.window.y0:y1 - self.window.y0, x0 - self.window.x0:x1 - self.window.x0]
-        full = full.astype(np.float32)
-        if self.colour_matching:
-            inside_window = np.zeros(self.alpha.shape, dtype=bool)
-            inside_window[y0:y1, x0:x1] = True
-            region = self.alpha > 0
-            ring = MATCH_RING * self.window.side / self.model_image.shape[0]  # model pixels → output pixels
-            full = match_colours(full, original.astype(np.float32), region, inside_window & ~region, ring)
-        weight = self.alpha[..., None]
-        blended = np.rint(np.clip(weight * full + (1.0 - weight) * original, 0, 255)).astype(np.uint8)
-        return Image.fromarray(np.where(weight > 0, blended, original), mode="RGB")
-
-
-def plan_edit(image: Image.Image, regenerate: np.ndarray, resolution: int, *, dilate_pixels: int = 0,
-              feather_pixels: int = 0, colour_matching: bool = False) -> EditPlan:
-    """Prepare an edit of `image` (RGB) regenerating `regenerate` (H, W) bool at a model of
-    `resolution` px: dilate, feather, choose the window, resize; `colour_matching`: see
-    `match_colours`."""
-    if regenerate.shape != (image.height, image.width):
-        raise ValueError(f"mask shape {regenerate.shape} does not match the image {image.height}x{image.width}")
-    mask_notes(regenerate)  # refuses an empty mask
-    grown = dilate(regenerate, dilate_pixels)
-    notes = mask_notes(grown)
-    alpha = feather(grown, feather_pixels)
-    window = square_window(image.size, grown)
-    model_image = _resize(crop_window(np.asarray(image.convert("RGB")), window), resolution)
-    share = _resize_mask(crop_window(grown.astype(np.float32), window), resolution)
-    return EditPlan(image.convert("RGB"), alpha, window, np.ascontiguousarray(model_image), share <= 1e-6, notes, colour_matching)
 
 
 # ---- outpainting ------------------------------------------------------------------------------

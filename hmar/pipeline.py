@@ -159,20 +159,23 @@ class Pipeline:
         labels: Sequence[int] | None = None,
         *,
         progress: ProgressCallback | None = None,
+        generator: torch.Generator | None = None,
         **options,
     ) -> Generation:
         """Regenerate what `keep_pixels` (B, H, W) bool leaves out of `images` (B, 3, H, W) in [0, 1]
-        at the model resolution. No labels: the null class (unconditional), as VAR edits."""
+        at the model resolution. No labels: the null class (unconditional), as VAR edits. `generator`
+        (on the device) continues a random stream across calls instead of starting one from the seed."""
         size = self.resolution
         if images.shape[-2:] != (size, size) or keep_pixels.shape[-2:] != (size, size):
             raise InputError(f"edit inputs must be {size}x{size} (the model resolution), got {tuple(images.shape[-2:])}")
         labels = [self.num_classes] * images.shape[0] if labels is None else self.check_labels(labels)
         settings = self.settings(count=len(labels), **options)
         target = edit_target(self.tokenizer, images.to(self.device), keep_pixels.to(self.device))
-        return self._run(labels, settings, target, progress)
+        return self._run(labels, settings, target, progress, generator)
 
-    def _run(self, labels: list[int], settings: SamplingSettings, target: EditTarget | None, progress) -> Generation:
-        generator = make_generator(settings.seed, self.device)
+    def _run(self, labels: list[int], settings: SamplingSettings, target: EditTarget | None, progress,
+             generator: torch.Generator | None = None) -> Generation:
+        generator = make_generator(settings.seed, self.device) if generator is None else generator
         results: list[SampleResult] = []
         for start in range(0, len(labels), settings.batch_size):
             end = min(start + settings.batch_size, len(labels))

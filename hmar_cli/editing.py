@@ -1,35 +1,56 @@
-"""`hmar inpaint`, `hmar outpaint` and `hmar edit`: zero-shot editing of an image file.
+"""`hmar inpaint`, `hmar outpaint` and `hmar edit`: zero-shot editing of image files.
 
-The image may have any size and mode (`hmar.images.load_image`). What to regenerate comes from a
-mask file, a box, or (outpainting) the canvas added around the image. `plan_edit` picks the square
-window of the image the model sees and resizes it to the model's resolution; the model keeps the
-tokens of the kept pixels and generates the others; the result is resized back, its colours matched
-to the kept pixels at the region's edge (unless --no-match-colours), and blended in only inside the
-(dilated, feathered) region, so that every other output pixel is the input's, bit for bit.
+The images may have any size and mode (`hmar.images.load_image`); one command edits one image or many
+(paths, folders, globs), loading the model once. What to regenerate comes from a mask file (or a
+folder of masks matched by name), a box, or (outpainting) the canvas added around the image.
+`hmar.edit_window.plan_edit` picks the square windows of the image the model sees (one per group of
+regions, grown by --context) and resizes them to the model's resolution; the model keeps the tokens
+of the kept pixels and generates the others, all windows of all images in shared batches; each result
+is resized back, its colours matched to the kept pixels at the region's edge (unless
+--no-match-colours), and blended in only inside the (dilated, feathered) region, so that every other
+output pixel is the input's, bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
 import typer
 from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hmar.errors import InputError
+from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
+from hmar.errors import HmarError, InputError
 from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
                          clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
-                         parse_size, plan_edit)
+                         parse_size)
+from hmar.sampler import make_generator
 from hmar_cli.options import option_group
-from hmar_cli.sampling import SamplingOptions, class_index, note, report, sampling_progress, save_images, settings_metadata, with_sampling_options
+from hmar_cli.sampling import (SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
+                               with_sampling_options)
 
 CLASS_HELP = "Class index or name to generate as (default: unconditional, the null class)."
-IMAGE_HELP = "The image to edit (any size and mode)."
-NUM_HELP = "Variants to make (different draws from the one seed)."
-OUT_HELP = "Output PNG (default: <image>-{}.png here); several: {{i}} in the name, else -0, -1 … appended."
+IMAGES_HELP = ("The images to edit (any size and mode): files, folders (their image files) or quoted globs ('shots/*.jpg'); "
+               "with several, a bad one is reported and the others still done.")
+NUM_HELP = "Variants to make of each image (different draws from the one seed)."
+OUT_HELP = ("Output PNG (default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
+            "images), {{i}} the variant (else several variants get -0, -1 … appended).")
+CONTEXT_HELP = ("How much around each region the model sees: pixels on each side (64), a fraction of the region's larger side "
+                f"(0.5, the default) or full (the largest centred square of the image, one window for all regions). Each connected group of "
+                f"regions gets its own square window: its box grown by the context, at least the model's resolution where the "
+                f"image is that large, kept inside the image, always with at least {MIN_CONTEXT:g} of the region's size around it; "
+                f"groups whose windows overlap share one. Outpainting: each new strip (or the band around the image) is a region, "
+                f"so its window holds the strip and the image pixels nearest to it.")
 DEFAULT_OUT_SUFFIX = {"inpaint": "inpainted", "outpaint": "outpainted", "edit": "edited"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+EDIT_BATCH = 16  # model views per forward pass when editing several images without --batch-size
 
 
 @dataclass
@@ -37,8 +58,6 @@ class EditRequest:
     """One image to edit: the picture the model works on (the input, or outpainting's larger
     canvas), what to regenerate in it, and how the request reads in the outputs' metadata."""
 
-    command: str
-    source: Path
     picture: Image.Image
     regenerate: np.ndarray  # (H, W) bool, True where pixels are generated
     metadata: dict[str, str]
@@ -46,6 +65,7 @@ class EditRequest:
     dilate: int = 0
     feather: int = 0
     match_colours: bool = True
+    origin: tuple[int, int] = (0, 0)  # where the input image's pixel (0, 0) is in `picture`
 
 
 MATCH_COLOURS_HELP = ("Shift the generated pixels' colours smoothly so that they meet the kept ones at the region's edge "
@@ -81,38 +101,57 @@ def _region_options(
 
 with_region_options = option_group(_region_options, "region")
 
+def _context_option(
+    context: str = typer.Option(str(DEFAULT_CONTEXT), "--context", metavar="PIXELS|FRACTION|full", help=CONTEXT_HELP),
+) -> Context:
+    return parse_context(context)
+
+
+with_context_option = option_group(_context_option, "view")
+
 
 @with_sampling_options
+@with_context_option
 @with_region_options
 def inpaint(
-    image: Path = typer.Argument(..., help=IMAGE_HELP),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("inpainted")),
     region: RegionOptions = None,
+    view: Context = None,
     options: SamplingOptions = None,
 ) -> None:
-    """Regenerate a region of an image (a mask or a box), unconditionally or as a class."""
-    _edit_region("inpaint", image, region, label, num, out, options)
+    """Regenerate a region of images (a mask or a box), unconditionally or as a class.
+
+    With several images, --mask may be a folder: each image's mask is the file there with the image's
+    name and any image extension (photos/cat.jpg → masks/cat.png)."""
+    _edit_region("inpaint", images, region, view, label, num, out, options)
 
 
 @with_sampling_options
+@with_context_option
 @with_region_options
 def edit(
-    image: Path = typer.Argument(..., help=IMAGE_HELP),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: str = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name the region becomes."),
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("edited")),
     region: RegionOptions = None,
+    view: Context = None,
     options: SamplingOptions = None,
 ) -> None:
-    """Class-conditional editing: regenerate a region of an image as the given class."""
-    _edit_region("edit", image, region, label, num, out, options)
+    """Class-conditional editing: regenerate a region of images as the given class.
+
+    With several images, --mask may be a folder: each image's mask is the file there with the image's
+    name and any image extension (photos/cat.jpg → masks/cat.png)."""
+    _edit_region("edit", images, region, view, label, num, out, options)
 
 
 @with_sampling_options
+@with_context_option
 def outpaint(
-    image: Path = typer.Argument(..., help="The image to extend (any size and mode)."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP.replace("to edit", "to extend"), show_default=False),
     left: int = typer.Option(0, "--left", help="Pixels to add on the left."),
     right: int = typer.Option(0, "--right", help="Pixels to add on the right."),
     top: int = typer.Option(0, "--top", help="Pixels to add at the top."),
@@ -123,69 +162,290 @@ def outpaint(
     num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("outpainted")),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
+    view: Context = None,
     options: SamplingOptions = None,
 ) -> None:
-    """Extend an image's canvas and generate the new area; the original pixels stay as they are."""
+    """Extend images' canvas and generate the new area; the original pixels stay as they are."""
     target_size = parse_size(to) if to is not None else None
+    # sizes that scale memory are refused here, before any image is read or the model loads
     check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
-    paths = _checked_outputs(image, "outpaint", out, num, options)
-    original = load_image(image)
-    margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
-    canvas, regenerate = extend_canvas(original, margins)
-    details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
-               "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
-    _run(EditRequest("outpaint", image, canvas, regenerate, details, (), match_colours=match_colours), label, num, paths, options)
+
+    def prepare(source: Path) -> EditRequest:
+        original = load_image(source)
+        margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
+        canvas, regenerate = extend_canvas(original, margins)
+        details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
+                   "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
+        return EditRequest(canvas, regenerate, details, (), match_colours=match_colours,
+                           origin=(margins.left, margins.top))
+
+    _run("outpaint", images, prepare, view, label, num, out, options)
 
 
-def _edit_region(command: str, image: Path, region: RegionOptions, label: str | None, num: int, out: str | None,
-                 options: SamplingOptions) -> None:
-    """inpaint and edit: regenerate the region of a mask or a box."""
-    paths = _checked_outputs(image, command, out, num, options)
-    picture = load_image(image)
-    if region.box is not None:
-        box, notes = clip_box(region.box, picture.size)
-        regenerate = box_mask(box, picture.size)
-        details = {"hmar:box": f"{box.x0},{box.y0},{box.x1},{box.y1}"}
-    else:
-        loaded = load_mask(region.mask, picture.size)
-        regenerate, notes = loaded.regenerate, loaded.notes
-        details = {"hmar:mask": region.mask.name}
-    # an empty region, or one whose model window would be too large, fails here: before the model loads
-    check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
-    details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
-                    "hmar:match_colours": str(region.match_colours).lower()})
-    _run(EditRequest(command, image, picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours),
-         label, num, paths, options)
+def _edit_region(command: str, images: list[Path], region: RegionOptions, context: Context, label: str | None, num: int,
+                 out: str | None, options: SamplingOptions) -> None:
+    """inpaint and edit: regenerate the region of a mask (or each image's mask of a folder) or a box."""
+    masks = MaskFolder(region.mask) if region.mask is not None and region.mask.is_dir() else None
+
+    def prepare(source: Path) -> EditRequest:
+        picture = load_image(source)
+        if region.box is not None:
+            box, notes = clip_box(region.box, picture.size)
+            regenerate = box_mask(box, picture.size)
+            details = {"hmar:box": f"{box.x0},{box.y0},{box.x1},{box.y1}"}
+        else:
+            path = masks.mask_for(source) if masks is not None else region.mask
+            loaded = load_mask(path, picture.size)
+            regenerate, notes = loaded.regenerate, loaded.notes
+            details = {"hmar:mask": path.name}
+        # an empty region, or one whose model window would be too large, fails here: before the model loads
+        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
+        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
+                        "hmar:match_colours": str(region.match_colours).lower()})
+        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours)
+
+    _run(command, images, prepare, context, label, num, out, options)
 
 
-def _checked_outputs(image: Path, command: str, out: str | None, num: int, options: SamplingOptions) -> list[Path]:
-    """The output files (default: <image stem>-inpainted.png … in the current folder), checked
-    before anything is read."""
-    paths = output_paths(out if out is not None else f"{image.stem}-{DEFAULT_OUT_SUFFIX[command]}.png", num)
-    check_writable(paths, options.overwrite)
-    return paths
+# ---- several images ---------------------------------------------------------------------------
+def expand_images(arguments: list[Path]) -> tuple[list[Path], bool]:
+    """The image files the arguments name (a folder: its files with an image extension, sorted; a
+    pattern with * ? or [ that names no file: the files it matches, sorted), each once; and whether
+    this is a batch (several arguments, a folder or a pattern), where a bad image does not stop the
+    others."""
+    found: list[Path] = []
+    batch = len(arguments) > 1
+    for argument in arguments:
+        if argument.is_dir():
+            files = sorted(p for p in argument.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise InputError(f"{argument} is a folder, not an image file, and holds no images ({' '.join(IMAGE_SUFFIXES)})")
+            found += files
+            batch = True
+        elif not argument.exists() and re.search(r"[*?\[]", str(argument)):
+            files = sorted(Path(p) for p in glob.glob(str(argument)) if Path(p).is_file())
+            if not files:
+                raise InputError(f"no files match {argument}")
+            found += files
+            batch = True
+        else:
+            found.append(argument)  # a missing file is reported when it is read
+    unique, seen = [], set()
+    for path in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique, batch
 
 
-def _run(request: EditRequest, label: str | None, num: int, paths: list[Path], options: SamplingOptions) -> None:
-    """Load the model, edit `num` variants of the request at the model's resolution, composite each
-    back at full size and write it."""
+class MaskFolder:
+    """A folder of masks: an image's mask is the file with the image's name and any image extension
+    (photos/cat.jpg → masks/cat.png)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.by_name: dict[str, list[Path]] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                self.by_name.setdefault(path.stem, []).append(path)
+
+    def mask_for(self, image: Path) -> Path:
+        found = self.by_name.get(image.stem, [])
+        if not found:
+            raise InputError(f"no mask for {image.name} in {self.folder} (looked for {image.stem}.png, .jpg …)")
+        if len(found) > 1:
+            raise InputError(f"{len(found)} masks for {image.name} in {self.folder} ({', '.join(p.name for p in found)}): keep one")
+        if found[0].resolve() == image.resolve():
+            raise InputError(f"the mask of {image.name} would be the image itself: keep the masks in a folder of their own")
+        return found[0]
+
+
+def planned_outputs(sources: list[Path], command: str, out: str | None, num: int, batch: bool) -> dict[Path, list[Path]]:
+    """Each image's output files: --out with {name} (the image's stem) and {i}; refused before any
+    work when several images would share a name."""
+    template = out if out is not None else f"{{name}}-{DEFAULT_OUT_SUFFIX[command]}.png"
+    if batch and "{name}" not in template:
+        raise InputError("several images need {name} in --out (the image's name without extension), e.g. --out 'edited/{name}.png'")
+    outputs, owner = {}, {}
+    for source in sources:
+        outputs[source] = output_paths(template.replace("{name}", source.stem), num)
+        for path in outputs[source]:
+            if path.resolve() in owner:
+                raise InputError(f"{owner[path.resolve()]} and {source} would both be written to {path}: rename one, or edit them "
+                                 f"in separate runs")
+            owner[path.resolve()] = source
+    return outputs
+
+
+# ---- the run ----------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """An image between planning and writing (its views are generated `num` times each): what the
+    outputs need of its `EditRequest`, without the picture, which the plan holds."""
+
+    source: Path
+    metadata: dict[str, str]
+    origin: tuple[int, int]
+    plan: EditPlan
+    paths: list[Path]
+    notes: list[str]
+    generated: dict[int, np.ndarray] = field(default_factory=dict)  # item (variant * views + view) → (S, S, 3) uint8
+
+    @property
+    def items(self) -> int:
+        return len(self.paths) * len(self.plan.views)
+
+
+def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequest], context: Context, label: str | None,
+         num: int, out: str | None, options: SamplingOptions) -> None:
+    """Edit every image: plan each (outputs and the class are checked first, the model loads once
+    the first image is planned), generate the views of all images in shared batches of one random
+    stream, composite each image's variants and write them as soon as its views are done."""
+    sources, batch_mode = expand_images(arguments)
+    outputs = planned_outputs(sources, command, out, num, batch_mode)
+    check_writable([path for paths in outputs.values() for path in paths], options.overwrite)
+    # One image: its own errors (unreadable, too large, empty region) come first, before the model's
+    # config is even read; in a batch they are reported per image instead.
+    first = None if batch_mode else prepare(sources[0])
     config = options.checked_config()  # the class and steps are checked before the weights load
     index = None if label is None else class_index(label, config)
-    pipe = options.load_pipeline()
-    plan = plan_edit(request.picture, request.regenerate, pipe.resolution, dilate_pixels=request.dilate,
-                     feather_pixels=request.feather, colour_matching=request.match_colours)
-    notes = [*request.notes, *plan.notes]
-    for line in notes:
-        note(line)
+    run = _Run(command, options, index, num, batch_mode, context)
+    with _images_progress(len(sources), quiet=options.as_json) as progress:
+        run.progress = progress
+        for source in sources:
+            try:
+                request = first if first is not None else prepare(source)
+                plan = plan_edit(request.picture, request.regenerate, config.tokenizer.image_size, dilate_pixels=request.dilate,
+                                 feather_pixels=request.feather, colour_matching=request.match_colours, context=context)
+            except HmarError as exc:
+                run.fail(source, exc)
+                continue
+            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], [*request.notes, *plan.notes]))
+        run.flush()
+    run.finish()
 
-    pixels = torch.from_numpy(plan.model_image).permute(2, 0, 1).float().div(255).repeat(num, 1, 1, 1)
-    keep = torch.from_numpy(plan.model_keep).repeat(num, 1, 1)
-    settings = pipe.settings(count=num, **options.sampler_options())
-    with sampling_progress(settings, num, quiet=options.as_json) as progress:
-        result = pipe.edit(pixels, keep, None if index is None else [index] * num, progress=progress, **options.sampler_options())
 
-    edited = [plan.composite(image_from_array(image.permute(1, 2, 0).numpy())) for image in result.images]
-    metadata = {**settings_metadata(pipe, settings, [index] * num), "hmar:command": request.command, "hmar:source": request.source.name,
-                **request.metadata}
-    records = save_images(pipe, edited, [index] * num, paths, metadata, options.overwrite)
-    report(options, pipe, metadata, records, size=list(edited[0].size), notes=notes)
+class _Run:
+    """The model, the random stream and the queue of views of one command."""
+
+    def __init__(self, command: str, options: SamplingOptions, index: int | None, num: int, batch_mode: bool, context: Context):
+        self.command, self.options, self.index, self.num, self.batch_mode, self.context = command, options, index, num, batch_mode, context
+        self.pipe = self.settings = self.generator = None
+        self.batch = options.batch_size
+        self.queue: list[tuple[Job, int]] = []
+        self.records: list[dict] = []
+        self.failed: list[dict] = []
+        self.single: dict = {}
+        self.progress: Callable | None = None
+
+    def fail(self, source: Path, exc: HmarError) -> None:
+        """A bad image: fatal for one image, reported and skipped in a batch."""
+        if not self.batch_mode:
+            raise exc
+        message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
+        typer.echo(f"error: {message}", err=True)
+        self.failed.append({"source": str(source), "error": str(exc)})
+        self.progress(advance=1)
+
+    def add(self, job: Job) -> None:
+        if self.pipe is None:
+            self.pipe = self.options.load_pipeline()
+            self.batch = self.batch or (job.items if not self.batch_mode else EDIT_BATCH)
+            self.settings = self.pipe.settings(**{**self.options.sampler_options(), "batch_size": self.batch})
+            self.generator = make_generator(self.settings.seed, self.pipe.device)
+        for line in job.notes:
+            note(f"{job.source.name}: {line}" if self.batch_mode else line)
+        self.queue += [(job, item) for item in range(job.items)]
+        while len(self.queue) >= self.batch:
+            self._sample(self.queue[:self.batch])
+            del self.queue[:self.batch]
+
+    def flush(self) -> None:
+        if self.queue:
+            self._sample(self.queue)
+            self.queue = []
+
+    def _sample(self, items: list[tuple[Job, int]]) -> None:
+        """One batch of views (of one or several images); images whose views are all done are written."""
+        views = [job.plan.views[item % len(job.plan.views)] for job, item in items]
+        pixels = torch.from_numpy(np.stack([view.image for view in views])).permute(0, 3, 1, 2).float().div(255)
+        keep = torch.from_numpy(np.stack([view.keep for view in views]))
+        labels = None if self.index is None else [self.index] * len(items)
+        result = self.pipe.edit(pixels, keep, labels, progress=self.progress.step, generator=self.generator,
+                                **{**self.options.sampler_options(), "batch_size": self.batch})
+        for (job, item), image in zip(items, result.images):
+            job.generated[item] = np.asarray(image_from_array(image.permute(1, 2, 0).numpy()))
+            if len(job.generated) == job.items:
+                self._write(job)
+
+    def _write(self, job: Job) -> None:
+        plan, views = job.plan, len(job.plan.views)
+        try:
+            edited = [plan.composite([job.generated[v * views + g] for g in range(views)]) for v in range(self.num)]
+            metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": self.command,
+                        "hmar:source": job.source.name, "hmar:context": str(self.context), **job.metadata}
+            windows, enlargement = _window_fields(plan, job.origin)
+            stored = {**metadata, "hmar:window": ";".join(",".join(map(str, w)) for w in windows),
+                      "hmar:enlargement": ";".join(f"{e:g}" for e in enlargement)}
+            records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite)
+        except HmarError as exc:
+            self.fail(job.source, exc)
+            return
+        finally:
+            job.generated.clear()
+        fields = {"size": list(edited[0].size), "window": windows, "enlargement": enlargement, "notes": job.notes}
+        if self.batch_mode:
+            self.records += [{**record, "source": str(job.source), **fields} for record in records]
+        else:
+            self.records, self.single = records, {"metadata": metadata, **fields}
+        self.progress(advance=1)
+
+    def finish(self) -> None:
+        """The closing report; exit code 1 when an image of a batch failed."""
+        options = self.options
+        if not self.batch_mode:
+            report(options, self.pipe, self.single.pop("metadata"), self.records, **self.single)
+            return
+        done = len({record["source"] for record in self.records})
+        total = done + len(self.failed)
+        if self.pipe is not None and (self.records or options.as_json):
+            shared = {"hmar:command": self.command, "hmar:context": str(self.context),
+                      **settings_metadata(self.pipe, self.settings, [self.index] * self.num)}
+            report(options, self.pipe, shared, self.records, failed=self.failed)
+        elif options.as_json:
+            print(json.dumps({"model": options.model, "command": self.command, "images": [], "failed": self.failed}))
+        if self.failed:
+            names = ", ".join(Path(f["source"]).name for f in self.failed)
+            typer.echo(f"edited {done} of {total} images; {len(self.failed)} failed: {names}", err=True)
+            raise typer.Exit(1)
+        if not options.as_json:
+            typer.echo(f"edited {done} of {total} images", err=True)
+
+
+def _window_fields(plan: EditPlan, origin: tuple[int, int]) -> tuple[list[list[int]], list[float]]:
+    """Each view's window as x0, y0, x1, y1 in the input image's pixels (outpainting: negative or past
+    its size in the new area), and how much each view is enlarged from the model's resolution."""
+    dx, dy = origin
+    windows = [[x0 - dx, y0 - dy, x1 - dx, y1 - dy] for x0, y0, x1, y1 in (view.window.bounds for view in plan.views)]
+    return windows, [round(view.enlargement, 2) for view in plan.views]
+
+
+class _ImagesProgress:
+    """A transient bar on stderr counting images, its label following the sampling steps."""
+
+    def __init__(self, progress: Progress, task):
+        self.bar, self.task = progress, task
+
+    def __call__(self, advance: int) -> None:
+        self.bar.update(self.task, advance=advance)
+
+    def step(self, event) -> None:
+        self.bar.update(self.task, description=f"images (scale {event.scale + 1}, step {event.step + 1}/{event.steps_in_scale})")
+
+
+@contextmanager
+def _images_progress(total: int, quiet: bool) -> Iterator[_ImagesProgress]:
+    """None drawn when stderr is no terminal (logs get no bar residue) or under --json."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as progress:
+        yield _ImagesProgress(progress, progress.add_task("images", total=total))

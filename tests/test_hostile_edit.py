@@ -123,7 +123,7 @@ TOO_WIDE = "square window over it would be"
 REFUSED = [
     # images
     ("inpaint", ["missing.png", *BOX], 2, "image not found: missing.png", False),
-    ("inpaint", ["folder.png", *BOX], 2, "image folder.png is a folder, not an image file", False),
+    ("inpaint", ["folder.png", *BOX], 2, "folder.png is a folder, not an image file", False),
     ("inpaint", ["notes.txt", *BOX], 2, "image notes.txt is not an image", False),
     ("inpaint", ["empty.png", *BOX], 2, "image empty.png is not an image", False),
     ("edit", ["truncated.png", "--class", "1", *BOX], 2, "image truncated.png is corrupt or truncated", False),

@@ -1,5 +1,5 @@
-"""hmar.images: reading any image (and every way it can be bad), masks and boxes, the model's view of
-an edit and the way back (bit-exact outside the mask), outpaint canvases, atomic PNG writing."""
+"""hmar.images: reading any image (and every way it can be bad), masks and boxes, colour matching,
+outpaint canvases, atomic PNG writing (the model's view of an edit: tests/test_edit_window.py)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hmar import images
+from hmar import edit_window, images
 from hmar.errors import HmarError, InputError
 from hmar.images import Box, Margins, OutputError
 
@@ -215,33 +215,6 @@ def test_dilate_and_feather():
         images.dilate(block, -1)
 
 
-# ---- the model's view and back: bit-exact outside the mask --------------------------------------
-@pytest.mark.parametrize("colour_matching", [False, True])
-@pytest.mark.parametrize("size, box, dilate, feather", [
-    ((300, 200), Box(20, 30, 90, 120), 0, 0),     # landscape, region left of centre
-    ((200, 300), Box(150, 250, 200, 300), 4, 6),   # portrait, region in a corner
-    ((320, 100), Box(0, 10, 300, 60), 2, 3),      # region wider than the short side: window leaves the image
-    ((64, 64), Box(8, 8, 40, 40), 0, 5),          # square, smaller than the model
-])
-def test_composite_keeps_every_pixel_outside_the_mask_bit_for_bit(size, box, dilate, feather, colour_matching):
-    resolution = 80
-    original = random_rgb(*size, seed=1)
-    plan = images.plan_edit(original, images.box_mask(box, size), resolution, dilate_pixels=dilate, feather_pixels=feather,
-                            colour_matching=colour_matching)
-    assert plan.model_image.shape == (resolution, resolution, 3) and plan.model_keep.shape == (resolution, resolution)
-    assert 0 < (~plan.model_keep).sum() < resolution * resolution
-
-    generated = np.full((resolution, resolution, 3), 7, dtype=np.uint8)
-    result = np.asarray(plan.composite(generated))
-    before = np.asarray(original)
-    assert result.shape == before.shape
-    untouched = plan.alpha == 0
-    assert np.array_equal(result[untouched], before[untouched])
-    assert (plan.alpha[images.box_mask(box, size)] > 0).all() and (plan.alpha == 1).any()
-    if not colour_matching:
-        assert (result[plan.alpha == 1] == 7).all()
-
-
 # ---- colour matching ----------------------------------------------------------------------------
 def _gradient(height: int, width: int) -> np.ndarray:
     ramp = np.linspace(40, 200, width, dtype=np.float32)
@@ -309,35 +282,6 @@ def test_match_colours_leaves_an_image_alone_without_known_pixels_or_region():
     assert images.match_colours(generated, generated + 5, nothing, everything) is generated
 
 
-def test_window_contains_the_region_and_is_centred_otherwise():
-    region = np.zeros((100, 300), dtype=bool)
-    assert images.square_window((300, 100), region) == images.Window(100, 0, 100)
-    region[40:60, 250:290] = True
-    window = images.square_window((300, 100), region)
-    assert window.side == 100 and window.x0 <= 250 and window.x0 + 100 >= 290 and window.x0 + 100 <= 300
-    region[:, 10:290] = True
-    wide = images.square_window((300, 100), region)
-    assert wide.side == 280 and wide.y0 < 0 and wide.x0 == 10
-
-
-def test_model_keep_matches_the_region_on_the_model_grid():
-    original = random_rgb(160, 160)
-    region = images.box_mask(Box(0, 0, 80, 160), (160, 160))
-    plan = images.plan_edit(original, region, 80)
-    assert plan.window == images.Window(0, 0, 160)
-    assert (~plan.model_keep[:, :40]).all() and plan.model_keep[:, 40:].all()
-
-
-def test_plan_edit_refuses_an_empty_mask_and_notes_a_full_one():
-    original = random_rgb(32, 32)
-    with pytest.raises(InputError, match="nothing to do"):
-        images.plan_edit(original, np.zeros((32, 32), dtype=bool), 16)
-    assert "same as generating" in images.plan_edit(original, np.ones((32, 32), dtype=bool), 16).notes[0]
-    corner = np.zeros((32, 32), dtype=bool)
-    corner[0, 0] = True
-    assert "same as generating" in images.plan_edit(original, corner, 16, dilate_pixels=60).notes[0]
-
-
 # ---- outpainting ------------------------------------------------------------------------------
 def test_outpaint_margins_three_ways():
     assert images.outpaint_margins((100, 50), left=10, bottom=5) == Margins(10, 0, 0, 5)
@@ -373,8 +317,8 @@ def test_outpaint_keeps_the_original_pixels_bit_for_bit():
     assert canvas.size == (155, 100) and regenerate.sum() == 155 * 100 - 120 * 90
     inside = (slice(10, 100), slice(30, 150))
     assert np.array_equal(np.asarray(canvas)[inside], np.asarray(original)) and not regenerate[inside].any()
-    plan = images.plan_edit(canvas, regenerate, 64, feather_pixels=8)
-    result = np.asarray(plan.composite(np.zeros((64, 64, 3), dtype=np.uint8)))
+    plan = edit_window.plan_edit(canvas, regenerate, 64, feather_pixels=8)
+    result = np.asarray(plan.composite([np.zeros((64, 64, 3), dtype=np.uint8)] * len(plan.views)))
     assert np.array_equal(result[inside], np.asarray(original))
     assert (result[regenerate & (plan.alpha == 1)] == 0).all()
 

@@ -10,7 +10,8 @@ resolution (128 px for hmar-tiny; the boxes below are in 128 px coordinates, sca
 - boxes: the centre (32,32)-(96,96) and a corner one (0,80)-(48,128);
 - each image is inpainted unconditionally and as its class (the background images as the classes in
   turn) with the model's sampling defaults, seed `--seed`, and composited as `hmar inpaint` does
-  (`hmar.images.plan_edit`), with and without colour matching; both composites use the same sample.
+  (`hmar.edit_window.plan_edit`; the images are the model's size, so its one view is the whole image),
+  with and without colour matching; both composites use the same sample.
 
 The seam is the RGB distance (levels of 255) between the mean colours of the 4-pixel strips just
 inside and just outside each box side that lies inside the image, averaged over sides and images.
@@ -26,7 +27,8 @@ import json
 import numpy as np
 import torch
 
-from hmar.images import Box, box_mask, plan_edit
+from hmar.edit_window import Context, plan_edit
+from hmar.images import Box, box_mask
 from hmar.pipeline import Pipeline
 from hmar.train.synthetic import CLASSES, background, render
 
@@ -74,14 +76,14 @@ def main() -> None:
                 seams = {"raw": [], "matched": [], "input": []}
                 for i, picture in enumerate(images):
                     region = box_mask(Box(*box), picture.size)
-                    plans = {matched: plan_edit(picture, region, size, colour_matching=matched) for matched in (False, True)}
-                    pixels = torch.from_numpy(plans[False].model_image).permute(2, 0, 1).float().div(255)[None]
-                    keep = torch.from_numpy(plans[False].model_keep)[None]
+                    plans = {matched: plan_edit(picture, region, size, colour_matching=matched, context=Context()) for matched in (False, True)}
+                    pixels = torch.from_numpy(plans[False].model_images).permute(0, 3, 1, 2).float().div(255)
+                    keep = torch.from_numpy(plans[False].model_keeps)
                     labels = [i % len(names)] if conditional else None
                     sample = pipe.edit(pixels, keep, labels, seed=args.seed).images[0]
                     generated = sample.permute(1, 2, 0).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
                     for matched, name in ((False, "raw"), (True, "matched")):
-                        seams[name].append(seam(np.asarray(plans[matched].composite(generated), dtype=np.float32), box))
+                        seams[name].append(seam(np.asarray(plans[matched].composite([generated]), dtype=np.float32), box))
                     seams["input"].append(seam(np.asarray(picture, dtype=np.float32), box))
                 row = {"images": kind, "box": box_name, "class": conditional, **{k: float(np.mean(v)) for k, v in seams.items()}}
                 rows.append(row)
