@@ -33,13 +33,13 @@ from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_op
                          parse_size)
 from hmar.sampler import make_generator
 from hmar_cli.options import option_group
-from hmar_cli.sampling import (SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
+from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
                                with_sampling_options)
 
 CLASS_HELP = "Class index or name to generate as (default: unconditional, the null class)."
 IMAGES_HELP = ("The images to edit (any size and mode): files, folders (their image files) or quoted globs ('shots/*.jpg'); "
                "with several, a bad one is reported and the others still done.")
-NUM_HELP = "Variants to make of each image (different draws from the one seed)."
+NUM_HELP = f"Variants to make of each image (different draws from the one seed; at most {MAX_IMAGES})."
 OUT_HELP = ("Output PNG (default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
             "images), {{i}} the variant (else several variants get -0, -1 … appended).")
 CONTEXT_HELP = ("How much around each region the model sees: pixels on each side (64), a fraction of the region's larger side "
@@ -116,7 +116,7 @@ with_context_option = option_group(_context_option, "view")
 def inpaint(
     images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
-    num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
+    num: int = typer.Option(1, "--num", "-n", min=1, max=MAX_IMAGES, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("inpainted")),
     region: RegionOptions = None,
     view: Context = None,
@@ -135,7 +135,7 @@ def inpaint(
 def edit(
     images: List[Path] = typer.Argument(..., metavar="IMAGE", help=IMAGES_HELP, show_default=False),
     label: str = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name the region becomes."),
-    num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
+    num: int = typer.Option(1, "--num", "-n", min=1, max=MAX_IMAGES, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("edited")),
     region: RegionOptions = None,
     view: Context = None,
@@ -159,7 +159,7 @@ def outpaint(
     expand: Optional[float] = typer.Option(None, "--expand", help="Grow both sides by this factor, centred (1.5: half as large again)."),
     to: Optional[str] = typer.Option(None, "--to", metavar="WxH", help=f"Grow to this size, centred: WIDTHxHEIGHT (at most {MAX_PIXELS:,} pixels)."),
     label: Optional[str] = typer.Option(None, "--class", "-c", metavar="CLASS", help=CLASS_HELP),
-    num: int = typer.Option(1, "--num", "-n", min=1, help=NUM_HELP),
+    num: int = typer.Option(1, "--num", "-n", min=1, max=MAX_IMAGES, help=NUM_HELP),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH", help=OUT_HELP.format("outpainted")),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
     view: Context = None,
