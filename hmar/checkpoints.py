@@ -39,6 +39,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # not a refusal: the bytes are no pickle at all
+            raise CheckpointError(f"cannot read weight file {path}: {damaged(path) or _one_line(exc)}") from None
         raise CheckpointError(f"cannot read weight file {path}: it is no plain state dict of tensors, and hmar never runs code "
                               f"from a weight file; torch refused it: {_refusal(exc)}") from None
     except Exception as exc:  # zip, pickle, safetensors and OS errors all mean an unreadable file
