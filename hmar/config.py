@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 from hmar.errors import CheckpointError, ConfigError, InputError, ScheduleError
-from hmar.schedule import parse_schedule, resolve_schedule
+from hmar.schedule import resolve_schedule
 
 # Scale sizes (token-map side lengths) per image resolution, as VAR/HMAR use them (downsampling 16).
 PATCH_NUMS: dict[int, tuple[int, ...]] = {
@@ -430,6 +430,10 @@ class ModelConfig:
         (computed from the sizes, so that an absurd config costs nothing to judge)."""
         return _tokenizer_size(self.tokenizer) + _transformer_size(self.transformer, self.tokenizer)
 
+    def result_bytes(self) -> int:
+        """What one finished image holds on the CPU: its float32 pixels and its tokens."""
+        return 4 * 3 * self.tokenizer.image_size ** 2 + 8 * self.tokenizer.num_tokens
+
     def activation_bytes(self, batch: int, element_bytes: int = 4, dense_attention: bool = True) -> int:
         """A generous estimate of the memory one sampling (or editing) batch of `batch` images
         needs on top of the weights: the largest scale's transformer activations (both guidance
@@ -556,11 +560,11 @@ def format_size(size: float) -> str:
 
 
 def check_memory(config: ModelConfig, batch: int | None = None, element_bytes: int = 4, dense_attention: bool = True,
-                 source: str = "config") -> None:
-    """Refuse, before anything is allocated, a model (and with `batch`, a sampling batch) whose
-    estimated memory exceeds `memory_budget()`. A model that is too big is a ConfigError naming its
-    largest sizes (`source`: where the config comes from); a batch that is too big is an InputError
-    saying which batch size fits."""
+                 source: str = "config", results: int = 0) -> None:
+    """Refuse, before anything is allocated, a model (with `batch`, a sampling batch; with
+    `results`, that many finished images held together on the CPU) whose estimated memory exceeds
+    `memory_budget()`. A model that is too big is a ConfigError naming its largest sizes (`source`:
+    where the config comes from); a batch or a request that is too big is an InputError saying what fits."""
     budget = memory_budget()
     weights = 4 * config.parameter_count()
     raise_hint = f"raise {MEMORY_BUDGET_VARIABLE} (now {format_size(budget)}) if this machine has the memory"
@@ -572,19 +576,33 @@ def check_memory(config: ModelConfig, batch: int | None = None, element_bytes: i
             f"check these sizes, or {raise_hint}")
     if batch is None:
         return
-    needed = weights + config.activation_bytes(batch, element_bytes, dense_attention)
-    if needed > budget:
-        fits = 0
-        low, high = 1, batch - 1
-        while low <= high:  # the largest batch that fits; activations grow with the batch
-            mid = (low + high) // 2
-            if weights + config.activation_bytes(mid, element_bytes, dense_attention) <= budget:
-                fits, low = mid, mid + 1
-            else:
-                high = mid - 1
-        smaller = f"use a batch size of {fits} or less" if fits else "no batch fits"
-        raise InputError(f"a batch of {batch} images at {config.tokenizer.image_size} px needs about {format_size(needed)} "
+
+    def fits(batch: int, results: int = 0) -> bool:
+        return weights + config.activation_bytes(batch, element_bytes, dense_attention) + results * config.result_bytes() <= budget
+
+    size = config.tokenizer.image_size
+    if not fits(batch):
+        most = _largest(lambda n: fits(n), batch - 1)  # activations grow with the batch
+        smaller = f"use a batch size of {most} or less" if most else "no batch fits"
+        needed = weights + config.activation_bytes(batch, element_bytes, dense_attention)
+        raise InputError(f"a batch of {batch} images at {size} px needs about {format_size(needed)} "
                          f"with this model, over the memory budget: {smaller}, or {raise_hint}")
+    if results and not fits(batch, results):
+        most = _largest(lambda n: fits(min(batch, n), n), results - 1)
+        raise InputError(f"{results} images at {size} px take about {format_size(results * config.result_bytes())} held together, "
+                         f"over the memory budget: ask for at most {most} at a time (or take them batch by batch), or {raise_hint}")
+
+
+def _largest(ok: Callable[[int], bool], high: int) -> int:
+    """The largest n in 1..high with ok(n) (ok holds up to some n and fails beyond), else 0."""
+    best, low = 0, 1
+    while low <= high:
+        mid = (low + high) // 2
+        if ok(mid):
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 # ---- presets for the published weights ----------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -153,9 +153,14 @@ class Pipeline:
         elif not is_integer(batch_size) or batch_size <= 0:
             raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
         batch_size = int(batch_size)
-        cuda = self.device.type == "cuda"  # half-precision activations and attention without a score matrix
-        check_memory(self.config, min(batch_size, max(count, 1)), element_bytes=2 if cuda else 4, dense_attention=not cuda)
+        self._check_memory(min(batch_size, max(count, 1)))
         return SamplingSettings(resolved, cfg, top_k, top_p, None if seed is None else int(seed), batch_size)
+
+    def _check_memory(self, batch: int, results: int = 0) -> None:
+        """`check_memory` for a batch on this pipeline's device (half-precision activations and no
+        attention score matrix on CUDA), and `results` images held together on the CPU."""
+        cuda = self.device.type == "cuda"
+        check_memory(self.config, batch, element_bytes=2 if cuda else 4, dense_attention=not cuda, results=results)
 
     def check_labels(self, labels: Any) -> list[int]:
         """Class indices from ints, an integer tensor or class names (as `--class` takes them);
@@ -181,11 +186,24 @@ class Pipeline:
 
     # ---- sampling -----------------------------------------------------------------------------
     def generate(self, labels: Sequence[int | str] | torch.Tensor, *, progress: ProgressCallback | None = None, **options) -> Generation:
-        """Sample one image per label. Options: steps | schedule, cfg, top_k, top_p, seed, batch_size."""
+        """Sample one image per label, all returned together (a request whose images would not fit
+        the memory budget together is refused: iterate `generate_batches` instead). Options:
+        steps | schedule, cfg, top_k, top_p, seed, batch_size."""
+        labels, settings = self._request(labels, options)
+        self._check_memory(min(settings.batch_size, len(labels)), results=len(labels))
+        return _joined(list(self._batches(labels, settings, None, progress)), labels, settings)
+
+    def generate_batches(self, labels: Sequence[int | str] | torch.Tensor, *, progress: ProgressCallback | None = None,
+                         **options) -> Iterator[Generation]:
+        """As `generate`, but one `Generation` per batch as soon as it is sampled (the same images in
+        the same order), so that any number of images can be written out as they come."""
+        labels, settings = self._request(labels, options)  # checked now, not at the first batch
+        return self._batches(labels, settings, None, progress)
+
+    def _request(self, labels: Any, options: dict[str, Any]) -> tuple[list[int], SamplingSettings]:
         _check_options(options)
         labels = self.check_labels(labels)
-        settings = self.settings(count=len(labels), **options)
-        return self._run(labels, settings, None, progress)
+        return labels, self.settings(count=len(labels), **options)
 
     def edit(
         self,
@@ -204,8 +222,8 @@ class Pipeline:
         if len(labels) != count:
             raise InputError(f"edit got {count} images but {len(labels)} labels; give one label per image (or none)")
         settings = self.settings(count=count, **options)
-        target = edit_target(self.tokenizer, images.to(self.device), keep_pixels.to(self.device))
-        return self._run(labels, settings, target, progress)
+        self._check_memory(min(settings.batch_size, count), results=count)
+        return _joined(list(self._batches(labels, settings, (images, keep_pixels), progress)), labels, settings)
 
     def check_edit_inputs(self, images: Any, keep_pixels: Any) -> int:
         """The number of images of an edit request, after checking that `images` are N float
@@ -234,16 +252,17 @@ class Pipeline:
             raise InputError(f"edit got {images.shape[0]} images but {keep_pixels.shape[0]} keep_pixels masks; give one mask per image")
         return images.shape[0]
 
-    def _run(self, labels: list[int], settings: SamplingSettings, target: EditTarget | None, progress) -> Generation:
+    def _batches(self, labels: list[int], settings: SamplingSettings, edit: tuple[torch.Tensor, torch.Tensor] | None,
+                 progress) -> Iterator[Generation]:
+        """Sample `labels` batch by batch from one random stream; an edit's images are encoded a
+        batch at a time too, so that memory follows the batch, never the request."""
         generator = make_generator(settings.seed, self.device)
-        results: list[SampleResult] = []
         for start in range(0, len(labels), settings.batch_size):
             end = min(start + settings.batch_size, len(labels))
-            part = None if target is None else EditTarget([t[start:end] for t in target.tokens], [m[start:end] for m in target.keep])
-            results.append(self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, part, progress))
-        images = torch.cat([r.images.float().cpu() for r in results])
-        tokens = [torch.cat([r.tokens[k].cpu() for r in results]) for k in range(len(self.config.patch_nums))]
-        return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
+            target = None if edit is None else edit_target(self.tokenizer, *(t[start:end].to(self.device) for t in edit))
+            result = self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, target, progress)
+            yield Generation(images=result.images.float().cpu(), labels=labels[start:end], settings=settings,
+                             tokens=[t.cpu() for t in result.tokens])
 
     def sample_batch(self, labels: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None,
                      target: EditTarget | None = None, progress: ProgressCallback | None = None) -> SampleResult:
@@ -253,6 +272,12 @@ class Pipeline:
         if self.graphed is not None and target is None:
             return self.graphed(labels, settings.schedule, **options)
         return sample(self.tokenizer, self.transformer, labels, settings.schedule, edit=target, amp_dtype=self.amp_dtype, **options)
+
+
+def _joined(parts: list[Generation], labels: list[int], settings: SamplingSettings) -> Generation:
+    images = torch.cat([g.images for g in parts])
+    tokens = [torch.cat([g.tokens[k] for g in parts]) for k in range(len(parts[0].tokens))]
+    return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
 
 
 def _check_options(options: dict[str, Any]) -> None:

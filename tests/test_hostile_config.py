@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +23,7 @@ import hmar.checkpoints
 from hmar import hub
 from hmar.config import MEMORY_BUDGET_VARIABLE
 from hmar_cli.app import app
-from tests.test_hub import REVISION, fake_hub, hub_cache, put_in_hub_cache  # noqa: F401  (fixtures)
+from tests.test_hub import fake_hub, hub_cache, put_in_hub_cache  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 

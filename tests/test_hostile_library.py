@@ -208,3 +208,22 @@ def test_config_errors_from_code_name_the_key(pipe):
         dataclasses.replace(pipe.config.transformer, depth=6.5)
     with pytest.raises(ConfigError, match=r"^config: sampling.cfg must be a finite number, got NaN$"):
         ModelConfig.from_dict({**pipe.config.to_dict(), "sampling": {"cfg": math.nan}})
+
+
+def test_a_request_too_large_to_hold_is_refused_and_batches_stream_it(pipe, no_sampling, monkeypatch):
+    config = pipe.config
+    batch = default_batch_size(pipe.resolution)
+    # room for the weights, one batch and 40 finished images, not for 100
+    room = 4 * config.parameter_count() + config.activation_bytes(batch) + 40 * config.result_bytes()
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, str(room))
+    refused(InputError, lambda: pipe.generate([0] * 100, seed=0), "100 images", "held together", "at most 40 at a time")
+    batches = pipe.generate_batches([0] * 100, seed=0)  # checked, not started: sampling is refused by the fixture
+    with pytest.raises(AssertionError, match="sampling started"):
+        next(batches)
+
+
+def test_batches_are_the_images_of_generate(pipe):
+    whole = pipe.generate([0, 1, 2], seed=3, batch_size=2, top_k=8)
+    parts = list(pipe.generate_batches([0, 1, 2], seed=3, batch_size=2, top_k=8))
+    assert [p.labels for p in parts] == [[0, 1], [2]]
+    assert torch.equal(torch.cat([p.images for p in parts]), whole.images)
