@@ -25,6 +25,7 @@ from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer, build_transformer
 
 SHOWN_KEYS = 3  # how many offending keys an error names
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes: the format's own bound on its JSON header
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -82,6 +83,8 @@ def damaged(path: str | Path) -> str | None:
                     return f"the file is cut short ({size} bytes: a zip archive without its end record)"
             elif path.suffix == ".safetensors":
                 header_size = int.from_bytes(head, "little") if len(head) == 8 else size
+                if header_size > SAFETENSORS_HEADER_LIMIT:
+                    return f"the file is no safetensors file (its header claims {header_size} bytes)"
                 if 8 + header_size > size:
                     return f"the file is cut short ({size} bytes, less than its own header)"
                 header = json.loads(stream.read(header_size))
@@ -89,7 +92,7 @@ def damaged(path: str | Path) -> str | None:
                 if 8 + header_size + end > size:
                     return f"the file is cut short ({size} bytes of the {8 + header_size + end} its header describes)"
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        return f"the file cannot be judged: {_one_line(exc)}"
+        return f"its header is unreadable ({_one_line(exc)})"
     return None
 
 
