@@ -359,3 +359,22 @@ def test_download_fetches_a_damaged_file_again(fake_hub, hub_cache):
     assert len(calls) == 1 and calls[0]["force_download"] is True
     assert not [c for c in fake_hub.calls if c["filename"] != damaged.filename]  # the whole tokenizer stays
     assert hub.model_info("var-d16").cached
+
+
+def _built_size(config) -> int:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        tokenizer, transformer = hmar.checkpoints.build_models(config)
+    return sum(t.numel() for module in (tokenizer, transformer) for t in module.state_dict().values())
+
+
+def test_the_budget_counts_exactly_what_build_models_makes(conformance_config):
+    import dataclasses
+
+    from hmar.config import ModelConfig, model_preset
+
+    configs = [ModelConfig.from_dict(conformance_config, family) for family in ("hmar", "var")]
+    base = configs[0]
+    configs.append(dataclasses.replace(base, transformer=dataclasses.replace(base.transformer, shared_aln=True, attn_l2_norm=False, mlp_ratio=2.5)))
+    configs += [model_preset("hmar-d16"), model_preset("var-d16", 512)]
+    for config in configs:
+        assert config.parameter_count() == _built_size(config), config
