@@ -2,8 +2,9 @@
 
 A model's config may carry its own `class_names`; 1000-class models without them use ImageNet-1k's
 (the WordNet synonyms of each class, in `hmar/data/imagenet_classes.json`). A name matches any of a
-class's synonyms ignoring case, spaces, hyphens and underscores; an unknown name gets the nearest
-names suggested.
+class's synonyms ignoring case, spaces, hyphens and underscores, or a part of one when that part
+belongs to a single class; a part shared by several classes lists them, and an unknown name gets
+the nearest names suggested.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from importlib import resources
 from hmar.errors import InputError
 
 SUGGESTIONS = 3
+LISTED_MATCHES = 8  # an ambiguous name lists this many of the classes it matches
 
 
 @lru_cache(maxsize=1)
@@ -59,13 +61,22 @@ def resolve_class(value: int | str, num_classes: int, class_names=None) -> int:
             lookup.setdefault(_normal(name), set()).add(index)
     if wanted in lookup and len(lookup[wanted]) == 1:
         return next(iter(lookup[wanted]))
-    if wanted in lookup:
-        raise InputError(f"class name {text!r} is ambiguous: classes {sorted(lookup[wanted])}; give the number")
-    containing = {i for name, ids in lookup.items() if wanted and wanted in name for i in ids}
-    if len(containing) == 1:
-        return containing.pop()
+    matches = lookup[wanted] if wanted in lookup else {i for name, ids in lookup.items() if wanted and wanted in name for i in ids}
+    if len(matches) == 1:
+        return matches.pop()
+    if matches:
+        raise InputError(f"class name {text!r} is ambiguous: it matches {_listed(sorted(matches), wanted, synonyms)}; "
+                         "give more of the name or the number")
     nearest = difflib.get_close_matches(wanted, list(lookup), n=SUGGESTIONS, cutoff=0.5)
-    if not nearest and containing:
-        nearest = sorted(n for n, ids in lookup.items() if wanted in n)[:SUGGESTIONS]
     hint = f"; did you mean {', '.join(repr(n) for n in nearest)}?" if nearest else ""
     raise InputError(f"unknown class name {text!r}{hint}")
+
+
+def _listed(indices: list[int], wanted: str, synonyms: tuple[tuple[str, ...], ...]) -> str:
+    """The classes an ambiguous name matches, each by the synonym it matched and its number."""
+    shown = []
+    for index in indices[:LISTED_MATCHES]:
+        name = next((n for n in synonyms[index] if wanted in _normal(n)), synonyms[index][0])
+        shown.append(f"{name!r} ({index})")
+    more = f" and {len(indices) - LISTED_MATCHES} more" if len(indices) > LISTED_MATCHES else ""
+    return f"{len(indices)} classes: " + ", ".join(shown) + more

@@ -11,6 +11,10 @@ user types after `--model` into such a folder:
   Hugging Face tool). Its model folder is synthesised in hmar's own cache (`HMAR_CACHE`, else the
   platform's user cache dir): a `config.json` written from the preset whose `files` section holds
   the absolute paths of the cached weight files. The weights are never copied.
+
+A cached weight file that is cut short (a download interrupted outside huggingface_hub, a full disk,
+a partial copy of a cache) is found from the file's ends without reading it: `hmar models ls` shows
+the model as broken, loading it says how to repair it, and `download` fetches such files again.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Callable
 
 from hmar.atomic import atomic_write
 from hmar.config import FAMILIES, model_preset
-from hmar.errors import HmarError, InputError
+from hmar.errors import CheckpointError, HmarError, InputError
 
 BUNDLED_DIR = Path(__file__).with_name("bundled")
 SUGGESTIONS = 3
@@ -161,6 +165,7 @@ class ModelFile:
     size: int  # bytes: on disk when local, else the registry's estimate
     repo_id: str | None  # None for bundled files
     local_path: Path | None  # None while not downloaded
+    problem: str | None = None  # why the local file is unusable (cut short), None if it looks whole
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "local_path": str(self.local_path) if self.local_path else None}
@@ -182,7 +187,11 @@ class ModelEntry:
 
     @property
     def cached(self) -> bool:
-        return all(f.local_path is not None for f in self.files)
+        return all(f.local_path is not None and f.problem is None for f in self.files)
+
+    @property
+    def damaged(self) -> tuple[ModelFile, ...]:
+        return tuple(f for f in self.files if f.local_path is not None and f.problem is not None)
 
     @property
     def missing(self) -> tuple[ModelFile, ...]:
@@ -190,10 +199,12 @@ class ModelEntry:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "family": self.family, "description": self.description, "source": self.source,
-                "size": self.size, "cached": self.cached, "files": [f.as_dict() for f in self.files]}
+                "size": self.size, "cached": self.cached, "damaged": bool(self.damaged), "files": [f.as_dict() for f in self.files]}
 
 
 def _entry_status(entry: RegistryEntry) -> ModelEntry:
+    from hmar.checkpoints import damaged
+
     files = []
     if entry.bundled_dir is not None:
         for role, filename in json.loads((entry.bundled_dir / "config.json").read_text()).get("files", {}).items():
@@ -202,7 +213,8 @@ def _entry_status(entry: RegistryEntry) -> ModelEntry:
             files.append(ModelFile(role, filename, path.stat().st_size if present else 0, None, path if present else None))
     for role, hub_file in entry.hub_files:
         local = cached_path(hub_file)
-        files.append(ModelFile(role, hub_file.filename, local.stat().st_size if local else hub_file.size, hub_file.repo_id, local))
+        files.append(ModelFile(role, hub_file.filename, local.stat().st_size if local else hub_file.size, hub_file.repo_id, local,
+                               damaged(local) if local else None))
     return ModelEntry(entry.name, entry.family, entry.description, entry.source, tuple(files))
 
 
@@ -252,6 +264,8 @@ def resolve_model(name_or_path: str | os.PathLike, download: bool = False,
         if entry.bundled_dir is not None:
             return entry.bundled_dir
         status = _entry_status(entry)
+        if status.damaged and not download:
+            raise CheckpointError(_damaged_message(status))
         if not status.cached:
             if not download:
                 raise ModelNotCachedError(_not_cached_message(status))
@@ -275,6 +289,26 @@ def _not_cached_message(status: ModelEntry, offline: bool | None = None) -> str:
     if bundled:
         ways += f", or use the bundled model {bundled[0]}"
     return f"{status.name} is not in the local cache and downloads are off (HF_HUB_OFFLINE): missing {missing}; {ways}"
+
+
+def _damaged_message(status: ModelEntry) -> str:
+    file = status.damaged[0]
+    return f"the cached {file.filename} of {status.name} is unusable: {file.problem} ({file.local_path}); {repair_hint(status.name)}"
+
+
+def repair_hint(name: str) -> str:
+    """How to replace a hub model's damaged cached files."""
+    return f"run `hmar models download {name} --force` to fetch it again, or `hmar models rm {name}` to remove it"
+
+
+def hub_model_of_folder(folder: str | os.PathLike) -> str | None:
+    """The hub model whose synthesised folder `folder` is (in hmar's cache), else None. Only such a
+    folder may name weight files outside itself: those in the Hugging Face cache."""
+    try:
+        relative = Path(os.path.abspath(folder)).relative_to(os.path.abspath(hmar_cache_dir() / "models"))
+    except ValueError:
+        return None
+    return relative.parts[0] if len(relative.parts) == 1 and relative.parts[0] in HUB_MODELS else None
 
 
 def _synthesise_folder(entry: RegistryEntry, status: ModelEntry) -> Path:
@@ -362,17 +396,21 @@ def _fetch(entry: RegistryEntry, progress: DownloadProgress | None, token: str |
 
     import hmar
 
+    status = _entry_status(entry)
     if is_offline():  # nothing can be fetched: what is cached is all there is
-        status = _entry_status(entry)
+        if status.damaged:
+            raise CheckpointError(_damaged_message(status))
         if not status.cached:
             raise ModelNotCachedError(_not_cached_message(status, offline=True))
         return resolve_model(entry.name)
+    damaged_files = {f.filename for f in status.damaged}
     for _, hub_file in entry.hub_files:
-        if cached_path(hub_file) is not None and not force:
+        again = force or hub_file.filename in damaged_files  # a damaged file is fetched anew, not resumed
+        if cached_path(hub_file) is not None and not again:
             continue
         with _hub_errors(entry, hub_file):
             hf_hub_download(
-                hub_file.repo_id, hub_file.filename, cache_dir=hf_cache_dir(), token=token, force_download=force,
+                hub_file.repo_id, hub_file.filename, cache_dir=hf_cache_dir(), token=token, force_download=again,
                 library_name="hmar", library_version=hmar.__version__,
                 tqdm_class=_tqdm_reporting_to(progress) if progress else None,
             )

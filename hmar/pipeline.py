@@ -6,18 +6,23 @@
     edited = pipe.edit(images, keep_pixels, labels=None)   # zero-shot inpainting / outpainting
 
 Images here are tensors at the model's resolution; cropping, compositing and files are the caller's
-(see `hmar.images` and the CLI).
+(see `hmar.images` and the CLI). Labels are class indices (ints or an integer tensor) or class
+names; images are float tensors (N, 3, H, W) in [0, 1]. Anything else is an `InputError` naming the
+problem. Images are sampled in batches of `default_batch_size` (16 at 256 px) unless `batch_size`
+says otherwise, and a batch that would exceed the memory budget (`hmar.config.check_memory`) is
+refused before it starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from hmar.checkpoints import build_models, load_models
-from hmar.config import ModelConfig
+from hmar.classes import resolve_class
+from hmar.config import ModelConfig, check_memory, is_integer, sampling_value
 from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
@@ -26,6 +31,14 @@ from hmar.sampler import EditTarget, ProgressCallback, SampleResult, make_genera
 from hmar.schedule import Schedule, resolve_schedule
 
 DEFAULT_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+OPTIONS = ("steps", "schedule", "cfg", "top_k", "top_p", "seed", "batch_size")
+DEFAULT_BATCH_PIXELS = 16 * 256 * 256  # a default batch holds this many output pixels: 16 images at 256 px
+
+
+def default_batch_size(resolution: int) -> int:
+    """Images per forward pass when the caller gives no batch size: 16 at 256 px, fewer for larger
+    images (4 at 512 px, 1 at 1024 px), never the whole request."""
+    return max(1, min(16, DEFAULT_BATCH_PIXELS // (resolution * resolution)))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -121,69 +134,139 @@ class Pipeline:
         return self.config.tokenizer.image_size
 
     def settings(self, *, steps=None, schedule=None, cfg=None, top_k=None, top_p=None, seed=None, batch_size=None, count: int = 1) -> SamplingSettings:
+        """The settings of a request for `count` images: the caller's options, else the model's
+        defaults (its config's `sampling`), else hmar's; each checked, and the batch against the
+        memory budget."""
         defaults = {**DEFAULT_SAMPLING, **self.config.sampling}
         if steps is None and schedule is None:
             steps, schedule = defaults.get("steps"), defaults.get("schedule")
+        elif steps is not None:
+            steps = sampling_value("steps", steps, "steps", InputError)
         resolved = resolve_schedule(self.config.patch_nums, steps=steps, schedule=schedule, family=self.config.family)
-        top_k = int(defaults["top_k"] if top_k is None else top_k)
-        top_p = float(defaults["top_p"] if top_p is None else top_p)
-        if top_k < 0:
-            raise InputError(f"top-k must be 0 (off) or positive, got {top_k}")
-        if not 0.0 <= top_p <= 1.0:
-            raise InputError(f"top-p must be between 0 (off) and 1, got {top_p}")
-        batch_size = count if batch_size is None else int(batch_size)
-        if batch_size <= 0:
-            raise InputError(f"batch size must be positive, got {batch_size}")
-        cfg = float(defaults["cfg"] if cfg is None else cfg)
-        return SamplingSettings(resolved, cfg, top_k, top_p, seed, batch_size)
+        top_k = sampling_value("top_k", defaults["top_k"] if top_k is None else top_k, "top-k", InputError)
+        top_p = sampling_value("top_p", defaults["top_p"] if top_p is None else top_p, "top-p", InputError)
+        cfg = sampling_value("cfg", defaults["cfg"] if cfg is None else cfg, "cfg", InputError)
+        if seed is not None and not (is_integer(seed) and 0 <= seed < 2**64):
+            raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+        if batch_size is None:
+            batch_size = default_batch_size(self.resolution)
+        elif not is_integer(batch_size) or batch_size <= 0:
+            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)
+        self._check_memory(min(batch_size, max(count, 1)))
+        return SamplingSettings(resolved, cfg, top_k, top_p, None if seed is None else int(seed), batch_size)
 
-    def check_labels(self, labels: Sequence[int]) -> list[int]:
+    def _check_memory(self, batch: int, results: int = 0) -> None:
+        """`check_memory` for a batch on this pipeline's device (half-precision activations and no
+        attention score matrix on CUDA), and `results` images held together on the CPU."""
+        cuda = self.device.type == "cuda"
+        check_memory(self.config, batch, element_bytes=2 if cuda else 4, dense_attention=not cuda, results=results)
+
+    def check_labels(self, labels: Any) -> list[int]:
+        """Class indices from ints, an integer tensor or class names (as `--class` takes them);
+        floats, booleans and anything else are refused rather than rounded into a class."""
+        if isinstance(labels, torch.Tensor):
+            if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex() or labels.dim() > 1:
+                raise InputError(f"labels must be class indices (a 1-D integer tensor), got a {labels.dim()}-D {labels.dtype} tensor")
+            labels = labels.reshape(-1).tolist()
+        elif isinstance(labels, (str, bytes)) or is_integer(labels):
+            raise InputError(f"labels must be a list of classes (one per image), got the single value {labels!r}; write [{labels!r}]")
+        elif not isinstance(labels, Sequence):
+            raise InputError(f"labels must be a list of class indices or names, got {type(labels).__name__}")
         out = []
         for label in labels:
-            if not 0 <= int(label) < self.num_classes:
-                raise InputError(f"class {label} is out of range: this model has classes 0..{self.num_classes - 1}")
-            out.append(int(label))
+            if isinstance(label, torch.Tensor) and label.dim() == 0 and not (label.dtype == torch.bool or label.is_floating_point()):
+                label = label.item()
+            if not (is_integer(label) or isinstance(label, str)):
+                raise InputError(f"label {label!r} is not a class: give a class index (int) or a class name")
+            out.append(resolve_class(label, self.num_classes, self.config.class_names))
+        if not out:
+            raise InputError("no labels given: pass one class per image to generate")
         return out
 
     # ---- sampling -----------------------------------------------------------------------------
-    def generate(self, labels: Sequence[int], *, progress: ProgressCallback | None = None, **options) -> Generation:
-        """Sample one image per label. Options: steps | schedule, cfg, top_k, top_p, seed, batch_size."""
+    def generate(self, labels: Sequence[int | str] | torch.Tensor, *, progress: ProgressCallback | None = None, **options) -> Generation:
+        """Sample one image per label, all returned together (a request whose images would not fit
+        the memory budget together is refused: iterate `generate_batches` instead). Options:
+        steps | schedule, cfg, top_k, top_p, seed, batch_size."""
+        labels, settings = self._request(labels, options)
+        self._check_memory(min(settings.batch_size, len(labels)), results=len(labels))
+        return _joined(list(self._batches(labels, settings, None, progress)), labels, settings)
+
+    def generate_batches(self, labels: Sequence[int | str] | torch.Tensor, *, progress: ProgressCallback | None = None,
+                         **options) -> Iterator[Generation]:
+        """As `generate`, but one `Generation` per batch as soon as it is sampled (the same images in
+        the same order), so that any number of images can be written out as they come."""
+        labels, settings = self._request(labels, options)  # checked now, not at the first batch
+        return self._batches(labels, settings, None, progress)
+
+    def _request(self, labels: Any, options: dict[str, Any]) -> tuple[list[int], SamplingSettings]:
+        _check_options(options)
         labels = self.check_labels(labels)
-        settings = self.settings(count=len(labels), **options)
-        return self._run(labels, settings, None, progress)
+        return labels, self.settings(count=len(labels), **options)
 
     def edit(
         self,
         images: torch.Tensor,
         keep_pixels: torch.Tensor,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[int | str] | torch.Tensor | None = None,
         *,
         progress: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
         **options,
     ) -> Generation:
-        """Regenerate what `keep_pixels` (B, H, W) bool leaves out of `images` (B, 3, H, W) in [0, 1]
-        at the model resolution. No labels: the null class (unconditional), as VAR edits. `generator`
-        (on the device) continues a random stream across calls instead of starting one from the seed."""
-        size = self.resolution
-        if images.shape[-2:] != (size, size) or keep_pixels.shape[-2:] != (size, size):
-            raise InputError(f"edit inputs must be {size}x{size} (the model resolution), got {tuple(images.shape[-2:])}")
-        labels = [self.num_classes] * images.shape[0] if labels is None else self.check_labels(labels)
-        settings = self.settings(count=len(labels), **options)
-        target = edit_target(self.tokenizer, images.to(self.device), keep_pixels.to(self.device))
-        return self._run(labels, settings, target, progress, generator)
+        """Regenerate what `keep_pixels` (N, H, W) bool leaves out of `images` (N, 3, H, W) float in
+        [0, 1] at the model resolution. No labels: the null class (unconditional), as VAR edits.
+        `generator` (on the device) continues a random stream across calls instead of starting one
+        from the seed."""
+        _check_options(options)
+        count = self.check_edit_inputs(images, keep_pixels)
+        labels = [self.num_classes] * count if labels is None else self.check_labels(labels)
+        if len(labels) != count:
+            raise InputError(f"edit got {count} images but {len(labels)} labels; give one label per image (or none)")
+        settings = self.settings(count=count, **options)
+        self._check_memory(min(settings.batch_size, count), results=count)
+        return _joined(list(self._batches(labels, settings, (images, keep_pixels), progress, generator)), labels, settings)
 
-    def _run(self, labels: list[int], settings: SamplingSettings, target: EditTarget | None, progress,
-             generator: torch.Generator | None = None) -> Generation:
+    def check_edit_inputs(self, images: Any, keep_pixels: Any) -> int:
+        """The number of images of an edit request, after checking that `images` are N float
+        pictures in [0, 1] at the model resolution and `keep_pixels` N bool masks of that size."""
+        size = self.resolution
+        wanted = f"a float tensor (N, 3, {size}, {size}) in [0, 1] (the model resolution)"
+        if not isinstance(images, torch.Tensor):
+            raise InputError(f"images must be {wanted}, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size) or images.shape[0] == 0:
+            raise InputError(f"images must be {wanted}, got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            hint = " (8-bit pixels: divide by 255)" if images.dtype == torch.uint8 else ""
+            raise InputError(f"images must be {wanted}, got {images.dtype}{hint}")
+        if not bool(torch.isfinite(images).all()):
+            raise InputError("images hold NaN or infinite values")
+        low, high = (float(v) for v in torch.aminmax(images))
+        if low < 0 or high > 1:
+            hint = " (pixels in 0..255: divide by 255)" if high > 1 and low >= 0 else " (pixels in -1..1: add 1 and halve)" if low >= -1 and high <= 1 else ""
+            raise InputError(f"images must be in [0, 1], got values from {low:g} to {high:g}{hint}")
+        if not isinstance(keep_pixels, torch.Tensor) or keep_pixels.dtype != torch.bool:
+            got = keep_pixels.dtype if isinstance(keep_pixels, torch.Tensor) else type(keep_pixels).__name__
+            raise InputError(f"keep_pixels must be a bool tensor (N, {size}, {size}), True where the image is kept, got {got}")
+        if keep_pixels.dim() != 3 or tuple(keep_pixels.shape[-2:]) != (size, size):
+            raise InputError(f"keep_pixels must have shape (N, {size}, {size}), got {tuple(keep_pixels.shape)}")
+        if keep_pixels.shape[0] != images.shape[0]:
+            raise InputError(f"edit got {images.shape[0]} images but {keep_pixels.shape[0]} keep_pixels masks; give one mask per image")
+        return images.shape[0]
+
+    def _batches(self, labels: list[int], settings: SamplingSettings, edit: tuple[torch.Tensor, torch.Tensor] | None,
+                 progress, generator: torch.Generator | None = None) -> Iterator[Generation]:
+        """Sample `labels` batch by batch from one random stream (`generator`, else one seeded with
+        the settings' seed); an edit's images are encoded a batch at a time too, so that memory
+        follows the batch, never the request."""
         generator = make_generator(settings.seed, self.device) if generator is None else generator
-        results: list[SampleResult] = []
         for start in range(0, len(labels), settings.batch_size):
             end = min(start + settings.batch_size, len(labels))
-            part = None if target is None else EditTarget([t[start:end] for t in target.tokens], [m[start:end] for m in target.keep])
-            results.append(self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, part, progress))
-        images = torch.cat([r.images.float().cpu() for r in results])
-        tokens = [torch.cat([r.tokens[k].cpu() for r in results]) for k in range(len(self.config.patch_nums))]
-        return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
+            target = None if edit is None else edit_target(self.tokenizer, *(t[start:end].to(self.device) for t in edit))
+            result = self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, target, progress)
+            yield Generation(images=result.images.float().cpu(), labels=labels[start:end], settings=settings,
+                             tokens=[t.cpu() for t in result.tokens])
 
     def sample_batch(self, labels: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None,
                      target: EditTarget | None = None, progress: ProgressCallback | None = None) -> SampleResult:
@@ -193,3 +276,15 @@ class Pipeline:
         if self.graphed is not None and target is None:
             return self.graphed(labels, settings.schedule, **options)
         return sample(self.tokenizer, self.transformer, labels, settings.schedule, edit=target, amp_dtype=self.amp_dtype, **options)
+
+
+def _joined(parts: list[Generation], labels: list[int], settings: SamplingSettings) -> Generation:
+    images = torch.cat([g.images for g in parts])
+    tokens = [torch.cat([g.tokens[k] for g in parts]) for k in range(len(parts[0].tokens))]
+    return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise InputError(f"unknown sampling option {', '.join(unknown)}; the options are {', '.join(OPTIONS)}")

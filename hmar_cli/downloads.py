@@ -7,17 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from hmar import hub
-from hmar.config import ModelConfig, model_preset
-
-
-def format_size(size: float) -> str:
-    """Bytes in decimal units, as the Hub shows them: 436.0 MB, 1.9 GB."""
-    if size < 1000:
-        return f"{int(size)} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        size /= 1000
-        if size < 1000 or unit == "TB":
-            return f"{size:.1f} {unit}"
+from hmar.config import ModelConfig, format_size, model_preset
 
 
 def download_with_progress(name: str, console: Console, token: str | None = None, force: bool = False,

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hmar import hub
-from hmar.config import ModelConfig, model_preset
-from hmar_cli.downloads import download_with_progress, format_size
+from hmar.config import ModelConfig, format_size, model_preset
+from hmar_cli.downloads import download_with_progress
 
 app = typer.Typer(help="List, download, inspect and remove models.", no_args_is_help=True)
 console = Console()
@@ -22,6 +22,8 @@ JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on
 def _status(entry: hub.ModelEntry) -> str:
     if entry.source == "bundled":
         return "bundled"
+    if entry.damaged:  # present but cut short: loading it would fail
+        return "broken"
     if entry.cached:
         return "yes"
     return "partly" if len(entry.missing) < len(entry.files) else "no"
@@ -41,6 +43,9 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
         table.add_row(e.name, format_size(e.size), _status(e), e.description)
     console.print(table)
     console.print(f"Hugging Face cache: {hub.hf_cache_dir()}" + ("  (offline: HF_HUB_OFFLINE)" if hub.is_offline() else ""))
+    for e in entries:
+        for f in e.damaged:
+            console.print(f"{e.name}: {f.filename} is broken ({f.problem}); {hub.repair_hint(e.name)}", highlight=False)
 
 
 @app.command("download")
@@ -93,7 +98,8 @@ def info(name: str = typer.Argument(..., help="A registry name or a model folder
     for column in ("ROLE", "FILE", "SIZE", "LOCAL PATH"):
         table.add_column(column, justify="right" if column == "SIZE" else "left")
     for f in details["files"]:
-        table.add_row(f["role"], f["filename"], format_size(f["size"]), f["local_path"] or "[dim]not downloaded[/dim]")
+        local = f["local_path"] or "[dim]not downloaded[/dim]"
+        table.add_row(f["role"], f["filename"], format_size(f["size"]), local + (f" [red](broken: {f['problem']})[/red]" if f.get("problem") else ""))
     console.print(table)
 
 
