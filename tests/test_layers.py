@@ -8,6 +8,7 @@ out as they install, made from that same mapping; the copy is also where the tes
 forbidden imports, to show that the contract catches them."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
     """`lint-imports` with pyproject's contracts over `tree` (first on the path, ahead of the editable install)."""
     command = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
                "--no-cache", "--no-logo", str(PYPROJECT)]
-    return subprocess.run(command, cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "", "NO_COLOR": "1"}, capture_output=True,
-                          text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=str(tree), NO_COLOR="1")
+    return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
