@@ -30,9 +30,10 @@ def _installed_layout(target: Path) -> Path:
     package_dirs = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-dir"]
     for package, folder in package_dirs.items():
         destination = target.joinpath(*package.split("."))
-        destination.mkdir(parents=True, exist_ok=True)
-        for source in (ROOT / folder).glob("*.py"):
-            shutil.copy(source, destination / source.name)
+        for source in (ROOT / folder).rglob("*.py"):  # subpackages too
+            copy = destination / source.relative_to(ROOT / folder)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, copy)
     return target
 
 
