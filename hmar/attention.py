@@ -60,7 +60,7 @@ def block_sparse_kernel(q, k, v, block_sizes, pattern="block_diagonal", scale=No
     # torch.compile traces through it without a graph break: the kernel is a custom operator
     # (torch.ops.hmar.block_sparse_attn_fwd/_bwd, see hmar.kernels), so compiled blocks fuse the
     # q/k normalisation and reshapes around it.
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
 
     return block_sparse_attention(q, k, v, block_sizes, pattern=pattern, scale=scale)
 
@@ -74,7 +74,7 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
 
 def kernel_available() -> bool:
     try:
-        from hmar.kernels import block_sparse_attention  # noqa: F401
+        import hmar.kernels.block_sparse_attention  # noqa: F401
     except ImportError:
         return False
     return True

@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hmar.benchmark import COMPILE_MODES, LOSS_PATHS, BenchRow, bench_sample, bench_train
+from hmar.benchmark import BenchRow, bench_sample
 from hmar.config import tokenizer_preset
 from hmar.errors import InputError
 from hmar.images import check_writable
 from hmar.pipeline import resolve_device
+from hmar.train.benchmark import COMPILE_MODES, LOSS_PATHS, bench_train
 from hmar_cli.charts import Group, write_chart
 
 app = typer.Typer(help="Benchmarks: the attention kernel, and HMAR vs VAR, side by side in one run.", no_args_is_help=True)
@@ -118,12 +119,13 @@ def train(
     loss: str = typer.Option("chunked", "--loss", help="chunked: the trainer's loss (logits head in chunks); logits: all float32 logits at once, to compare."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile both families' blocks, as the trainer does (default: on CUDA)."),
     compile_mode: str = typer.Option("default", "--compile-mode", help=f"Inductor's mode for the compiled blocks: {', '.join(COMPILE_MODES)}."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Replay each whole step as a CUDA graph (CUDA only; a lever the trainer does not use yet)."),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each whole step as one CUDA graph, as the trainer does on one GPU (default: on CUDA; CUDA only)."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size, as the
-    trainer takes it (loss, gradient clipping, fused AdamW and compiled blocks on CUDA)."""
+    """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size, the
+    trainer's own step (loss, gradient clipping, AdamW; on CUDA bf16, fused AdamW, compiled blocks and
+    the step replayed as a CUDA graph)."""
     if loss not in LOSS_PATHS:
         raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
     if compile_mode not in COMPILE_MODES:
@@ -137,7 +139,7 @@ def train(
                        compile=compile, profile=profile is not None, compile_mode=compile_mode, cuda_graph=cuda_graph)
     compiled = rows[0].compiled
     shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss, "compiled blocks": compiled,
-             "compile mode": compile_mode if compiled else None, "CUDA graphs": cuda_graph}
+             "compile mode": compile_mode if compiled else None, "CUDA graphs": rows[0].cuda_graph}
     _write_profiles(rows, profile_files, shape, where)
     _report(rows, "training step" + (" (both compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)
 

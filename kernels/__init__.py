@@ -1,15 +1,16 @@
 """Triton kernels for HMAR (installed as ``hmar.kernels``); imports no model code.
 
-``block_sparse_attention(q, k, v, block_sizes, pattern="block_diagonal", scale=None)``: attention
-restricted to blocks of the sequence (HMAR's scales), forward and backward in Triton; traceable by
-torch.compile (custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bwd``, registered on import).
+Each kernel lives in its own module, imported by its full name (importing the package loads none
+of them, nor Triton):
 
-Submodules: ``cosine_qkv`` (cosine attention's q, k, v from a fused projection, forward and backward),
-``adaln`` (the blocks' modulated LayerNorms, alone or after the gated residual add, forward and
-backward) and ``channels_last`` (GroupNorm+SiLU and bias adds for the half-precision decoder);
-``devices`` says where they all run (CUDA, or the CPU under Triton's interpreter); ``launch``
-launches a compiled kernel again without Triton's per-call dispatch (the attention passes use it).
+- ``block_sparse_attention``: ``block_sparse_attention(q, k, v, block_sizes, pattern, scale)``,
+  attention restricted to blocks of the sequence (HMAR's scales), forward and backward; traceable by
+  torch.compile as the custom operators ``torch.ops.hmar.block_sparse_attn_fwd`` / ``_bwd``,
+  registered when the module is imported.
+- ``cosine_qkv``: cosine attention's q, k, v from a fused projection, forward and backward.
+- ``adaln``: the blocks' modulated LayerNorms, alone or after the gated residual add.
+- ``channels_last``: GroupNorm+SiLU and bias adds for the half-precision decoder.
+- ``devices``: where they all run (CUDA, or the CPU under Triton's interpreter).
+- ``launch``: launches a compiled kernel again without Triton's per-call dispatch.
+- ``reference`` and ``bench``: the PyTorch baselines and ``hmar bench attention``.
 """
-from .block_sparse_attention import PATTERNS, block_sparse_attention
-
-__all__ = ["block_sparse_attention", "PATTERNS"]

@@ -3,14 +3,14 @@
     python -m hmar.kernels.bench [--res 256 512 1024] [--patterns block_diagonal block_causal] [--json out.json]
     hmar bench attention …   (the same benchmark from the command line, also at small sizes on the CPU)
 
-Shapes follow issue 3: bf16, 16 heads, head dim 64; batch 16 at 256/512 px, 4 at 1024 px; the token
-blocks are the scales' token counts. For each implementation: forward (grad enabled, as in training),
+Default shapes: bf16, 16 heads, head dim 64 (a d16 model's attention); batch 16 at 256/512 px, 4 at
+1024 px; the token blocks are the scales' token counts. For each implementation: forward (grad enabled, as in training),
 backward alone (graph kept, gradients reset) and forward+backward, median times: CUDA events on the
 GPU (triton.testing.do_bench), the wall clock on the CPU under the same warm-up/repetition budgets.
 On the GPU each time is the median of ROUNDS such medians, and an implementation whose first call
-compiled or autotuned (over a second) keeps running for SETTLE_S before it is timed: on the H100 host,
-per-call host times read high for about 1.5 s after compilation and in short bursts later, which moved
-single-window medians of host-bound cells (256 px) by up to 3x.
+compiled or autotuned (over a second) keeps running for SETTLE_S before it is timed: per-call host
+times read high for a while after compilation and in short bursts later, which moves single-window
+medians of host-bound cells (256 px) far more than the kernels differ.
 TFLOP/s counts useful work only: 4·pairs·D per head forward, 2.5× that backward, pairs = allowed
 query-key pairs. Each output is checked against the first implementation that ran (ours when it can).
 
@@ -43,10 +43,6 @@ BATCH = {256: 16, 512: 16, 1024: 4}
 HEADS, HEAD_DIM = 16, 64
 PATTERNS = ("block_diagonal", "block_causal")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# Issue 3's best-alternative times on the device's H100 (block-diagonal), and the goals (1.25x).
-ISSUE_BEST = {256: (0.086, 0.366), 512: (0.434, 2.125), 1024: (1.062, 5.785)}
-GOALS = {256: (0.069, 0.29), 512: (0.35, 1.7), 1024: (0.85, 4.6)}
 
 OURS = "triton"
 # key (command-line name) -> (label in rows and tables, function)
@@ -83,7 +79,7 @@ def make_cells(resolutions: Iterable[int], patterns: Iterable[str], batch: int |
                head_dim: int = HEAD_DIM, dtype: torch.dtype = torch.bfloat16,
                patch_nums: Sequence[int] | None = None) -> list[Cell]:
     """The cells of a run: every resolution (or the given custom scales) × every pattern. `batch`
-    None: issue 3's batch per resolution (16 for custom scales)."""
+    None: BATCH's per resolution (16 for custom scales)."""
     shapes = [(tuple(patch_nums), None)] if patch_nums else [(PATCH_NUMS[r], r) for r in resolutions]
     return [Cell(pn, batch or BATCH.get(res, 16), pattern, heads, head_dim, dtype, res)
             for pn, res in shapes for pattern in patterns]
@@ -285,17 +281,6 @@ def print_table(rows: list[dict], env: dict | None = None, console=None) -> None
         console.print(f"not run: {note}", highlight=False)
 
 
-def print_goals(rows: list[dict]) -> None:
-    """Ours against issue 3's goals, at the resolutions it states them for (block-diagonal)."""
-    for res, (goal_fwd, goal_bwd) in GOALS.items():
-        ours = next((r for r in rows if r["res"] == res and r["pattern"] == "block_diagonal"
-                     and r["impl"] == IMPLS[OURS][0] and "fwd_ms" in r), None)
-        if ours:
-            best_fwd, best_bwd = ISSUE_BEST[res]
-            print(f"{res}px block-diagonal: fwd {ours['fwd_ms']:.3f} ms (issue best {best_fwd}, goal {goal_fwd}), "
-                  f"bwd {ours['bwd_ms']:.3f} ms (issue best {best_bwd}, goal {goal_bwd})")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hmar.kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512, 1024], choices=sorted(PATCH_NUMS))
@@ -314,7 +299,6 @@ def main(argv=None):
     result = run(make_cells(args.res, args.patterns), args.impls, device, args.warmup, args.rep,
                  log=lambda s: print(s, flush=True))
     print_table(result["rows"])
-    print_goals(result["rows"])
     graph = [f"{r['res']}px {r['pattern']}: {r['fwd_graph_ms']:.3f}" for r in result["rows"] if "fwd_graph_ms" in r]
     print("ours, forward under CUDA-graph replay (GPU time, ms):", "; ".join(graph))
     print("autotuned configs:", json.dumps(result["autotuned"], indent=1))

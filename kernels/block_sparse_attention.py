@@ -758,16 +758,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def _autocast_dtype(device_type: str):
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else False
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _check(q, k, v, block_sizes, pattern, scale):

@@ -7,10 +7,10 @@ What it replaces (VAR's and HMAR's attention, `hmar.transformer.SelfAttention`):
     q = F.normalize(q, dim=-1) * log_scale.clamp_max(max_log_scale).exp()
     k = F.normalize(k, dim=-1)
 
-Why: in a d16 training step compiled by Inductor, the backward of these few lines was the largest
-element-wise kernel (~0.39 ms per layer on H100, about 7 % of the step) plus a reduction and a copy
-that stacked dq, dk, dv back into the projection's layout: the gradients arrive in (B, H, L, D) and
-must leave in (B, L, 3, H, D), and the normalisation's backward needs a reduction over D between them.
+Why: compiled by Inductor, the backward of these few lines becomes a large element-wise kernel of a
+training step (BENCHMARKS.md has its share) plus a reduction and a copy that stack dq, dk, dv back
+into the projection's layout: the gradients arrive in (B, H, L, D) and must leave in (B, L, 3, H, D),
+and the normalisation's backward needs a reduction over D between them.
 Here one program owns (batch, head, a tile of rows) with all D channels of the row in registers, so
 the norms, the reduction over D and the transposition are local: the forward reads qkv once and writes
 q, k, v once; the backward reads the three gradients and q and k once and writes the projection's

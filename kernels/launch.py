@@ -2,8 +2,8 @@
 
 ``kernel[grid](*args, **kwargs)`` binds the arguments, specialises them (dtypes, 16-byte alignment of
 pointers, ints equal to 1 or divisible by 16), turns that into a cache key and looks the compiled
-binary up. On the device's H100 host that costs ~60 us per launch: more than the attention forward
-takes on the GPU at 256 px, so eager callers were bound by it.
+binary up, all in Python on every call: for kernels that run for microseconds on the GPU, eager
+callers are bound by it (BENCHMARKS.md has the host cost per call).
 
 `launch` keeps the binary that Triton's own launch returned, under a key that decides at least as
 much as Triton's specialisation does: the exact value of every scalar, the dtype, device and
@@ -11,6 +11,10 @@ much as Triton's specialisation does: the exact value of every scalar, the dtype
 A later call with the same key calls the binary's own launcher (what Triton's dispatch ends in, with
 the same arguments: every parameter in order, constexprs included). A new key goes through Triton,
 which compiles when it must. Under the interpreter every call goes through Triton.
+
+The direct launch relies on Triton internals (`JITFunction.fn`, `CompiledKernel.__getitem__`, the
+launcher's argument order), which the pinned Triton range has; where they are missing every call goes
+through ``kernel[grid]`` (checked once per process, `direct_launch_supported`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,26 @@ from . import devices
 _MAX_BINARIES = 4096  # distinct (kernel, shapes, alignments, options); cleared when full
 _binaries: dict = {}
 _parameters: dict = {}  # kernel -> (parameter names, defaults)
+_direct: bool | None = None  # whether this Triton has what the direct launch uses; decided on first use
+
+
+def direct_launch_supported() -> bool:
+    """Whether this Triton's compiled kernels can be launched directly: its `CompiledKernel` has the
+    grid launcher and launch metadata, and `JITFunction.run` takes the grid and warm-up flag as
+    keywords (the dispatch whose end the direct launch repeats)."""
+    try:
+        from triton.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    if not (callable(getattr(CompiledKernel, "__getitem__", None)) and callable(getattr(CompiledKernel, "launch_metadata", None))):
+        return False
+    run = getattr(JITFunction, "run", None)
+    try:
+        params = inspect.signature(run).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(params.get(name) is not None and params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in ("grid", "warmup"))
 
 
 def _signature_of(kernel):
@@ -36,7 +60,10 @@ def _signature_of(kernel):
 
 def launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     """``kernel[grid](*args, **kwargs)``; `kwargs` holds the constexprs and compile options."""
-    if devices.INTERPRETING:
+    global _direct
+    if _direct is None:
+        _direct = direct_launch_supported()
+    if devices.INTERPRETING or not _direct:
         kernel[grid](*args, **kwargs)
         return
     # Tensors by dtype, device and 16-byte alignment; everything else by value (ints exactly: finer

@@ -79,7 +79,7 @@ def _worker(cases):
     import importlib
 
     bsa = importlib.import_module("hmar.kernels.block_sparse_attention")
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
     from hmar.kernels.reference import reference_attention
 
     results = {}
@@ -365,7 +365,7 @@ def test_fake_shapes_and_strides():
 # ------------------------------------------------------------------ argument checks (no kernel launch)
 
 def test_argument_errors():
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
 
     q = torch.randn(1, 2, 10, 16)
     with pytest.raises(ValueError, match="pattern"):
@@ -396,7 +396,7 @@ def test_argument_errors():
 def test_argument_errors_under_torch_compile():
     """Compiled code (regional compilation: no fullgraph) raises the same errors; with fullgraph=True
     Dynamo reports them as an 'Observed exception' caused by them."""
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
 
     torch._dynamo.reset()
     f = torch.compile(lambda q, sizes, pattern: block_sparse_attention(q, q, q, sizes, pattern), backend="aot_eager")
@@ -512,7 +512,7 @@ def test_gpu_dtypes_and_head_dims(no_autotune, dtype, head_dim, pattern):
 @gpu
 @needs_cuda
 def test_gpu_strided_inputs_and_layout(no_autotune):
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
 
     sizes = [1, 4, 9, 16, 25, 36, 64, 100, 169, 256]
     B, H, N, D = 2, 4, sum(sizes), 64
@@ -528,7 +528,7 @@ def test_gpu_strided_inputs_and_layout(no_autotune):
 @gpu
 @needs_cuda
 def test_gpu_autocast_and_grads(no_autotune):
-    from hmar.kernels import block_sparse_attention
+    from hmar.kernels.block_sparse_attention import block_sparse_attention
 
     sizes = [1, 4, 9, 16, 25, 36, 64]
     q, k, v = (torch.randn(2, 4, sum(sizes), 64, device="cuda", requires_grad=True) for _ in range(3))

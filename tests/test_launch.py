@@ -1,9 +1,11 @@
 """hmar.kernels.launch: a compiled binary is launched again directly only where Triton would pick the
 same binary (same scalars; tensor dtypes, devices and 16-byte alignment; constexprs and compile
-options). A fake kernel stands in for Triton's (CPU; the real launches run in the GPU kernel tests)."""
+options), and only where this Triton has the internals the direct launch uses. A fake kernel stands in
+for Triton's (CPU; the real launches run in the GPU kernel tests)."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -42,6 +44,7 @@ def launching(monkeypatch):
     module = importlib.import_module("hmar.kernels.launch")
     monkeypatch.setattr(devices, "INTERPRETING", False)
     monkeypatch.setattr(module, "_binaries", {})
+    monkeypatch.setattr(module, "_direct", True)
     return module.launch
 
 
@@ -84,3 +87,29 @@ def test_the_interpreter_always_goes_through_triton(launching, monkeypatch):
     for _ in range(2):
         launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16})
     assert len(kernel.compiled) == 2
+
+
+def test_the_installed_triton_has_what_the_direct_launch_uses():
+    assert importlib.import_module("hmar.kernels.launch").direct_launch_supported()
+
+
+@pytest.mark.parametrize("missing", ["grid launcher", "launch metadata", "run keywords", "triton"])
+def test_without_tritons_internals_every_call_goes_through_triton(launching, monkeypatch, missing):
+    import triton.compiler
+    import triton.runtime.jit
+
+    module = importlib.import_module("hmar.kernels.launch")
+    if missing == "grid launcher":
+        monkeypatch.delattr(triton.compiler.CompiledKernel, "__getitem__")
+    elif missing == "launch metadata":
+        monkeypatch.delattr(triton.compiler.CompiledKernel, "launch_metadata")
+    elif missing == "run keywords":
+        monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda self, *args, **kwargs: None)
+    else:
+        monkeypatch.setitem(sys.modules, "triton.compiler", None)  # importing it raises ImportError
+    monkeypatch.setattr(module, "_direct", None)  # decided again, once, on the next launch
+    kernel, x = _Kernel(), torch.zeros(64)
+    for _ in range(3):
+        launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16})
+    assert module._direct is False and not module._binaries
+    assert len(kernel.compiled) == 3 and all(not binary.launches for *_, binary in kernel.compiled)

@@ -183,8 +183,9 @@ def test_stage2_objective_equals_the_loss_over_all_logits():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_under_bf16_the_chunked_loss_matches_all_logits_with_a_lower_peak():
-    from hmar.benchmark import bench_config, stage1_loss_fn
+    from hmar.benchmark import bench_config
     from hmar.config import tokenizer_preset
+    from hmar.train.benchmark import stage1_objective
 
     config = bench_config("hmar", 2, 256, tokenizer_preset(256))  # V = 4096, L = 680: 43,520 tokens at batch 64
     transformer = build_models(config)[1].cuda().eval()
@@ -199,7 +200,7 @@ def test_on_cuda_under_bf16_the_chunked_loss_matches_all_logits_with_a_lower_pea
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = stage1_loss_fn(transformer, per_scale_sdpa, weights, path)(*inputs)
+            loss = stage1_objective(transformer, per_scale_sdpa, weights, path)(*inputs)[0]
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in transformer.parameters() if p.grad is not None])
         results[path] = (loss.detach(), grads, torch.cuda.max_memory_allocated() - before)

@@ -105,6 +105,31 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def build_optimizer(module: nn.Module, device: torch.device, lr: float, weight_decay: float, betas: tuple[float, float],
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (fused on CUDA; weight decay on matrices only). A
+    `capturable` one can be replayed in a CUDA graph: it reads its learning rate from a tensor, which
+    the schedule fills."""
+    return torch.optim.AdamW(_param_groups(module, weight_decay), lr=torch.tensor(lr, device=device) if capturable else lr,
+                             betas=betas, fused=device.type == "cuda", capturable=capturable)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], tensors: tuple, device: torch.device,
+               bf16: bool, grad_clip: float, cache_casts: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """One optimizer step of every stage (and of `hmar bench train`): forward under bf16 autocast
+    when `bf16`, backward, gradient clipping of `params` (when `grad_clip` > 0), the optimizer step.
+    Returns (loss, logged numbers, gradient norm or None). `model(*tensors)` returns (loss, numbers);
+    a step replayed as a CUDA graph passes `cache_casts=False` (the graph must not keep autocast's
+    cached casts: they are freed when the context exits)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_casts):
+        loss, numbers = model(*tensors)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    return loss.detach(), numbers, grad_norm
+
+
 def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
     out = {}
     for name, value in numbers.items():
@@ -134,10 +159,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         compile_blocks(objective)
     model = sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
-    # A captured optimizer step reads its learning rate from a tensor, which the schedule fills.
-    lr = torch.tensor(config.lr, device=procs.device) if graphed else config.lr
-    optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=lr, betas=config.betas,
-                                  fused=procs.device.type == "cuda", capturable=graphed)
+    optimizer = build_optimizer(objective, procs.device, config.lr, config.weight_decay, config.betas, capturable=graphed)
     scheduler = build_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
     ema = ParameterEMA(objective, config.ema_decay) if config.ema_decay > 0 else None
 
@@ -168,14 +190,7 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
             _write_samples(stage, path, compiled, sharding)
 
     def eager_step(tensors: tuple, cache_casts: bool = True):
-        """Forward, backward, clipping and the optimizer step: (loss, logged numbers, gradient norm)."""
-        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_casts):
-            loss, numbers = model(*tensors)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
-        optimizer.step()
-        return loss.detach(), numbers, grad_norm
+        return train_step(model, optimizer, params, tensors, procs.device, bf16, config.grad_clip, cache_casts)
 
     run_step = _GraphedSteps(eager_step, procs.device) if graphed else eager_step
 

@@ -53,6 +53,13 @@ class NextScaleObjective(nn.Module):
         return loss, {"loss_per_scale": stats.loss, "acc_per_scale": stats.accuracy}
 
 
+def freeze_mask_branch(model: ScaleTransformer) -> None:
+    """Stage 1 trains the trunk and the next-scale branch; HMAR's mask branch waits for stage 2."""
+    if isinstance(model, HMAR):
+        for name in MASK_BRANCH:
+            getattr(model, name).requires_grad_(False)
+
+
 def transformer_config(model: str | TransformerConfig, num_classes: int, cond_drop_rate: float) -> TransformerConfig:
     config = transformer_preset(model) if isinstance(model, str) else model
     return dataclasses.replace(config, num_classes=num_classes, cond_drop_rate=cond_drop_rate)
@@ -83,9 +90,7 @@ class Stage1(Stage):
         self.model_config = ModelConfig(self.tokenizer.config, transformer, class_names=self.folder.class_names)
         torch.manual_seed(config.seed)  # same initial weights on every process
         model = build_models(self.model_config)[1].to(procs.device)
-        if isinstance(model, HMAR):
-            for name in MASK_BRANCH:
-                getattr(model, name).requires_grad_(False)
+        freeze_mask_branch(model)
         patch_nums = self.tokenizer.patch_nums
         weights = scale_weights(config.loss_weighting, patch_nums, config.lognormal_mu, config.lognormal_sigma, config.exp_decay_rate)
         self.objective = NextScaleObjective(model, select_attention(config.attention, procs.device), weights.to(procs.device))

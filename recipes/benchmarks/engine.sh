@@ -49,7 +49,7 @@ for task in $TASKS; do
     sample-compiled) bench sample64c sample --batch-size 64 --steps 14 --compile
             bench sample1c sample --batch-size 1 --steps 14 --iters 10 --compile ;;
     train256) bench train256 train --resolution 256 --batch-size 32 --profile "$OUT/profiles" ;;
-    train512) bench train512 train --resolution 512 --batch-size 16 ;;
+    train512) bench train512 train --resolution 512 --batch-size 16 --no-cuda-graph ;;
     train256-graph) bench train256g train --resolution 256 --batch-size 32 --cuda-graph --profile "$OUT/profiles" ;;
     train256-autotune) BENCH_TIMEOUT=${BENCH_TIMEOUT:-560} bench train256a train --resolution 256 --batch-size 32 --compile-mode max-autotune-no-cudagraphs ;;
     decoders) timeout 400 python3 recipes/benchmarks/sampling_levers.py --decoders --json "$OUT/decoders.json" 2>&1 | tee "$OUT/decoders.log" | grep -v Warning ;;

@@ -4,8 +4,8 @@
 
 d16 HMAR (14-step schedule) and VAR at 256 px, random weights, cfg 1.5, top-k 900, top-p 0.96, bf16
 autocast for the transformer. Rows add one lever at a time to the one before; every row builds fresh
-models from the same weights. "before" is the sampler as it was: F.interpolate's bicubic, float32
-weights cast by autocast at every use, a float32 decoder, top-p sorting all rows at once.
+models from the same weights. "before" is the sampler without any lever: F.interpolate's bicubic,
+float32 weights cast by autocast at every use, a float32 decoder, top-p sorting all rows at once.
 `--decoders` times decoder variants alone instead (dtypes, layouts, compiled or not, chunk sizes).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def time_sampling(config, tokenizer, transformer, batch: int, iters: int, compil
 
 
 # NHWC eager = the product's CUDA decoder: channels-last, norms+SiLU and bias+residual fused (hmar.kernels.channels_last);
-# compiled NHWC uses Inductor's norms instead. (Autocast variants: BENCHMARKS.md, stop 9.)
+# compiled NHWC uses Inductor's norms instead.
 DECODERS = ("fp32 NCHW", "fp16 weights NCHW", "fp16 weights NHWC fused kernels", "fp16 weights NCHW compiled",
             "fp16 weights NHWC compiled")
 
