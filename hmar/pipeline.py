@@ -22,7 +22,7 @@ from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
 from hmar.inference import prepare_for_sampling
-from hmar.sampler import EditTarget, ProgressCallback, SampleResult, make_generator, sample
+from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
 from hmar.schedule import Schedule, resolve_schedule
 
 DEFAULT_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
@@ -178,6 +178,8 @@ class Pipeline:
             end = min(start + settings.batch_size, len(labels))
             part = None if target is None else EditTarget([t[start:end] for t in target.tokens], [m[start:end] for m in target.keep])
             results.append(self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, part, progress))
+        for result in results:  # after the last batch: checking earlier would wait for the GPU between batches
+            check_finite(result)
         images = torch.cat([r.images.float().cpu() for r in results])
         tokens = [torch.cat([r.tokens[k].cpu() for r in results]) for k in range(len(self.config.patch_nums))]
         return Generation(images=images, labels=labels, settings=settings, tokens=tokens)
