@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from hmar.pipeline import Pipeline
 from hmar.schedule import format_schedule
 from hmar_cli.app import app
 
@@ -134,6 +135,26 @@ def test_bad_input_is_one_line_and_no_output(tmp_path, model_dir, extra, code, m
     assert result.returncode == code, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_non_finite_logits_exit_1_in_one_line_and_write_nothing(tmp_path, model_dir, monkeypatch):
+    """Weights that overflow (finite, so loading takes them; changed after loading) stop the command."""
+    load = Pipeline.from_folder
+
+    def overflowing(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        with torch.no_grad():
+            pipe.transformer.ns_head.weight.fill_(torch.finfo(torch.float32).max)
+        return pipe
+
+    monkeypatch.setattr(Pipeline, "from_folder", overflowing)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), "--class", "1", "--num", "2", "--grid", "--device", "cpu",
+                                 "--out", str(out / "x.png")])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().startswith("error: sampling stopped: the model's logits are not finite (NaN or inf) at scale 1 of")
+    assert len(result.stderr.strip().splitlines()) == 1 and list(out.iterdir()) == []
 
 
 def test_model_and_output_problems(tmp_path, model_dir, conformance_models):

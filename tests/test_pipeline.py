@@ -10,9 +10,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hmar.config import ModelConfig
 from hmar.editing import keep_masks_per_scale
-from hmar.errors import DeviceError, InputError, ScheduleError
+from hmar.errors import DeviceError, HmarError, InputError, ScheduleError
 from hmar.pipeline import Pipeline
-from hmar.sampler import EditTarget, draw_one, make_generator, sample
+from hmar.sampler import EditTarget, SampleResult, check_finite, draw_one, make_generator, sample
 from hmar.schedule import format_schedule, resolve_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
@@ -136,3 +136,38 @@ def test_sampling_on_cuda_never_waits_for_the_gpu(conformance_models):
             run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def _poisoned(folder, head: str) -> Pipeline:
+    """A pipeline whose `head` weights overflow the logits to inf (finite weights, changed after loading)."""
+    pipe = Pipeline.from_folder(folder, device="cpu")
+    with torch.no_grad():
+        getattr(pipe.transformer, head).weight.fill_(torch.finfo(torch.float32).max)
+    return pipe
+
+
+@pytest.mark.parametrize("family, head", [("hmar", "ns_head"), ("hmar", "mask_head"), ("var", "head")])
+def test_non_finite_logits_stop_sampling_naming_the_scale(conformance_models, fixture_schedule, family, head):
+    pipe = _poisoned(conformance_models[family], head)
+    schedule = fixture_schedule if family == "hmar" else None
+    # the mask branch runs first at the first scale of several steps
+    first_bad = next(k for k, entry in enumerate(fixture_schedule) if len(entry) > 1) if head == "mask_head" else 0
+    side, K = pipe.config.patch_nums[first_bad], len(pipe.config.patch_nums)
+    with pytest.raises(HmarError, match=rf"not finite \(NaN or inf\) at scale {first_bad + 1} of {K} \({side}x{side} tokens\)"):
+        pipe.generate([0, 1], schedule=schedule, seed=0, top_k=1)
+    with pytest.raises(HmarError, match="not finite"):
+        pipe.generate([0], schedule=schedule, seed=0, batch_size=1, top_k=8, top_p=0.9)
+
+
+def test_a_result_without_flags_is_checked_by_its_f_hat(conformance_models):
+    """A caller that keeps only images, tokens and f̂ (as the CUDA graph's replay does) still sees it."""
+    pipe = _poisoned(conformance_models["hmar"], "ns_head")
+    settings = pipe.settings(count=1, seed=0)
+    result = pipe.sample_batch(torch.tensor([0]), settings, make_generator(0, "cpu"))
+    assert result.nonfinite.any() and not torch.isfinite(result.f_hat).any()
+    with pytest.raises(HmarError, match=r"^sampling stopped: the model's logits are not finite"):
+        check_finite(SampleResult(result.images, result.tokens, result.f_hat))
+    clean = Pipeline.from_folder(conformance_models["hmar"], device="cpu").sample_batch(torch.tensor([0]), settings, make_generator(0, "cpu"))
+    assert not clean.nonfinite.any()
+    check_finite(clean)
+    check_finite(SampleResult(clean.images, clean.tokens, clean.f_hat))
