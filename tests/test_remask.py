@@ -13,6 +13,8 @@ import torch
 
 from hmar.sampler import _refine_scale, _Steps, least_confident
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
 # Schedule entries of one scale (tokens committed per step; the scale has sum(entry) tokens).
 ENTRIES = [[1, 1, 2, 5], [16], [25], [5, 10, 10], [3, 7, 15], [64, 64, 128], [100, 100, 56], [1, 255]]
 
@@ -38,7 +40,7 @@ def _described(confidences: list[torch.Tensor], entry: list[int]) -> list[list[l
             if previous is None:
                 chosen[row] = torch.argsort(confidence).tolist()[:n]
             else:
-                subset = confidence[torch.tensor(previous)]
+                subset = confidence[torch.tensor(previous, device=confidence.device)]
                 chosen[row] = [previous[i] for i in torch.argsort(subset).tolist()[:n]]
         steps.append([list(c) for c in chosen])
     return steps
@@ -52,11 +54,13 @@ def _chained(confidences: list[torch.Tensor], entry: list[int]) -> list[list[lis
     return steps
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["tied", "mixed", "distinct"])
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: ",".join(map(str, e)))
-def test_least_confident_follows_the_description(entry, kind):
+def test_least_confident_follows_the_description(entry, kind, device):
+    """On each device its own sort decides (CUDA orders ties otherwise than the CPU)."""
     l, B = sum(entry), 3
-    confidences = [_rows(kind, (B, l), seed) for seed in range(max(len(entry) - 1, 1))]
+    confidences = [_rows(kind, (B, l), seed).to(device) for seed in range(max(len(entry) - 1, 1))]
     assert _chained(confidences, entry) == _described(confidences, entry)
 
 
