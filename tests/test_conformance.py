@@ -136,17 +136,14 @@ def _generate_cases(role: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def hmar_io(conformance_dir, conformance_config):
-    return load_fixture(conformance_dir, conformance_config, "hmar_io")
-
-
-@pytest.fixture(scope="module")
-def var_io(conformance_dir, conformance_config):
-    return load_fixture(conformance_dir, conformance_config, "var_io")
+def sampler_io(conformance_dir, conformance_config) -> dict:
+    """The HMAR and VAR reference files, loaded once for all their cases."""
+    return {family: load_fixture(conformance_dir, conformance_config, f"{family}_io") for family in ("hmar", "var")}
 
 
 @pytest.mark.parametrize("case", _generate_cases("hmar_io"))
-def test_hmar_sampler_reproduces_reference(case, conformance_dir, conformance_config, hmar_models, hmar_io):
+def test_hmar_sampler_reproduces_reference(case, conformance_dir, conformance_config, hmar_models, sampler_io):
+    hmar_io = sampler_io["hmar"]
     assert case is not None, "no generate{k}_args cases in the HMAR reference file"
     config, tokenizer, transformer = hmar_models
     schedule = validate_schedule(json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text()), config.patch_nums)
@@ -160,7 +157,8 @@ def test_hmar_sampler_reproduces_reference(case, conformance_dir, conformance_co
 
 
 @pytest.mark.parametrize("case", _generate_cases("var_io"))
-def test_var_sampler_reproduces_reference(case, conformance_config, var_models, var_io):
+def test_var_sampler_reproduces_reference(case, conformance_config, var_models, sampler_io):
+    var_io = sampler_io["var"]
     assert case is not None, "no generate{k}_args cases in the VAR reference file"
     config, tokenizer, transformer = var_models
     labels = torch.tensor(conformance_config["labels"])
