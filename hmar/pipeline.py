@@ -27,7 +27,7 @@ from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
 from hmar.inference import prepare_for_sampling
-from hmar.sampler import EditTarget, ProgressCallback, SampleResult, make_generator, sample
+from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
 from hmar.schedule import Schedule, resolve_schedule
 
 DEFAULT_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
@@ -265,6 +265,7 @@ class Pipeline:
             end = min(start + settings.batch_size, len(labels))
             target = None if edit is None else edit_target(self.tokenizer, *(t[start:end].to(self.device) for t in edit))
             result = self.sample_batch(torch.tensor(labels[start:end], device=self.device), settings, generator, target, progress)
+            check_finite(result)  # before anything of the batch is handed out (copying it to the CPU waits for the GPU anyway)
             yield Generation(images=result.images.float().cpu(), labels=labels[start:end], settings=settings,
                              tokens=[t.cpu() for t in result.tokens])
 

@@ -8,17 +8,32 @@ tokenizer nothing of classes. For every scale k (K scales, l = pn² tokens):
    the batch doubled (labels, then the null class); guided logits = (1+t)·cond − t·uncond with
    t = cfg·k/(K−1); top-k then top-p filtering; one token per position drawn from the softmax.
 2. HMAR only, for a scale whose schedule entry has several steps: the least confident tokens (the
-   probability of the drawn token under the filtered guided distribution; ties: lower position
-   first) are re-masked, as many as the rest of the entry sums to, and the mask branch re-predicts
-   them (guidance practically off: t = cfg·1e-6, as the authors sample). Each further step keeps the
-   least confident of the still-masked set.
+   probability of the drawn token under the filtered guided distribution) are re-masked, as many as
+   the rest of the entry sums to, and the mask branch re-predicts them (guidance practically off:
+   t = cfg·1e-6, as the authors sample). Each further step keeps the least confident of the
+   still-masked set. "Least confident" is what the authors' sampler takes, see `least_confident`:
+   PyTorch's default (unstable) ascending argsort on the model's device, over the scale's whole row
+   at the first re-mask and over the masked subset, in its current order, at each later step. Equal
+   confidences (all of them with top_k = 1) come out in that sort's tie order, which depends on the
+   row's length, the torch build and the device; so does the sample.
 3. f̂ += φ_k(upsampled code embeddings of the scale); the image is the decoder's view of the final f̂.
+
+Editing (forced tokens, `EditTarget`): a known token is never re-masked. Its confidence counts as
++inf, so it sorts after every unknown one, and a row re-masks its share of the schedule: at a step
+that masks n of the l tokens, a row with u unknown tokens masks round(u·n / l) of them (never more
+than u). The candidates are still the n least confident positions of the row (the sort's row lengths
+stay those of plain sampling), and a row masks the first of them; at a later step the candidates that
+this row did not mask count as +inf too. Without forced tokens every row masks exactly n: plain
+sampling is the authors' computation.
 
 Random numbers are drawn exactly as the reference implementations draw them (one `torch.multinomial`
 per step on the filtered probabilities viewed as (B·l, V), from a generator on the model's device,
 here computed as multinomial computes it, see `draw_one`), so a seed reproduces the authors' own
 samples. The loop reads no tensor value on the host: nothing waits for the GPU until the images are
-used.
+used. Logits that are not finite (weights that overflow) make the softmax NaN; the sampler records
+per scale whether any drawn token's probability is NaN, and `check_finite` reports the first such
+scale once the batch is done (the result also carries a NaN f̂, so that a caller which keeps only
+images, tokens and f̂ still sees it).
 """
 from __future__ import annotations
 
@@ -26,18 +41,19 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import math
+
 import torch
 
+from hmar.errors import HmarError
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import HMAR, VAR, ScaleTransformer, kv_cache
 
 # Guidance strength of the mask-branch steps relative to cfg (the authors' setting: practically none).
 MASK_STEP_GUIDANCE = 1e-6
 
-# Images decoded per decoder call (bounds the decoder's activation memory; results are identical). At
-# 256 px on an H100 with the channels-last float16 decoder, 8 a call decode 64 images in 119 ms alone
-# (16: 95 ms, +0.8 GiB of activations), and sampling a batch of 64 peaks at 4.25 GiB (the CUDA
-# graph's pool included), under the 4.4 GiB goal; see BENCHMARKS.md.
+# Images decoded per decoder call: bounds the decoder's activation memory, which at full resolution
+# would otherwise set the peak of a large batch (results are identical; BENCHMARKS.md has the trade).
 DECODE_CHUNK = 8
 
 # Logits sorted at a time by the top-p filter (bounds the memory of the sort; results are identical).
@@ -70,6 +86,8 @@ class SampleResult:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], float32
     tokens: list[torch.Tensor]  # per scale (B, pn²)
     f_hat: torch.Tensor  # (B, Cvae, P, P) final cumulative reconstruction
+    # (K,) bool on the device: True where a scale's logits were not finite (see `check_finite`)
+    nonfinite: torch.Tensor | None = None
 
 
 def filter_logits_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -104,6 +122,40 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     newer. A softmax of filtered logits always passes them."""
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
+def least_confident(confidence: torch.Tensor, n: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (B, n) of the n least confident tokens, least confident first, chosen as the authors'
+    sampler chooses them: PyTorch's default (not stable) ascending argsort of `confidence` (B, l) on
+    its device, over the whole row when `candidates` is None, else over the confidences of the
+    positions `candidates` (B, m) gathered in that order, keeping the first n. Ties come out in the
+    sort's order for that row length, so a stable sort, or one over a padded full-length row, would
+    pick other tokens."""
+    if candidates is None:
+        return torch.argsort(confidence, dim=-1)[:, :n]
+    return candidates.gather(1, torch.argsort(confidence.gather(1, candidates), dim=-1)[:, :n])
+
+
+def drawn_probability(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The confidence of each drawn token (B, l): its probability under `probs` (B, l, V)."""
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def check_finite(result: SampleResult) -> None:
+    """Raise the project's error, naming the scale, if sampling met logits that were not finite (the
+    softmax of a NaN or +inf logit is NaN everywhere in its row, so the drawn tokens are noise). Reads
+    the flags on the host: call it once the batch is done, not inside the sampling loop. Without the
+    flags (a result rebuilt from images, tokens and f̂ only), the NaN f̂ that `sample` leaves says it."""
+    if result.nonfinite is not None:
+        bad = [k for k, flag in enumerate(result.nonfinite.tolist()) if flag]
+        if bad:
+            k, K = bad[0], len(result.tokens)
+            side = math.isqrt(result.tokens[k].shape[1])
+            raise HmarError(f"sampling stopped: the model's logits are not finite (NaN or inf) at scale {k + 1} of {K} "
+                            f"({side}x{side} tokens); the weights overflow, so there is no image to keep")
+    elif not bool(torch.isfinite(result.f_hat).all()):
+        raise HmarError("sampling stopped: the model's logits are not finite (NaN or inf); the weights overflow, "
+                        "so there is no image to keep")
 
 
 def guide_(logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -163,6 +215,7 @@ def sample(
     steps = _Steps(schedule, progress)
     cache = kv_cache(len(transformer.blocks)) if isinstance(transformer, VAR) else None
     all_tokens: list[torch.Tensor] = []
+    nonfinite: list[torch.Tensor] = []  # per scale, on the device: read by `check_finite` only
 
     for k in range(K):
         context = tokenizer.downsample(f_hat, k) if k > 0 else None
@@ -178,48 +231,48 @@ def sample(
         keep = edit.keep[k] if edit is not None else None
         if keep is not None:
             tokens = torch.where(keep, edit.tokens[k], tokens)
+        confidence = drawn_probability(probs, tokens)
+        bad = confidence.isnan().any()
         steps.finished(k, 0, len(schedule[k]))
 
         if isinstance(transformer, HMAR) and mask_refinement and len(schedule[k]) > 1:
-            tokens = _refine_scale(
-                tokenizer, transformer, k, context, tokens, probs, schedule[k], keep,
+            tokens, bad = _refine_scale(
+                tokenizer, transformer, k, context, tokens, confidence, bad, schedule[k], keep,
                 cond, cond_BD, cfg, top_k, top_p, generator, amp, steps,
             )
         all_tokens.append(tokens)
+        nonfinite.append(bad)
         f_hat = tokenizer.add_scale(f_hat, tokens, k)
 
-    del cache, cond, cond_BD, guided, probs  # free the sampling state before the decoder's large activations
+    del cache, cond, cond_BD, guided, probs, confidence  # free the sampling state before the decoder's large activations
+    flags = torch.stack(nonfinite)
+    f_hat.masked_fill_(flags.any(), torch.nan)  # no value changes unless a scale went bad
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
     images = torch.cat([tokenizer.decode(part).float() for part in f_hat.split(DECODE_CHUNK)])
-    return SampleResult(images=images.add_(1).mul_(0.5), tokens=all_tokens, f_hat=f_hat)
+    return SampleResult(images=images.add_(1).mul_(0.5), tokens=all_tokens, f_hat=f_hat, nonfinite=flags)
 
 
 def _refine_scale(
-    tokenizer, transformer: HMAR, k, context, tokens, probs, entry, keep,
+    tokenizer, transformer: HMAR, k, context, tokens, confidence, bad, entry, keep,
     cond, cond_BD, cfg, top_k, top_p, generator, amp, steps: _Steps,
-) -> torch.Tensor:
-    """HMAR's masked-prediction steps within scale k (see the module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HMAR's masked-prediction steps within scale k (see the module docstring). `confidence` (B, l):
+    of the tokens drawn at the first step; `bad`: whether any was NaN. Returns the tokens and `bad`
+    updated over the steps."""
     B, l = tokens.shape
-    # still_masked[j]: how many tokens stay masked after step j of the entry
-    still_masked = [sum(entry[j + 1:]) for j in range(len(entry))]
-    # Forced (known) tokens are never re-masked; the schedule shrinks in proportion to the unknown ones.
-    unknown = torch.full((B,), l, device=tokens.device) if keep is None else (~keep).sum(dim=1)
-
-    def mask_count(j: int) -> torch.Tensor:
-        if keep is None:
-            return torch.full((B,), still_masked[j], device=tokens.device)
-        return torch.div(unknown * still_masked[j] + l // 2, l, rounding_mode="floor")
-
-    confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    candidates = None  # the whole row
     if keep is not None:
+        unknown = (~keep).sum(dim=1, keepdim=True)
         confidence = confidence.masked_fill(keep, torch.inf)
-    # `order` ranks positions, least confident first; the first mask_count(j) are masked at step j+1.
-    order = torch.argsort(confidence, dim=-1, stable=True)
-    positions = torch.arange(l, device=tokens.device).expand(B, l)
     for j in range(1, len(entry)):
-        n = mask_count(j - 1)
-        ranked_in = positions < n.unsqueeze(1)  # rank r of `order` is masked
-        masked = torch.zeros_like(ranked_in).scatter(1, order, ranked_in)
+        n = sum(entry[j:])  # tokens masked during step j
+        candidates = least_confident(confidence, n, candidates)
+        if keep is None:
+            masked = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, candidates, True)
+        else:
+            count = torch.div(unknown * n + l // 2, l, rounding_mode="floor")  # this row's share, at most `unknown`
+            masked_rank = torch.arange(n, device=tokens.device) < count  # (B, n): rank r of `candidates` masked
+            masked = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, candidates, masked_rank)
         with amp:
             x = transformer.masked_scale_tokens(k, context, tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
             logits = transformer.masked(x, cond, cond_BD)
@@ -227,13 +280,12 @@ def _refine_scale(
         del logits
         drawn, probs = draw_tokens(guided, top_k, top_p, generator)
         tokens = torch.where(masked, drawn, tokens)
+        confidence = drawn_probability(probs, tokens)
+        bad = bad | confidence.isnan().any()
         steps.finished(k, j, len(entry))
-        if j < len(entry) - 1:
-            # keep the least confident of the masked set; ties keep their previous order
-            confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            key = confidence.gather(1, order).masked_fill(~ranked_in, torch.inf)
-            order = order.gather(1, torch.argsort(key, dim=-1, stable=True))
-    return tokens
+        if keep is not None:
+            confidence = confidence.masked_fill(~masked, torch.inf)  # candidates this row did not mask stay out
+    return tokens, bad
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

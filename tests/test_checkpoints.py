@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -19,24 +20,36 @@ def _spec_file(conformance_dir, family):
     return json.loads((conformance_dir / f"{family}_checkpoint_keys.json").read_text())
 
 
+def _scales_and_vocabulary(spec: dict) -> tuple[tuple[int, ...], int, int]:
+    """patch_nums, vocabulary and Cvae of a transformer's key spec: the resolution preset whose token
+    count is the length of pos_1LC, the head's rows and the word embedding's columns."""
+    tokens = spec["pos_1LC"][1]
+    matching = [p for p in PATCH_NUMS.values() if sum(n * n for n in p) == tokens]
+    assert matching, f"no patch_nums preset has {tokens} tokens"
+    head = spec["ns_head.weight"] if "ns_head.weight" in spec else spec["head.weight"]
+    return matching[0], head[0], spec["word_embed.weight"][1]
+
+
 @pytest.mark.parametrize("family", ["hmar", "var"])
 def test_presets_build_exactly_the_published_key_specs(conformance_dir, family):
     specs = _spec_file(conformance_dir, family)
     names = [n for n in specs if n.startswith(f"{family}-")]
     assert names, f"no {family} presets in the key spec file"
     for name in names:
+        patch_nums, vocab_size, z_channels = _scales_and_vocabulary(specs[name])
         with torch.device("meta"):
-            model = build_transformer(transformer_preset(name), PATCH_NUMS[256], vocab_size=4096, z_channels=32)
+            model = build_transformer(transformer_preset(name), patch_nums, vocab_size=vocab_size, z_channels=z_channels)
         ours = {k: list(v.shape) for k, v in model.state_dict().items()}
         assert ours == specs[name], f"{name}: key spec differs"
 
 
-def test_describe_names_the_resembling_preset(conformance_dir):
-    spec = _spec_file(conformance_dir, "hmar")["hmar-d20"]
-    fake = {k: torch.empty(v, device="meta") for k, v in spec.items()}
-    assert "resembles preset hmar-d20" in describe_state_dict(fake)
-    var_spec = _spec_file(conformance_dir, "var")["var-d24"]
-    assert "resembles preset var-d24" in describe_state_dict({k: torch.empty(v, device="meta") for k, v in var_spec.items()})
+@pytest.mark.parametrize("family", ["hmar", "var"])
+def test_describe_names_the_resembling_preset(conformance_dir, family):
+    names = [n for n in _spec_file(conformance_dir, family) if n.startswith(f"{family}-")]
+    assert names, f"no {family} presets in the key spec file"
+    for name in names:
+        fake = {k: torch.empty(v, device="meta") for k, v in _spec_file(conformance_dir, family)[name].items()}
+        assert f"resembles preset {name})" in describe_state_dict(fake)
 
 
 @pytest.fixture()
@@ -56,15 +69,18 @@ def test_missing_and_unexpected_keys_are_named(conformance_dir, conformance_conf
 
 def test_a_var_file_in_an_hmar_model_says_what_it_is(conformance_dir, conformance_config, tiny_hmar):
     _, model = tiny_hmar
-    with pytest.raises(CheckpointError, match="looks like var depth 4"):
+    var = conformance_config["var"]
+    with pytest.raises(CheckpointError, match=f"looks like var depth {var['depth']}, width {var['width']}, {var['num_classes']} classes"):
         load_weights(model, load_fixture(conformance_dir, conformance_config, "var"), "hmar weights")
 
 
 def test_wrong_shapes_are_named(conformance_dir, conformance_config, tiny_hmar):
     _, model = tiny_hmar
     state = load_fixture(conformance_dir, conformance_config, "hmar")
-    state["pos_start"] = torch.zeros(1, 1, 32)
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(pos_start: file \[1, 1, 32\] vs model \[1, 1, 64\]\)"):
+    expected = list(model.state_dict()["pos_start"].shape)
+    wrong = expected[:-1] + [expected[-1] // 2]
+    state["pos_start"] = torch.zeros(wrong)
+    with pytest.raises(CheckpointError, match=re.escape(f"shape mismatches (pos_start: file {wrong} vs model {expected})")):
         load_weights(model, state, "hmar weights")
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hmar import images
+from hmar.schedule import format_schedule, one_step_per_scale
 from hmar_cli.app import app
 from tests.test_images import _bad_files, _png_header_only, random_rgb
 
@@ -139,24 +140,25 @@ def test_outpaint_keeps_the_original_at_its_offset(tmp_path, conformance_models,
         assert written.text["hmar:command"] == "outpaint" and written.text["hmar:source_size"] == "64x48"
 
 
-def test_a_var_model_folder_edits_too(tmp_path, conformance_models, photo):
+def test_a_var_model_folder_edits_too(tmp_path, conformance_models, conformance_config, photo):
     out = tmp_path / "var.png"
     succeeded(invoke(conformance_models["var"], "edit", str(photo), "--class", "2", "--box", ",".join(map(str, BOX)), "--out", str(out)))
     region = box_region((64, 48))
     assert np.array_equal(pixels(out)[~region], pixels(photo)[~region])
-    steps = invoke(conformance_models["var"], "inpaint", str(photo), "--box", "0,0,8,8", "--steps", "7", "--out", str(tmp_path / "x.png"))
+    steps = invoke(conformance_models["var"], "inpaint", str(photo), "--box", "0,0,8,8", "--steps", _sizes(conformance_config)["steps"],
+                   "--out", str(tmp_path / "x.png"))
     assert steps.exit_code == 2 and "VAR models sample exactly one step per scale" in steps.stderr
     assert not (tmp_path / "x.png").exists()
 
 
 # ---- metadata, notes, determinism, outputs --------------------------------------------------------
-def test_metadata_notes_and_json_summary(tmp_path, conformance_models, photo):
+def test_metadata_notes_and_json_summary(tmp_path, conformance_models, conformance_config, photo):
     small_mask = np.zeros((24, 32), dtype=np.uint8)
     small_mask[5:15, 6:20] = 255
     Image.fromarray(small_mask).save(tmp_path / "mask.png")
     out = tmp_path / "cat.png"
     result = invoke(conformance_models["hmar"], "edit", str(photo), "--class", "class 3", "--mask", str(tmp_path / "mask.png"),
-                    "--seed", "9", "--top-k", "5", "--top-p", "0.8", "--cfg", "2", "--steps", "6", "--json", "--out", str(out))
+                    "--seed", "9", "--top-k", "5", "--top-p", "0.8", "--cfg", "2", "--steps", _sizes(conformance_config)["steps"], "--json", "--out", str(out))
     succeeded(result)
     note = "note: mask mask.png is 32x24 but the image is 64x48: the mask was resized to the image"
     assert result.stderr.strip() == note
@@ -168,7 +170,7 @@ def test_metadata_notes_and_json_summary(tmp_path, conformance_models, photo):
     assert text["Software"].startswith("hmar ") and text["hmar:model"] == str(conformance_models["hmar"])
     assert {k: text[f"hmar:{k}"] for k in ("command", "source", "mask", "class", "seed", "cfg", "top_k", "top_p")} == {
         "command": "edit", "source": "photo.png", "mask": "mask.png", "class": "3", "seed": "9", "cfg": "2.0", "top_k": "5", "top_p": "0.8"}
-    assert len(text["hmar:schedule"].split(";")) == 5 and summary["schedule"] == text["hmar:schedule"]
+    assert len(text["hmar:schedule"].split(";")) == len(conformance_config["tokenizer"]["patch_nums"]) and summary["schedule"] == text["hmar:schedule"]
 
 
 def test_full_mask_is_noted_and_default_output_names(tmp_path, conformance_models, photo, monkeypatch):
@@ -202,6 +204,17 @@ def test_an_existing_output_is_refused_before_the_model_loads(tmp_path, photo, o
 
 
 # ---- bad input: one line, the right exit code, no output ----------------------------------------
+def _sizes(config: dict) -> dict[str, str]:
+    """Values for the {placeholders} of the cases here, from the fixture folder's config.json."""
+    patch_nums, classes, P = config["tokenizer"]["patch_nums"], config["hmar"]["num_classes"], config["tokenizer"]["patch_nums"][-1]
+    per_scale = one_step_per_scale(patch_nums)
+    other_count = per_scale[:-1] if len(per_scale) > 1 else per_scale * 2
+    return {"num_classes": str(classes), "last_class": str(classes - 1), "steps": str(len(patch_nums) + 1),
+            "other_count": format_schedule(other_count), "scales": str(len(other_count)),
+            "short_last": format_schedule(per_scale[:-1] + [[P * P - 1]]), "short_sum": str(P * P - 1),
+            "per_scale": format_schedule(per_scale), "too_many_steps": str(sum(p * p for p in patch_nums) + 1)}
+
+
 def _bad_inputs(folder: Path) -> None:
     _bad_files(folder)  # notes.txt, empty.png, truncated.png, corrupt.png, folder.png
     (folder / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
@@ -227,12 +240,12 @@ def _bad_inputs(folder: Path) -> None:
     ("inpaint", ["photo.png", "--box", "1,2,3"], 2, "four integers"),
     ("inpaint", ["photo.png", "--box", "0,0,8,8", "--dilate", "-1"], 2, "--dilate"),
     ("edit", ["photo.png", "--box", "0,0,8,8"], 2, "Missing option '--class'"),
-    ("edit", ["photo.png", "--class", "10", "--box", "0,0,8,8"], 2, "class 10 is out of range: this model has classes 0..9"),
+    ("edit", ["photo.png", "--class", "{num_classes}", "--box", "0,0,8,8"], 2, "class {num_classes} is out of range: this model has classes 0..{last_class}"),
     ("edit", ["photo.png", "--class", "clas 3", "--box", "0,0,8,8"], 2, "unknown class name 'clas 3'; did you mean 'class 3'"),
-    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "1;4"], 2, "schedule has 2 scales"),
-    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "1;4;9;16;24"], 2, "sums to 24"),
-    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "100000"], 2, "steps must be between"),
-    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "6", "--schedule", "1;4;9;16;25"], 2, "either --steps or --schedule"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "{other_count}"], 2, "schedule has {scales} scales"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--schedule", "{short_last}"], 2, "sums to {short_sum}"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "{too_many_steps}"], 2, "steps must be between"),
+    ("inpaint", ["photo.png", "--box", "0,0,8,8", "--steps", "{steps}", "--schedule", "{per_scale}"], 2, "either --steps or --schedule"),
     ("outpaint", ["photo.png"], 2, "give exactly one of --left/--right/--top/--bottom, --expand or --to"),
     ("outpaint", ["photo.png", "--left", "4", "--expand", "2"], 2, "give exactly one of"),
     ("outpaint", ["photo.png", "--expand", "0.5"], 2, "--expand must be more than 1"),
@@ -240,7 +253,10 @@ def _bad_inputs(folder: Path) -> None:
     ("outpaint", ["photo.png", "--to", "wide"], 2, "WIDTHxHEIGHT"),
     ("outpaint", ["photo.png", "--to", "100x100", "--out", "x.jpg"], 2, "output must be a .png file"),
 ])
-def test_bad_input_is_one_line_with_its_exit_code_and_no_output(tmp_path, conformance_models, monkeypatch, command, args, code, message):
+def test_bad_input_is_one_line_with_its_exit_code_and_no_output(tmp_path, conformance_models, conformance_config, monkeypatch,
+                                                                command, args, code, message):
+    sizes = _sizes(conformance_config)
+    args, message = [a.format(**sizes) for a in args], message.format(**sizes)
     _bad_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
@@ -251,7 +267,8 @@ def test_bad_input_is_one_line_with_its_exit_code_and_no_output(tmp_path, confor
     assert set(tmp_path.iterdir()) == before
 
 
-def test_model_device_and_output_problems(tmp_path, conformance_models, photo, out_dir):
+def test_model_device_and_output_problems(tmp_path, conformance_models, conformance_config, photo, out_dir):
+    classes = str(conformance_config["hmar"]["num_classes"])
     broken = shutil.copytree(conformance_models["hmar"], tmp_path / "broken")
     (broken / json.loads((broken / "config.json").read_text())["files"]["hmar"]).unlink()
     foreign = shutil.copytree(conformance_models["hmar"], tmp_path / "foreign")  # the VAR weights as the HMAR file
@@ -260,7 +277,7 @@ def test_model_device_and_output_problems(tmp_path, conformance_models, photo, o
     cases = [
         (tmp_path / "no-such-model", ["--out", str(out_dir / "a.png")], 2, "no model folder"),
         (broken, ["--out", str(out_dir / "a.png")], 1, "weight file not found"),
-        (broken, ["--out", str(out_dir / "a.png"), "--class", "10"], 2, "class 10 is out of range"),  # before the weights
+        (broken, ["--out", str(out_dir / "a.png"), "--class", classes], 2, f"class {classes} is out of range"),  # before the weights
         (foreign, ["--out", str(out_dir / "a.png")], 1, "hmar weights"),
         (conformance_models["hmar"], ["--out", str(tmp_path / "no" / "dir" / "a.png")], 1, "output folder"),
     ]

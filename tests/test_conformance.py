@@ -7,6 +7,7 @@ token indices equal.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hmar.checkpoints import build_models, load_weights
 from hmar.config import ModelConfig
 from hmar.sampler import make_generator, sample
 from hmar.schedule import validate_schedule, one_step_per_scale
-from tests.conftest import load_fixture
+from tests.conftest import conformance_path, load_fixture
 
 ATOL = 1e-4
 
@@ -121,36 +122,49 @@ def test_hmar_mask_branch_training_forward_matches_per_scale(conformance_config,
             torch.testing.assert_close(transformer.masked(x, cond, cond_BD), whole[:, s + first:e + first], atol=ATOL, rtol=0)
 
 
-def _generate_cases(io):
-    return sorted(int(k[len("generate"):-len("_image")]) for k in io if k.startswith("generate") and k.endswith("_image"))
+def _generate_cases(role: str) -> list:
+    """The generate{k} cases of the fixture folder's `role` file, read at collection so that each case
+    is reported as its own test. A folder or file that cannot be read gives one case that fails with
+    the fixtures' own error."""
+    folder = conformance_path()
+    try:
+        io = load_fixture(folder, json.loads((folder / "config.json").read_text()), role)
+    except Exception:  # reported by the test, through the conformance_dir fixture or the load
+        return [pytest.param(None, id="unreadable")]
+    cases = sorted(int(m.group(1)) for key in io if (m := re.fullmatch(r"generate(\d+)_args", key)))
+    return [pytest.param(k, id=f"generate{k}") for k in cases] or [pytest.param(None, id="no-cases")]
 
 
-def test_hmar_sampler_reproduces_reference(conformance_dir, conformance_config, hmar_models):
+@pytest.fixture(scope="module")
+def sampler_io(conformance_dir, conformance_config) -> dict:
+    """The HMAR and VAR reference files, loaded once for all their cases."""
+    return {family: load_fixture(conformance_dir, conformance_config, f"{family}_io") for family in ("hmar", "var")}
+
+
+@pytest.mark.parametrize("case", _generate_cases("hmar_io"))
+def test_hmar_sampler_reproduces_reference(case, conformance_dir, conformance_config, hmar_models, sampler_io):
+    hmar_io = sampler_io["hmar"]
+    assert case is not None, "no generate{k}_args cases in the HMAR reference file"
     config, tokenizer, transformer = hmar_models
-    io = load_fixture(conformance_dir, conformance_config, "hmar_io")
     schedule = validate_schedule(json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text()), config.patch_nums)
     labels = torch.tensor(conformance_config["labels"])
-    cases = _generate_cases(io)
-    assert cases, "no generate cases in the fixture"
-    for case in cases:
-        cfg, top_k, top_p, mask = io[f"generate{case}_args"].tolist()
-        result = sample(
-            tokenizer, transformer, labels, schedule, cfg=cfg, top_k=int(top_k), top_p=top_p,
-            generator=make_generator(conformance_config["seed"], "cpu"), mask_refinement=bool(mask),
-        )
-        torch.testing.assert_close(result.images, io[f"generate{case}_image"], atol=ATOL, rtol=0, msg=lambda m: f"case {case}: {m}")
+    cfg, top_k, top_p, mask = hmar_io[f"generate{case}_args"].tolist()
+    result = sample(
+        tokenizer, transformer, labels, schedule, cfg=cfg, top_k=int(top_k), top_p=top_p,
+        generator=make_generator(conformance_config["seed"], "cpu"), mask_refinement=bool(mask),
+    )
+    torch.testing.assert_close(result.images, hmar_io[f"generate{case}_image"], atol=ATOL, rtol=0)
 
 
-def test_var_sampler_reproduces_reference(conformance_dir, conformance_config, var_models):
+@pytest.mark.parametrize("case", _generate_cases("var_io"))
+def test_var_sampler_reproduces_reference(case, conformance_config, var_models, sampler_io):
+    var_io = sampler_io["var"]
+    assert case is not None, "no generate{k}_args cases in the VAR reference file"
     config, tokenizer, transformer = var_models
-    io = load_fixture(conformance_dir, conformance_config, "var_io")
     labels = torch.tensor(conformance_config["labels"])
-    cases = _generate_cases(io)
-    assert cases, "no generate cases in the fixture"
-    for case in cases:
-        cfg, top_k, top_p = io[f"generate{case}_args"].tolist()
-        result = sample(
-            tokenizer, transformer, labels, one_step_per_scale(config.patch_nums), cfg=cfg, top_k=int(top_k), top_p=top_p,
-            generator=make_generator(conformance_config["seed"], "cpu"),
-        )
-        torch.testing.assert_close(result.images, io[f"generate{case}_image"], atol=ATOL, rtol=0, msg=lambda m: f"case {case}: {m}")
+    cfg, top_k, top_p = var_io[f"generate{case}_args"].tolist()
+    result = sample(
+        tokenizer, transformer, labels, one_step_per_scale(config.patch_nums), cfg=cfg, top_k=int(top_k), top_p=top_p,
+        generator=make_generator(conformance_config["seed"], "cpu"),
+    )
+    torch.testing.assert_close(result.images, var_io[f"generate{case}_image"], atol=ATOL, rtol=0)

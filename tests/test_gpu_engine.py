@@ -3,6 +3,7 @@ at the published size, and every attention implementation agrees."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -36,15 +37,19 @@ def test_float32_cuda_sampler_matches_the_reference(conformance_dir, conformance
     io = load_fixture(conformance_dir, conformance_config, "hmar_io")
     schedule = validate_schedule(json.loads((conformance_dir / conformance_config["mask_schedule"]).read_text()), config.patch_nums)
     labels = torch.tensor(conformance_config["labels"], device="cuda")
-    for case in range(5):
-        if f"generate{case}_args" not in io:
+    compared = 0
+    for key in sorted(k for k in io if re.fullmatch(r"generate\d+_args", k)):
+        cfg, top_k, top_p, mask = io[key].tolist()
+        # Random draws on CUDA follow CUDA's generator, and the tokens re-masked among equal confidences
+        # (all of them with top_k 1) follow CUDA's sort: neither is the CPU reference's.
+        if top_k != 1 or mask:
             continue
-        cfg, top_k, top_p, mask = io[f"generate{case}_args"].tolist()
-        if top_k != 1:
-            continue  # random draws on CUDA follow CUDA's generator, not the CPU reference's
         result = sample(tokenizer, transformer, labels, schedule, cfg=cfg, top_k=1, top_p=top_p,
-                        generator=make_generator(0, "cuda"), mask_refinement=bool(mask))
-        torch.testing.assert_close(result.images.cpu(), io[f"generate{case}_image"], atol=1e-3, rtol=0)
+                        generator=make_generator(conformance_config["seed"], "cuda"), mask_refinement=False)
+        torch.testing.assert_close(result.images.cpu(), io[key.replace("_args", "_image")], atol=1e-3, rtol=0)
+        compared += 1
+    if not compared:
+        pytest.skip("the fixture has no greedy case without mask refinement")
 
 
 def test_bf16_sampling_at_the_published_size():

@@ -10,10 +10,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hmar.config import ModelConfig
 from hmar.editing import keep_masks_per_scale
-from hmar.errors import DeviceError, InputError, ScheduleError
+from hmar.errors import DeviceError, HmarError, InputError, ScheduleError
 from hmar.pipeline import Pipeline
-from hmar.sampler import EditTarget, draw_one, make_generator, sample
-from hmar.schedule import format_schedule, resolve_schedule
+from hmar.sampler import EditTarget, SampleResult, check_finite, draw_one, make_generator, sample
+from hmar.schedule import format_schedule, one_step_per_scale, resolve_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
@@ -35,7 +35,9 @@ def _schedule_for(pipe, fixture_schedule):
 def test_generate_matches_the_reference_and_is_deterministic(pipe, conformance_dir, conformance_config, fixture_schedule):
     labels = conformance_config["labels"]
     io = torch.load(conformance_dir / conformance_config["files"][f"{pipe.config.family}_io"], weights_only=True)
-    options = dict(schedule=_schedule_for(pipe, fixture_schedule), cfg=1.5, top_k=1, top_p=0.0, seed=conformance_config["seed"])
+    cfg, top_k, top_p, *mask = io["generate0_args"].tolist()  # HMAR's cases also say whether masks refine
+    schedule = _schedule_for(pipe, fixture_schedule) if mask != [0] else one_step_per_scale(pipe.config.patch_nums)
+    options = dict(schedule=schedule, cfg=cfg, top_k=int(top_k), top_p=top_p, seed=conformance_config["seed"])
     first = pipe.generate(labels, **options)
     torch.testing.assert_close(first.images, io["generate0_image"], atol=1e-4, rtol=0)
     again = pipe.generate(labels, **{**options, "top_k": 8, "top_p": 0.9})
@@ -45,7 +47,7 @@ def test_generate_matches_the_reference_and_is_deterministic(pipe, conformance_d
 
 def test_progress_reports_every_step(pipe, fixture_schedule):
     events = []
-    result = pipe.generate([1], schedule=_schedule_for(pipe, fixture_schedule), seed=0, progress=events.append)
+    result = pipe.generate([0], schedule=_schedule_for(pipe, fixture_schedule), seed=0, progress=events.append)
     total = sum(len(e) for e in result.settings.schedule)
     assert [e.done for e in events] == list(range(1, total + 1)) and events[-1].total == total
 
@@ -68,10 +70,10 @@ def test_editing_forces_the_known_tokens(pipe, conformance_dir, conformance_conf
 
 
 def test_bad_requests_are_clear_errors(pipe):
-    with pytest.raises(InputError, match="class 10 is out of range"):
+    with pytest.raises(InputError, match=f"class {pipe.num_classes} is out of range"):
         pipe.generate([pipe.num_classes], seed=0)
     with pytest.raises(ScheduleError):
-        pipe.generate([0], steps=10_000)
+        pipe.generate([0], steps=sum(p * p for p in pipe.config.patch_nums) + 1)
     with pytest.raises(InputError, match="top-p"):
         pipe.generate([0], top_p=1.5)
 
@@ -103,14 +105,15 @@ def _steps_of_two(pipe) -> list[list[int]] | None:
     """HMAR: two steps per scale past the first (mask refinement runs); VAR: its own schedule."""
     if pipe.config.family != "hmar":
         return None
-    return [[1]] + [[p * p - 1, 1] for p in pipe.config.patch_nums[1:]]
+    first, *rest = pipe.config.patch_nums
+    return [[first * first]] + [[p * p - 1, 1] for p in rest]
 
 
 def test_the_sampling_loop_reads_no_tensor_value_on_the_host(pipe):
     # Fake tensors have no values: reading one on the host (.item(), .tolist(), bool(), nonzero)
     # raises. (The generator is left out: fake tensors take none; it changes which numbers, not how.)
     schedule = resolve_schedule(pipe.config.patch_nums, schedule=_steps_of_two(pipe), family=pipe.config.family)
-    labels = torch.tensor([0, 1])
+    labels = torch.tensor([0, pipe.num_classes - 1])
     keep = [torch.rand(2, p * p) < 0.5 for p in pipe.config.patch_nums]
     edit = EditTarget([torch.zeros(2, p * p, dtype=torch.long) for p in pipe.config.patch_nums], keep)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -125,7 +128,7 @@ def test_sampling_on_cuda_never_waits_for_the_gpu(conformance_models):
     for family in ("hmar", "var"):
         pipe = Pipeline.from_folder(conformance_models[family], device="cuda")
         schedule = resolve_schedule(pipe.config.patch_nums, schedule=_steps_of_two(pipe), family=family)
-        labels = torch.tensor([0, 1], device="cuda")
+        labels = torch.tensor([0, pipe.num_classes - 1], device="cuda")
 
         def run():
             return sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
@@ -136,3 +139,38 @@ def test_sampling_on_cuda_never_waits_for_the_gpu(conformance_models):
             run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def _poisoned(folder, head: str) -> Pipeline:
+    """A pipeline whose `head` weights overflow the logits to inf (finite weights, changed after loading)."""
+    pipe = Pipeline.from_folder(folder, device="cpu")
+    with torch.no_grad():
+        getattr(pipe.transformer, head).weight.fill_(torch.finfo(torch.float32).max)
+    return pipe
+
+
+@pytest.mark.parametrize("family, head", [("hmar", "ns_head"), ("hmar", "mask_head"), ("var", "head")])
+def test_non_finite_logits_stop_sampling_naming_the_scale(conformance_models, fixture_schedule, family, head):
+    pipe = _poisoned(conformance_models[family], head)
+    schedule = fixture_schedule if family == "hmar" else None
+    # the mask branch runs first at the first scale of several steps
+    first_bad = next(k for k, entry in enumerate(fixture_schedule) if len(entry) > 1) if head == "mask_head" else 0
+    side, K = pipe.config.patch_nums[first_bad], len(pipe.config.patch_nums)
+    with pytest.raises(HmarError, match=rf"not finite \(NaN or inf\) at scale {first_bad + 1} of {K} \({side}x{side} tokens\)"):
+        pipe.generate([0, pipe.num_classes - 1], schedule=schedule, seed=0, top_k=1)
+    with pytest.raises(HmarError, match="not finite"):
+        pipe.generate([0], schedule=schedule, seed=0, batch_size=1, top_k=8, top_p=0.9)
+
+
+def test_a_result_without_flags_is_checked_by_its_f_hat(conformance_models):
+    """A caller that keeps only images, tokens and f̂ (as the CUDA graph's replay does) still sees it."""
+    pipe = _poisoned(conformance_models["hmar"], "ns_head")
+    settings = pipe.settings(count=1, seed=0)
+    result = pipe.sample_batch(torch.tensor([0]), settings, make_generator(0, "cpu"))
+    assert result.nonfinite.any() and not torch.isfinite(result.f_hat).any()
+    with pytest.raises(HmarError, match=r"^sampling stopped: the model's logits are not finite"):
+        check_finite(SampleResult(result.images, result.tokens, result.f_hat))
+    clean = Pipeline.from_folder(conformance_models["hmar"], device="cpu").sample_batch(torch.tensor([0]), settings, make_generator(0, "cpu"))
+    assert not clean.nonfinite.any()
+    check_finite(clean)
+    check_finite(SampleResult(clean.images, clean.tokens, clean.f_hat))
