@@ -49,7 +49,7 @@ def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.T
 def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`conv(x)`, plus `residual` if given. For a channels-last map being sampled on CUDA, cuDNN
     runs the convolution without its bias and one Triton kernel adds the bias and the residual in
-    place (PyTorch's separate bias kernel would cost a third of the convolution)."""
+    place (PyTorch's separate bias kernel would be another pass over the output)."""
     kernels = _kernels_for(x, conv.weight) if conv.bias is not None else None
     if kernels is not None and (residual is None or _kernels_for(residual) is not None):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -1,11 +1,12 @@
 """Triton kernels that keep a half-precision decoder channels-last from end to end (inference only):
-GroupNorm with the SiLU after it, and a convolution's bias with the residual after it.
+GroupNorm with the SiLU after it (and, before it, the bias of the convolution that made its input),
+a convolution's bias with the residual after it, and the interleaving of a sub-pixel upsample's phases.
 
-Why: the VQ-VAE decoder is most of a 256 px sampling batch. cuDNN's half-precision convolutions are
-NHWC-native (a third faster than NCHW on H100), but PyTorch's GroupNorm works on NCHW, so an eager
+Why: the VQ-VAE decoder is a large part of a 256 px sampling batch. cuDNN's half-precision
+convolutions are NHWC-native, but PyTorch's GroupNorm works on NCHW, so an eager
 decoder either runs NCHW and pays cuDNN's layout transposes around every convolution, or runs
 channels-last and pays GroupNorm's. And PyTorch adds a convolution's bias as a separate broadcast
-kernel that costs a third of the convolution's time, before the residual add reads the result again.
+kernel, another pass over the convolution's output before the residual add reads it again.
 
 A channels-last map (N, C, H, W) is a row-major (N, H·W, C) array: rows are pixels, each holding
 all C channels (padded to a power of two in registers) contiguously. `group_norm` is three
@@ -20,11 +21,16 @@ launches, no torch ops between them (the decoder runs ~30 norms per batch: their
 2. `_group_statistics`, grid (G, N): merges the (SPLITS × channels of the group) partials of one
    group, exactly (the group mean first, then each partial's M2 plus its count × squared distance
    from it), into the mean and 1/std of biased variance, as GroupNorm defines them.
-3. `_normalize_act`, grid (tiles, N): y = (x − mean)·(1/std·weight) + bias, then SiLU in float32,
-   rounded once to x's dtype. (Subtracting the mean first, not folding it into the shift:
+   With a `shift` (a convolution's bias not yet added to x), each channel's mean moves by its shift
+   before the merge; its M2 does not change.
+3. `_normalize_act`, grid (tiles, N): y = (x + shift − mean)·(1/std·weight) + bias, then SiLU in float32,
+   rounded once to x's dtype. (Subtracting the mean first, not folding it into the offset:
    x·scale − mean·scale would cancel catastrophically where the mean is large against the spread.)
 
 `add_bias_`: y += bias (+ residual), in place on a bias-free convolution's output, one pass.
+
+`interleave_phases`: the four phase maps of a 2× upsample computed at low resolution, interleaved
+into the large map with the bias added, one pass (`hmar.tokenizer_modules.Upsample`).
 
 Against `F.silu(F.group_norm(x))` in float32: ~1e-6 relative; in half precision the fused results are
 rounded once where PyTorch rounds after each step (tests: `tests/test_channels_last_kernels.py`).
@@ -42,7 +48,7 @@ from . import devices
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
 MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program (2 float32 accumulators each)
-# (tile and warps for the statistics measured on H100 over the d16 decoder's shapes: ~2.4 TB/s at 256 px)
+# (tile and warps for the statistics: the fastest timed on H100 over the d16 decoder's shapes)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
 
