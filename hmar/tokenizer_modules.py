@@ -9,7 +9,8 @@ Layout: the modules run in whatever memory format their input has. A half-precis
 sampling on CUDA runs channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are
 NHWC-native, its norms (with the SiLU after them) run as one Triton kernel that keeps the layout,
 and so do its convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`);
-everywhere else these are PyTorch's modules.
+a convolution followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), and
+each upsample runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
 """
 from __future__ import annotations
 
