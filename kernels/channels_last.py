@@ -71,7 +71,7 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
         valid = (rows[:, None] < pixels) & (cols[None, :] < C)
         x = tl.load(sample + (first + rows[:, None]) * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
         delta = tl.where(valid, x - mean, 0.0)
-        mean += delta * (1.0 / (i + 1))  # one reciprocal per step: a division per element would bound the kernel
+        mean += delta / (i + 1)
         m2 += delta * tl.where(valid, x - mean, 0.0)
     # then Chan et al. across the lanes: lane r holds ceil((pixels - r) / ROWS) pixels
     lane_count = tl.maximum(pixels - lanes + ROWS - 1, 0) // ROWS
@@ -129,8 +129,8 @@ def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr
     y = (x - mean[None, :]) * scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)[None, :]
-    if SILU:  # the fast division (a few ulp of float32): the IEEE one would cost more than the memory traffic
-        y = tl.fdiv(y, 1.0 + tl.exp(-y))
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
