@@ -1,13 +1,16 @@
-"""Tests for the channels-last decoder kernels (hmar.kernels.channels_last: GroupNorm(+SiLU), bias
-(+residual) adds) and the decoder that runs on them.
+"""Tests for the channels-last decoder kernels (hmar.kernels.channels_last: GroupNorm(+SiLU) with an
+optional per-channel shift, bias (+residual) adds, the sub-pixel upsample's phase interleaving) and
+the decoder that runs on them.
 
 CPU: the kernels run under Triton's interpreter in a subprocess (`tests.interpreter`) against a
 float64 `F.group_norm` (+ `F.silu`), or float64 sums, of the same rounded input, by ||y − ref|| / ||ref||: fp32 ≤ 1e-5,
 fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured). Shapes with partial
 tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
 parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
-the variance; bound 1e-4 there, see BOUND_OVERRIDES). A tiny tokenizer's decoder stored
-channels-last (fused norms and bias adds) decodes like the NCHW one (float32, ≤ 1e-5).
+the variance; bound 1e-4 there, see BOUND_OVERRIDES). The shift against float64 group_norm(x + shift);
+the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
+sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
+bias adds, sub-pixel upsamples) decodes like the NCHW one (float32, ≤ 1e-5).
 
 GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, and
 the float16 channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
