@@ -75,13 +75,13 @@ VARIANTS = {v.name: v for v in (
     Variant("convolutions only (sub-pixel)", patches=CONV_ONLY),
 )}
 
-KERNEL_FAMILIES = (
-    ("convolution (cuDNN)", r"conv|xmma|fprop|sm90_|sm80_|cutlass|implicit|gemm|nhwc"),
+KERNEL_FAMILIES = (  # first match wins: PyTorch's nearest upsample kernel is named ..._nhwc_...
+    ("upsample", r"upsample|interpolate|_interleave_phases"),
     ("group-norm statistics", r"_partial_moments|_group_statistics"),
     ("group-norm normalise", r"_normalize_act"),
     ("bias (+residual)", r"_add_bias"),
-    ("upsample", r"upsample|interpolate|_interleave_phases"),
-    ("attention", r"fmha|flash|attention|softmax"),
+    ("attention (SDPA's math path: float32 matmuls, softmax)", r"fmha|flash|attention|softmax|gemm_f32f32"),
+    ("convolution (cuDNN)", r"conv|xmma|fprop|sm90_|cutlass|implicit|nhwc"),
 )
 
 
