@@ -2,8 +2,8 @@
 
 A sampling batch launches thousands of small kernels: per scale the blocks, guidance, filtering, the
 draw and f̂'s update, then the decoder. At the early scales (1 to 25 tokens a row) the GPU finishes
-each kernel before the host has launched the next, so a d16 batch of 64 on an H100 spends over 100 ms
-idle (BENCHMARKS.md). The sampler reads nothing on the host and every shape is fixed by the batch
+each kernel before the host has launched the next, so the GPU sits idle for much of a batch. The
+sampler reads nothing on the host and every shape is fixed by the batch
 size and the schedule, so the whole batch, decoder included, can be captured once as a CUDA graph and
 replayed with one launch.
 
@@ -19,8 +19,8 @@ The graph keeps its own memory pool (the batch's transient peak, as eager sampli
 it is held; `memory_bytes` says how much, and `release` frees it. One graph is held at a time.
 
 `GraphedTrainStep` does the same for a training step whose shapes stay fixed (`hmar train stage1
---cuda-graph`, `hmar bench train --cuda-graph`): a d16 step at 256 px idles the GPU for 11–16 ms
-between its kernels otherwise.
+--cuda-graph`, `hmar bench train --cuda-graph`), which otherwise leaves the GPU idle between its
+kernels.
 """
 from __future__ import annotations
 

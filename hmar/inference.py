@@ -8,18 +8,20 @@
 - float16 decoder (`MultiScaleVQVAE.cast_decoder`): the VQ-VAE decoder is half of a 256 px sampling
   batch in float32. Stored and run in float16 (GroupNorm keeps float32 statistics inside), it runs
   on the tensor cores with no casts around its float32 norms, as autocast would add. float16 rather
-  than bf16: 8 more mantissa bits (hmar-tiny's decoder: at most 2 levels of 255 off float32, bf16
-  16). Channels-last: cuDNN's half-precision convolutions are NHWC-native (NCHW maps are transposed
-  around each of them), but PyTorch's GroupNorm turns channels-last maps back into NCHW, which made
-  channels-last slower; with the norms (and the SiLU after them) as Triton kernels that keep the
-  layout, and the convolutions' bias adds fused with the residual adds after them
-  (`hmar.kernels.channels_last`), the decoder runs channels-last from end to end.
+  than bf16: 3 more mantissa bits keep the pixels within a few levels of 255 of float32's, where
+  bf16's stray several times further. Channels-last: cuDNN's half-precision convolutions are
+  NHWC-native (NCHW maps are transposed around each of them), but PyTorch's GroupNorm turns
+  channels-last maps back into NCHW, which made channels-last slower; with the norms (and the SiLU
+  after them) as Triton kernels that keep the layout, the convolutions' bias adds fused with the
+  residual adds after them or into the norm after them, and each nearest 2× upsample with its 3×3
+  convolution in sub-pixel form (four 2×2 convolutions over the small map, interleaved by one
+  kernel; `hmar.tokenizer_modules.Upsample`), the decoder runs channels-last from end to end
+  (`hmar.kernels.channels_last`).
 - `compile_for_sampling`: regional `torch.compile` of the blocks and heads with dynamic token counts
   (one graph for scale 0's single token, one for all the others), fusing the element-wise work.
   Since the blocks run their norms, residual adds and attention inputs as our kernels on CUDA
-  (`hmar.transformer`), compiling gains little (2 % at batch 64 on an H100) and is optional. The
-  channels-last decoder stays eager: its norms and bias adds are already fused, and Inductor would
-  replace them with its own.
+  (`hmar.transformer`), compiling gains little and is optional. The channels-last decoder stays
+  eager: its norms and bias adds are already fused, and Inductor would replace them with its own.
 
 Models prepared this way are for sampling only (their Linear weights are no longer float32).
 """

@@ -9,7 +9,8 @@ Layout: the modules run in whatever memory format their input has. A half-precis
 sampling on CUDA runs channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are
 NHWC-native, its norms (with the SiLU after them) run as one Triton kernel that keeps the layout,
 and so do its convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`);
-everywhere else these are PyTorch's modules.
+a convolution followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), and
+each upsample runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.T
 def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`conv(x)`, plus `residual` if given. For a channels-last map being sampled on CUDA, cuDNN
     runs the convolution without its bias and one Triton kernel adds the bias and the residual in
-    place (PyTorch's separate bias kernel would cost a third of the convolution)."""
+    place (PyTorch's separate bias kernel would be another pass over the output)."""
     kernels = _kernels_for(x, conv.weight) if conv.bias is not None else None
     if kernels is not None and (residual is None or _kernels_for(residual) is not None):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -59,6 +60,32 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = N
         return y if residual is None else y + residual
     y = conv(x)
     return y if residual is None else residual + y
+
+
+def convolve_normalize(conv: nn.Conv2d, x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """`norm(conv(x))`, then SiLU. For a channels-last map being sampled on CUDA the convolution's
+    bias is added inside the norm's kernel (in float32, before the statistics), saving the pass over
+    the convolution's output that adding it alone would take."""
+    kernels = _kernels_for(x, conv.weight, norm.weight) if conv.bias is not None else None
+    if kernels is not None:
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if kernels.supports(y):
+            return kernels.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, shift=conv.bias)
+        y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
+        return F.silu(norm(y))
+    return normalize(norm, convolve(conv, x))
+
+
+def upsample_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The 3×3 kernel (O, I, 3, 3) that follows a nearest-neighbour 2× upsample, as the 2×2 kernels of
+    its four output phases (4·O, I, 2, 2), phase (a, b) at rows 2a·O + b·O: output pixel
+    (2i + a, 2j + b) reads only input rows i − 1 + a, i + a and columns j − 1 + b, j + b of the small
+    map (rows i − 1, i, i for a = 0; i, i, i + 1 for a = 1), so each phase's two taps per axis sum the
+    3×3 kernel's rows that land on the same input row. Summed in float32 (or float64), rounded once."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    taps = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=dtype, device=weight.device)  # (phase, tap, kernel row)
+    phases = torch.einsum("atk,bsl,oikl->aboits", taps, taps, weight.to(dtype))
+    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -71,9 +98,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = convolve(self.conv1, normalize(self.norm1, x))
+        h = convolve_normalize(self.conv1, normalize(self.norm1, x), self.norm2)
         shortcut = x if isinstance(self.nin_shortcut, nn.Identity) else convolve(self.nin_shortcut, x)
-        return convolve(self.conv2, normalize(self.norm2, h), residual=shortcut)
+        return convolve(self.conv2, h, residual=shortcut)
 
 
 class AttnBlock(nn.Module):
@@ -102,11 +129,32 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour 2× upsample, then a 3×3 convolution. For a channels-last map being sampled on
+    CUDA, in the sub-pixel form: one convolution with the four phases' 2×2 kernels
+    (`upsample_weight`) over the small map, then one kernel that interleaves the phases and adds the
+    bias (`hmar.kernels.channels_last.interleave_phases`): 16 instead of 36 multiply-adds per small
+    pixel and channel pair, and the upsampled map is written once instead of written, read by the
+    convolution and written again. Exact up to the order of float rounding."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self._phase_weight: tuple[tuple, torch.Tensor] | None = None  # (the weight it came from, the phases)
+
+    def phase_weight(self) -> torch.Tensor:
+        """`upsample_weight` of the convolution's weight, made again only when the weight changes."""
+        w = self.conv.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape)
+        if self._phase_weight is None or self._phase_weight[0] != key:
+            with torch.no_grad():
+                self._phase_weight = (key, upsample_weight(w).contiguous(memory_format=torch.channels_last))
+        return self._phase_weight[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _kernels_for(x, self.conv.weight)
+        if kernels is not None:
+            phases = F.conv2d(x, self.phase_weight(), None, padding=1)  # (N, 4C, H + 1, W + 1)
+            return kernels.interleave_phases(phases.contiguous(memory_format=torch.channels_last), self.conv.bias)
         return convolve(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"))
 
 

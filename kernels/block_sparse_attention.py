@@ -61,8 +61,8 @@ LOG2E = 1.4426950408889634
 FROZEN_L_LIMIT = tl.constexpr(4.0e9)  # ~2**32: above it a tile's fixed softmax reference is redone
 FP32_FINITE = tl.constexpr(3.0e38)  # just under float32's largest value: a larger |accumulator| overflowed
 # The forward takes the fixed softmax reference (MODE 1, plus a launch for the rare tiles to redo) when
-# some query attends to at least this many keys: it pays off on long key ranges (H100: 1024 px 0.98 ->
-# 0.90 ms, 512 px causal 0.62 -> 0.55 ms); on short ones the extra launch costs what it saves.
+# some query attends to at least this many keys: it pays off on long key ranges; on short ones the
+# extra launch costs what it saves.
 FROZEN_MIN_KEYS = 2048
 
 
@@ -830,5 +830,5 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         out, _ = attn_fwd_op(q, k, v, table, list(meta), scale, _encode_configs(_configs))
         return out
     # Eagerly the same kernels are launched without the dispatcher: the operator's Python dispatch
-    # would add ~0.1 ms of host time per forward+backward, as much as the kernels take at 256 px.
+    # would add about as much host time per forward+backward as the kernels take at 256 px.
     return _BlockSparseAttention.apply(q, k, v, _layout_cached(sizes, pattern, q.device), scale, _configs)

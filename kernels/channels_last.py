@@ -1,11 +1,12 @@
 """Triton kernels that keep a half-precision decoder channels-last from end to end (inference only):
-GroupNorm with the SiLU after it, and a convolution's bias with the residual after it.
+GroupNorm with the SiLU after it (and, before it, the bias of the convolution that made its input),
+a convolution's bias with the residual after it, and the interleaving of a sub-pixel upsample's phases.
 
-Why: the VQ-VAE decoder is most of a 256 px sampling batch. cuDNN's half-precision convolutions are
-NHWC-native (a third faster than NCHW on H100), but PyTorch's GroupNorm works on NCHW, so an eager
+Why: the VQ-VAE decoder is a large part of a 256 px sampling batch. cuDNN's half-precision
+convolutions are NHWC-native, but PyTorch's GroupNorm works on NCHW, so an eager
 decoder either runs NCHW and pays cuDNN's layout transposes around every convolution, or runs
 channels-last and pays GroupNorm's. And PyTorch adds a convolution's bias as a separate broadcast
-kernel that costs a third of the convolution's time, before the residual add reads the result again.
+kernel, another pass over the convolution's output before the residual add reads it again.
 
 A channels-last map (N, C, H, W) is a row-major (N, H·W, C) array: rows are pixels, each holding
 all C channels (padded to a power of two in registers) contiguously. `group_norm` is three
@@ -20,11 +21,16 @@ launches, no torch ops between them (the decoder runs ~30 norms per batch: their
 2. `_group_statistics`, grid (G, N): merges the (SPLITS × channels of the group) partials of one
    group, exactly (the group mean first, then each partial's M2 plus its count × squared distance
    from it), into the mean and 1/std of biased variance, as GroupNorm defines them.
-3. `_normalize_act`, grid (tiles, N): y = (x − mean)·(1/std·weight) + bias, then SiLU in float32,
-   rounded once to x's dtype. (Subtracting the mean first, not folding it into the shift:
+   With a `shift` (a convolution's bias not yet added to x), each channel's mean moves by its shift
+   before the merge; its M2 does not change.
+3. `_normalize_act`, grid (tiles, N): y = (x + shift − mean)·(1/std·weight) + bias, then SiLU in float32,
+   rounded once to x's dtype. (Subtracting the mean first, not folding it into the offset:
    x·scale − mean·scale would cancel catastrophically where the mean is large against the spread.)
 
 `add_bias_`: y += bias (+ residual), in place on a bias-free convolution's output, one pass.
+
+`interleave_phases`: the four phase maps of a 2× upsample computed at low resolution, interleaved
+into the large map with the bias added, one pass (`hmar.tokenizer_modules.Upsample`).
 
 Against `F.silu(F.group_norm(x))` in float32: ~1e-6 relative; in half precision the fused results are
 rounded once where PyTorch rounds after each step (tests: `tests/test_channels_last_kernels.py`).
@@ -42,7 +48,7 @@ from . import devices
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
 MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program (2 float32 accumulators each)
-# (tile and warps for the statistics measured on H100 over the d16 decoder's shapes: ~2.4 TB/s at 256 px)
+# (tile and warps for the statistics: the fastest timed on H100 over the d16 decoder's shapes)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
 
@@ -80,8 +86,9 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
 
 
 @triton.jit
-def _group_statistics(count_ptr, mean_ptr, m2_ptr, group_mean_ptr, rstd_ptr, C, SPLITS, eps,
-                      PER_GROUP: tl.constexpr, SPLITS_PAD: tl.constexpr, PER_GROUP_PAD: tl.constexpr):
+def _group_statistics(count_ptr, mean_ptr, m2_ptr, shift_ptr, group_mean_ptr, rstd_ptr, C, SPLITS, eps,
+                      PER_GROUP: tl.constexpr, SPLITS_PAD: tl.constexpr, PER_GROUP_PAD: tl.constexpr,
+                      HAS_SHIFT: tl.constexpr):
     group, n = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     channels = tl.arange(0, PER_GROUP_PAD)
@@ -89,6 +96,8 @@ def _group_statistics(count_ptr, mean_ptr, m2_ptr, group_mean_ptr, rstd_ptr, C, 
     offsets = (n * SPLITS + splits[:, None]) * C + group * PER_GROUP + channels[None, :]
     count = tl.load(count_ptr + n * SPLITS + splits, mask=splits < SPLITS, other=0.0)[:, None]
     mean = tl.load(mean_ptr + offsets, mask=valid, other=0.0)
+    if HAS_SHIFT:  # a per-channel shift moves each channel's mean and leaves its M2 as it is
+        mean += tl.load(shift_ptr + group * PER_GROUP + channels, mask=channels < PER_GROUP, other=0.0).to(tl.float32)[None, :]
     m2 = tl.load(m2_ptr + offsets, mask=valid, other=0.0)
     pixels = tl.where(valid, count, 0.0)
     total = tl.sum(tl.sum(pixels, axis=1), axis=0)
@@ -100,8 +109,8 @@ def _group_statistics(count_ptr, mean_ptr, m2_ptr, group_mean_ptr, rstd_ptr, C, 
 
 
 @triton.jit
-def _normalize_act(x_ptr, y_ptr, group_mean_ptr, rstd_ptr, weight_ptr, bias_ptr, HW, C,
-                   PER_GROUP: tl.constexpr, ROWS: tl.constexpr, C_PAD: tl.constexpr,
+def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr, bias_ptr, HW, C,
+                   PER_GROUP: tl.constexpr, ROWS: tl.constexpr, C_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     tile, n = tl.program_id(0), tl.program_id(1)
     rows = tile * ROWS + tl.arange(0, ROWS)
@@ -110,6 +119,8 @@ def _normalize_act(x_ptr, y_ptr, group_mean_ptr, rstd_ptr, weight_ptr, bias_ptr,
     valid = (rows[:, None] < HW) & in_channels[None, :]
     offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(shift_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     groups = n * (C // PER_GROUP) + cols // PER_GROUP
     mean = tl.load(group_mean_ptr + groups, mask=in_channels, other=0.0)
     scale = tl.load(rstd_ptr + groups, mask=in_channels, other=0.0)
@@ -135,6 +146,25 @@ def _add_bias(y_ptr, bias_ptr, residual_ptr, M, C,
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _interleave_phases(o_ptr, bias_ptr, y_ptr, M, H, W, C,
+                       ROWS: tl.constexpr, C_PAD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # output pixel (n, 2i + a, 2j + b) is phase (a, b) of the low-resolution pixel (i + a, j + b)
+    pixels = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, C_PAD)
+    column = pixels % (2 * W)
+    row = (pixels // (2 * W)) % (2 * H)
+    n = pixels // (4 * H * W)
+    a, b = row % 2, column % 2
+    source = (n * (H + 1) + row // 2 + a) * (W + 1) + column // 2 + b
+    valid = (pixels[:, None] < M) & (cols[None, :] < C)
+    y = tl.load(o_ptr + source[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + cols[None, :], mask=valid, other=0.0)
+    y = y.to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + pixels[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 def _warps(count: int) -> dict:
@@ -173,14 +203,17 @@ def _check_channels(op: str, name: str, t: torch.Tensor | None, channels: int) -
 
 @torch.no_grad()
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
-    """`F.group_norm(x, num_groups, weight, bias, eps)`, then SiLU if `silu`, for a channels-last
-    (N, C, H, W) map; the result is channels-last in x's dtype. No autograd (inference)."""
+               bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = False,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.group_norm(x + shift, num_groups, weight, bias, eps)`, then SiLU if `silu`, for a
+    channels-last (N, C, H, W) map and an optional per-channel `shift` (C,) (a convolution's bias,
+    added here in float32 instead of in a pass of its own); the result is channels-last in x's dtype.
+    No autograd (inference)."""
     _check_map("group_norm", x)
     N, C, H, W = x.shape
     if C % num_groups:
         raise ValueError(f"group_norm: {C} channels do not split into {num_groups} groups")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("shift", shift)):
         _check_channels("group_norm", name, t, C)
     hw = H * W
     y = torch.empty_like(x, memory_format=torch.channels_last)
@@ -198,13 +231,14 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     _partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
                                   ROWS=rows, C_PAD=c_pad, **_warps(MOMENTS_WARPS))
     per_group = C // num_groups
-    _group_statistics[(num_groups, N)](counts, partial[0], partial[1], group_mean[0], group_mean[1], C, splits, eps,
+    _group_statistics[(num_groups, N)](counts, partial[0], partial[1], shift, group_mean[0], group_mean[1], C, splits, eps,
                                        PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), **_warps(4))
+                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), HAS_SHIFT=shift is not None,
+                                       **_warps(4))
     rows = _tile_rows(TILE_ELEMENTS, hw, c_pad)
-    _normalize_act[(triton.cdiv(hw, rows), N)](x, y, group_mean[0], group_mean[1], weight, bias, hw, C, PER_GROUP=per_group,
-                               ROWS=rows, C_PAD=c_pad, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                               SILU=silu, **_warps(4))
+    _normalize_act[(triton.cdiv(hw, rows), N)](x, y, shift, group_mean[0], group_mean[1], weight, bias, hw, C,
+                               PER_GROUP=per_group, ROWS=rows, C_PAD=c_pad, HAS_SHIFT=shift is not None,
+                               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, **_warps(4))
     return y
 
 
@@ -225,4 +259,26 @@ def add_bias_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     rows = _tile_rows(TILE_ELEMENTS, pixels, c_pad)
     _add_bias[(triton.cdiv(pixels, rows),)](y, bias, residual, pixels, C, ROWS=rows, C_PAD=c_pad,
                                             HAS_RESIDUAL=residual is not None, **_warps(4))
+    return y
+
+
+@torch.no_grad()
+def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, C, 2H, 2W) map whose pixel (2i + a, 2j + b) is channel block 2a + b of `o`'s pixel
+    (i + a, j + b), plus `bias` (C,): `o` (N, 4C, H + 1, W + 1) holds the four phases of a 2× upsampled
+    map, each computed at low resolution (the sub-pixel form of a nearest-neighbour 2× upsample and a
+    3×3 convolution: `hmar.tokenizer_modules.Upsample`). Channels-last in and out, one pass."""
+    _check_map("interleave_phases", o)
+    N, C4, H1, W1 = o.shape
+    if C4 % 4 or H1 < 2 or W1 < 2:
+        raise ValueError(f"interleave_phases: needs (N, 4C, H + 1, W + 1) with H, W >= 1, got {tuple(o.shape)}")
+    C, H, W = C4 // 4, H1 - 1, W1 - 1
+    _check_channels("interleave_phases", "bias", bias, C)
+    y = torch.empty((N, C, 2 * H, 2 * W), device=o.device, dtype=o.dtype, memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
+    pixels, c_pad = N * 4 * H * W, triton.next_power_of_2(C)
+    rows = _tile_rows(TILE_ELEMENTS, pixels, c_pad)
+    _interleave_phases[(triton.cdiv(pixels, rows),)](o, bias, y, pixels, H, W, C, ROWS=rows, C_PAD=c_pad,
+                                                     HAS_BIAS=bias is not None, **_warps(4))
     return y

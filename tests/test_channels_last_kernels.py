@@ -1,13 +1,16 @@
-"""Tests for the channels-last decoder kernels (hmar.kernels.channels_last: GroupNorm(+SiLU), bias
-(+residual) adds) and the decoder that runs on them.
+"""Tests for the channels-last decoder kernels (hmar.kernels.channels_last: GroupNorm(+SiLU) with an
+optional per-channel shift, bias (+residual) adds, the sub-pixel upsample's phase interleaving) and
+the decoder that runs on them.
 
 CPU: the kernels run under Triton's interpreter in a subprocess (`tests.interpreter`) against a
 float64 `F.group_norm` (+ `F.silu`), or float64 sums, of the same rounded input, by ||y − ref|| / ||ref||: fp32 ≤ 1e-5,
 fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured). Shapes with partial
 tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
 parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
-the variance; bound 1e-4 there, see BOUND_OVERRIDES). A tiny tokenizer's decoder stored
-channels-last (fused norms and bias adds) decodes like the NCHW one (float32, ≤ 1e-5).
+the variance; bound 1e-4 there, see BOUND_OVERRIDES). The shift against float64 group_norm(x + shift);
+the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
+sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
+bias adds, sub-pixel upsamples) decodes like the NCHW one (float32, ≤ 1e-5).
 
 GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, and
 the float16 channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
@@ -53,8 +56,46 @@ def _worker() -> dict:
         ref = F.silu(ref) if silu else ref
         results[name] = {"err": float((y.double() - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(y).all()),
                          "dtype": str(y.dtype), "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
+    results["shift"] = _shift_worker()
     results["add_bias_"] = _add_bias_worker()
+    results["interleave_phases"] = _interleave_worker()
     results["decoder"] = _decoder_worker()
+    return results
+
+
+def _shift_worker() -> dict:
+    """group_norm with a per-channel shift (a convolution's bias) against float64 group_norm(x + shift),
+    where the shift moves each channel's mean far from the others in its group."""
+    from hmar.kernels.channels_last import group_norm
+
+    results, gen = {}, torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float16):
+        shape = (2, 64, 9, 11)
+        x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight, bias, shift = (torch.randn(64, generator=gen) for _ in range(3))
+        shift = shift * 5
+        y = group_norm(x, 8, weight, bias, 1e-6, silu=True, shift=shift)
+        ref = F.silu(F.group_norm(x.double() + shift.double().view(-1, 1, 1), 8, weight.double(), bias.double(), 1e-6))
+        results[str(dtype)[6:]] = {"err": float((y.double() - ref).norm() / ref.norm()),
+                                   "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
+    return results
+
+
+def _interleave_worker() -> dict:
+    """interleave_phases after the sub-pixel convolution against the float64 nearest-upsample + 3×3
+    convolution it stands for; float32 and float16 maps, odd sizes, channels not a power of two."""
+    from hmar.kernels.channels_last import interleave_phases
+    from hmar.tokenizer_modules import upsample_weight
+
+    results, gen = {}, torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(2, 24, 5, 7, generator=gen)
+        weight, bias = torch.randn(40, 24, 3, 3, generator=gen), torch.randn(40, generator=gen)
+        ref = F.conv2d(F.interpolate(x.double(), scale_factor=2, mode="nearest"), weight.double(), bias.double(), padding=1)
+        phases = F.conv2d(x.double(), upsample_weight(weight.double()), None, padding=1).to(dtype)
+        y = interleave_phases(phases.contiguous(memory_format=torch.channels_last), bias)
+        results[str(dtype)[6:]] = {"err": float((y.double() - ref).norm() / ref.norm()), "dtype": str(y.dtype),
+                                   "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
     return results
 
 
@@ -116,13 +157,42 @@ def test_interpreter_add_bias_matches_float64_sums(interpreted, case):
     assert result["err"] <= BOUNDS[case.split("+")[0]], result
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_interpreter_group_norm_with_shift_matches_float64(interpreted, dtype):
+    result = interpreted["shift"][dtype]
+    assert result["channels_last"] and result["err"] <= BOUNDS[dtype], result
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_interpreter_interleaved_phases_match_float64_upsample_and_convolution(interpreted, dtype):
+    result = interpreted["interleave_phases"][dtype]
+    assert result["channels_last"] and result["dtype"] == f"torch.{dtype}"
+    assert result["err"] <= BOUNDS[dtype], result
+
+
+def test_upsample_weight_is_the_nearest_upsample_and_convolution_in_float64():
+    """The sub-pixel form (`upsample_weight`): each phase of a 2×2 convolution over the small map,
+    padded by one, equals the 3×3 convolution of the 2× nearest upsample, to float64 rounding."""
+    from hmar.tokenizer_modules import upsample_weight
+
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(2, 5, 6, 9, generator=gen, dtype=torch.float64), torch.randn(7, 5, 3, 3, generator=gen, dtype=torch.float64)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    phases = F.conv2d(x, upsample_weight(weight), padding=1)
+    assert phases.shape == (2, 4 * 7, 7, 10)
+    for a in range(2):
+        for b in range(2):
+            block = phases[:, (2 * a + b) * 7:(2 * a + b + 1) * 7, a:a + 6, b:b + 9]
+            torch.testing.assert_close(block, ref[:, :, a::2, b::2], rtol=0, atol=1e-12)
+
+
 def test_channels_last_decoder_with_fused_kernels_decodes_like_nchw(interpreted):
     assert interpreted["decoder"]["channels_last"]
     assert interpreted["decoder"]["err"] <= 1e-5, interpreted["decoder"]
 
 
 def test_argument_errors():
-    from hmar.kernels.channels_last import add_bias_, group_norm, supports
+    from hmar.kernels.channels_last import add_bias_, group_norm, interleave_phases, supports
 
     x = torch.randn(1, 8, 4, 4)
     assert not supports(x)  # NCHW; and the CPU without the interpreter
@@ -130,6 +200,8 @@ def test_argument_errors():
         group_norm(x, 4)
     with pytest.raises(ValueError, match="add_bias_: needs a 4-D channels-last"):
         add_bias_(x, torch.zeros(8))
+    with pytest.raises(ValueError, match="interleave_phases: needs a 4-D channels-last"):
+        interleave_phases(x)
 
 
 def test_the_reference_path_runs_where_the_kernel_does_not():

@@ -1,0 +1,250 @@
+"""The VQ-VAE decoder alone on CUDA: the product's decoder and variants of it, timed in one run.
+
+    python recipes/benchmarks/decoder.py [--images 64] [--variants NAME ...] [--json out.json]
+
+d16's tokenizer (vae_ch160v4096z32) at 256 px, random weights, f̂ of random tokens. Each variant
+decodes the same f̂ in chunks, as the sampler does; "graphed" variants time replays of one CUDA
+graph of the whole decode (the sampler captures the decoder with the rest of a batch), the others
+eager calls. Columns: median ms, ratio to the first row, the extra peak memory of an eager decode,
+and the pixel error in levels of 255 against the float32 decoder on the CPU (same weights, same f̂,
+the first `--reference-images` images). Then a torch.profiler breakdown of the first variant and
+the product's by kernel family, with the convolutions' achieved TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import hmar.tokenizer_modules as modules
+from hmar.checkpoints import build_models
+from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
+from hmar.cuda_graph import capture
+
+
+@dataclass
+class Variant:
+    name: str
+    chunk: int = 8
+    graphed: bool = True
+    dtype: torch.dtype = torch.float16
+    patches: dict = field(default_factory=dict)  # (object, attribute) -> value while it runs
+    cudnn_benchmark: bool | None = None  # None: as MultiScaleVQVAE.decode sets it
+
+
+def _conv_only(conv, x, residual=None):  # lower bound: the convolutions alone, no bias, norms or adds
+    return torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+
+
+def _separate_bias_block(self, x):  # ResnetBlock with conv1's bias added in a pass of its own
+    h = modules.convolve(self.conv1, modules.normalize(self.norm1, x))
+    shortcut = x if isinstance(self.nin_shortcut, torch.nn.Identity) else modules.convolve(self.nin_shortcut, x)
+    return modules.convolve(self.conv2, modules.normalize(self.norm2, h), residual=shortcut)
+
+
+def _upsample_then_convolve(self, x):  # Upsample as written: F.interpolate, then the 3×3 convolution
+    return modules.convolve(self.conv, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+SEPARATE_BIAS = {(modules.ResnetBlock, "forward"): _separate_bias_block}
+INTERPOLATE = {(modules.Upsample, "forward"): _upsample_then_convolve}
+CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True: x, (modules, "convolve"): _conv_only,
+             (modules, "convolve_normalize"): lambda conv, x, norm: _conv_only(conv, x)}
+
+VARIANTS = {v.name: v for v in (
+    Variant("before: separate bias, interpolate", patches={**SEPARATE_BIAS, **INTERPOLATE}),
+    Variant("before, eager", graphed=False, patches={**SEPARATE_BIAS, **INTERPOLATE}),
+    Variant("bias in the norm", patches=INTERPOLATE),
+    Variant("sub-pixel upsample", patches=SEPARATE_BIAS),
+    Variant("both (default)"),
+    Variant("both, eager", graphed=False),
+    Variant("both, chunk 16", chunk=16),
+    Variant("both, chunk 64", chunk=64),
+    Variant("both, bf16", dtype=torch.bfloat16),
+    Variant("both, cuDNN heuristics", cudnn_benchmark=False),
+    Variant("convolutions only (before)", patches={**CONV_ONLY, **INTERPOLATE}),
+    Variant("convolutions only (sub-pixel)", patches=CONV_ONLY),
+)}
+
+KERNEL_FAMILIES = (  # first match wins: PyTorch's nearest upsample kernel is named ..._nhwc_...
+    ("upsample", r"upsample|interpolate|_interleave_phases"),
+    ("group-norm statistics", r"_partial_moments|_group_statistics"),
+    ("group-norm normalise", r"_normalize_act"),
+    ("bias (+residual)", r"_add_bias"),
+    ("attention (SDPA's math path: float32 matmuls, softmax)", r"fmha|flash|attention|softmax|gemm_f32f32"),
+    ("convolution (cuDNN)", r"conv|xmma|fprop|sm90_|cutlass|implicit|nhwc"),
+)
+
+
+@contextlib.contextmanager
+def applied(variant: Variant):
+    saved = {key: getattr(*key) for key in variant.patches}
+    for (owner, name), value in variant.patches.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
+def build_tokenizer(state: dict | None):
+    config = ModelConfig(tokenizer_preset(256), TransformerConfig(family="hmar", depth=2, width=64, num_heads=1, branch_depth=1))
+    tokenizer = build_models(config)[0].eval()
+    if state is not None:
+        tokenizer.load_state_dict(state)
+    return tokenizer
+
+
+def family_of(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, pattern in KERNEL_FAMILIES if re.search(pattern, lowered)), "other")
+
+
+def profile_decode(decode, conv_flops: float) -> dict:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode()
+        torch.cuda.synchronize()
+    totals, kernels = defaultdict(float), []
+    for event in prof.key_averages():
+        if event.self_device_time_total <= 0:
+            continue
+        totals[family_of(event.key)] += event.self_device_time_total / 1e3
+        kernels.append((event.self_device_time_total / 1e3, event.count, event.key[:110]))
+    kernels.sort(reverse=True)
+    conv_ms = totals.get("convolution (cuDNN)", 0.0)
+    return {"families_ms": dict(totals), "total_ms": sum(totals.values()),
+            "conv_tflops": conv_flops / conv_ms / 1e9 if conv_ms else None, "top_kernels": kernels[:20]}
+
+
+def run_variant(variant: Variant, state: dict, f_hat: torch.Tensor, reference: torch.Tensor, iters: int,
+                with_profile: bool) -> dict:
+    tokenizer = build_tokenizer(state).cuda()
+    tokenizer.cast_decoder(variant.dtype, channels_last=True)
+    images = f_hat.shape[0]
+    out = torch.empty(images, 3, 256, 256, device="cuda")
+    previous = torch.backends.cudnn.benchmark
+
+    def decode():
+        with torch.no_grad():
+            for i, part in enumerate(f_hat.split(variant.chunk)):
+                out[i * variant.chunk:i * variant.chunk + part.shape[0]].copy_(tokenizer.decode(part))
+        return out
+
+    with applied(variant):
+        if variant.cudnn_benchmark is not None:  # decode() turns benchmark mode on; keep it as the variant says
+            tokenizer._convolution_autotuning = contextlib.nullcontext
+            torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            decode()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            decode()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            decode()
+            torch.cuda.synchronize()
+            extra_peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            step, pool = decode, 0
+            if variant.graphed:
+                graph, _, pool = capture(decode, f_hat.device)
+                step = graph.replay
+            times, host = [], []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                t0 = time.perf_counter()
+                step()
+                host.append((time.perf_counter() - t0) * 1e3)  # issuing alone: above the GPU time, the host bounds it
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            levels = ((out[:reference.shape[0]].float().cpu() - reference) * 127.5).abs()
+            row = {"variant": variant.name, "chunk": variant.chunk, "graphed": variant.graphed, "dtype": str(variant.dtype),
+                   "ms": statistics.median(times), "ms_spread": [min(times), max(times)],
+                   "host_ms": statistics.median(host), "first_call_s": first_s,
+                   "extra_peak_gib": extra_peak, "graph_pool_gib": pool / 2**30,
+                   "max_levels": float(levels.max()), "pct_over_1_level": float((levels > 1).float().mean() * 100),
+                   "mean_levels": float(levels.mean())}
+            if with_profile:
+                with FlopCounterMode(display=False) as counter:
+                    decode()
+                conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+                row["conv_tflop"] = conv_flops / 1e12
+                row["profile"] = profile_decode(decode, conv_flops)
+        finally:
+            torch.backends.cudnn.benchmark = previous
+    del tokenizer
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--reference-images", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--profile", nargs="*", default=None, help="variants to profile (default: the first and the product's)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    torch.manual_seed(0)
+    reference_tokenizer = build_tokenizer(None)
+    state = reference_tokenizer.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 4096, (args.images, p * p), generator=generator) for p in reference_tokenizer.patch_nums]
+    with torch.no_grad():
+        f_hat = reference_tokenizer.tokens_to_f_hat(tokens)
+        t0 = time.perf_counter()
+        reference = reference_tokenizer.decode(f_hat[:args.reference_images])  # float32 on the CPU
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; float32 CPU reference of "
+          f"{args.reference_images} images in {time.perf_counter() - t0:.1f} s", flush=True)
+    f_hat = f_hat.cuda()
+    profiled = set(args.profile) if args.profile is not None else {args.variants[0], "both (default)"}
+    rows = []
+    for name in args.variants:
+        row = run_variant(VARIANTS[name], state, f_hat, reference, args.iters, name in profiled)
+        rows.append(row)
+        print(f"{name:<40} {row['ms']:8.2f} ms (host {row['host_ms']:6.2f})  +{row['extra_peak_gib']:5.2f} GiB  max {row['max_levels']:.0f} levels "
+              f"({row['pct_over_1_level']:.3f} % > 1)  first {row['first_call_s']:.1f} s", flush=True)
+    base = rows[0]["ms"]
+    print(f"\n{args.images} images at 256 px, d16 tokenizer, random weights; {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    print(f"| variant | ms | vs first | extra peak GiB | vs float32 CPU: max levels | % > 1 level |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ms']:.1f} | {base / r['ms']:.2f}x | {r['extra_peak_gib']:.2f} | {r['max_levels']:.0f} "
+              f"| {r['pct_over_1_level']:.3f} |")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"\nprofile: {r['variant']} (eager, kernels' device time {p['total_ms']:.1f} ms; convolutions "
+                  f"{r['conv_tflop']:.1f} TFLOP at {p['conv_tflops'] or 0:.0f} TFLOP/s)")
+            for family, ms in sorted(p["families_ms"].items(), key=lambda kv: -kv[1]):
+                print(f"  {family:<24} {ms:8.2f} ms")
+            for ms, count, name in p["top_kernels"][:12]:
+                print(f"    {ms:8.2f} ms {count:5d}x {name}")
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                       "images": args.images, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
