@@ -91,7 +91,7 @@ def _training_step_worker() -> dict:
     import hmar.transformer
     from hmar.pipeline import Pipeline
     from hmar.config import ModelConfig
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
     model = pipe.transformer.train()

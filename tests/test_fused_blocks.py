@@ -101,7 +101,7 @@ def _worker() -> dict:
 
     from hmar.config import ModelConfig
     from hmar.pipeline import Pipeline
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     results = {}
     for family in ("hmar", "var"):

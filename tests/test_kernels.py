@@ -640,7 +640,7 @@ def test_gpu_compiled_blocks_trace_through_the_kernel(no_autotune):
     from hmar.compile import compile_blocks
     from hmar.config import ModelConfig
     from hmar.pipeline import Pipeline
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cuda", seed=0)
     model = pipe.transformer.eval()  # eval: no label dropout, both runs see the same labels

@@ -15,7 +15,7 @@ from hmar.train.checkpoint import CHECKPOINT
 from hmar.train.errors import TrainingError
 from hmar.train.metrics import read_metrics
 from hmar.train.model_folders import load_tokenizer
-from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
 
 
 @pytest.fixture(scope="module")
