@@ -59,3 +59,32 @@ def conformance_models(tmp_path_factory, conformance_dir: Path, conformance_conf
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that read an interpreter worker's results (a module's INTERPRETER_WORKERS: fixture name ->
+    worker flag) run last, in their order, so that the worker process started after collection
+    computes while the other tests run."""
+    waiting = [item for item in items if _interpreter_jobs(item)]
+    if waiting and not config.option.collectonly:
+        items[:] = [item for item in items if not _interpreter_jobs(item)] + waiting
+
+
+def pytest_collection_finish(session):
+    from tests import interpreter
+
+    if not session.config.option.collectonly:
+        jobs = dict.fromkeys(job for item in session.items for job in _interpreter_jobs(item))
+        interpreter.start(list(jobs))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import interpreter
+
+    interpreter.stop()
+
+
+def _interpreter_jobs(item) -> list[tuple[str, str]]:
+    module = getattr(item, "module", None)
+    workers = getattr(module, "INTERPRETER_WORKERS", {})
+    return [(module.__name__, flag) for name, flag in workers.items() if name in item.fixturenames]
