@@ -3,10 +3,11 @@
 TRITON_INTERPRET=1 must be set before Triton decorates the kernels, so the workers run in another
 process. A worker is a test module run as ``__main__`` with a flag (e.g. ``--interpret-worker``);
 its last stdout line is the JSON of its results. A module lists its workers in
-``INTERPRETER_WORKERS`` (fixture name -> flag); once collection ends, conftest starts one process
-that runs every worker the selected tests need, one after another, and moves those tests last: the
-process computes on a second core while the other tests run, and pays for importing torch and
-Triton once. A worker nobody scheduled (a file run alone, a helper calling this directly) gets a
+``INTERPRETER_WORKERS`` (fixture name -> flag); in a run without pytest-xdist workers (`-n 0`),
+once collection ends, conftest starts one process that runs every worker the selected tests need,
+one after another, and moves those tests last: the process computes on a second core while the
+other tests run, and pays for importing torch and Triton once. A worker nobody scheduled (under
+xdist, whose other worker keeps the second core busy; a helper calling this directly) gets a
 process of its own.
 
 The workers import the project under its installed names only (``hmar.kernels``, ``hmar.train``):
