@@ -59,3 +59,46 @@ def conformance_models(tmp_path_factory, conformance_dir: Path, conformance_conf
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that read an interpreter worker's results (a module's INTERPRETER_WORKERS: fixture name ->
+    worker flag) run last, in their order, so that the worker process started after collection
+    computes while the other tests run."""
+    waiting = [item for item in items if _interpreter_jobs(item)]
+    if waiting and _schedules_interpreter(config):
+        items[:] = [item for item in items if not _interpreter_jobs(item)] + waiting
+
+
+def pytest_collection_finish(session):
+    from tests import interpreter
+
+    if _schedules_interpreter(session.config):
+        jobs = dict.fromkeys(job for item in session.items for job in _interpreter_jobs(item))
+        interpreter.start(list(jobs))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import interpreter
+
+    interpreter.stop()
+
+
+def _schedules_interpreter(config) -> bool:
+    """Not for --collect-only, nor in a pytest-xdist worker: there a worker process of its own runs
+    each module's interpreter workers, while the other xdist worker uses the second core."""
+    return not config.option.collectonly and not hasattr(config, "workerinput")
+
+
+def _interpreter_jobs(item) -> list[tuple[str, str]]:
+    module = getattr(item, "module", None)
+    workers = getattr(module, "INTERPRETER_WORKERS", {})
+    return [(module.__name__, flag) for name, flag in workers.items() if name in item.fixturenames]
+
+
+def pytest_configure(config):
+    # pytest-xdist workers share the cores: one intra-op thread pool each the size of its share, rather
+    # than each one spinning up a thread per core
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if hasattr(config, "workerinput") and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

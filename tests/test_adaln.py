@@ -181,11 +181,15 @@ def _opcheck_worker() -> dict:
     }
 
 
+# fixture -> worker flag: conftest has the session's interpreter process run it ahead
+INTERPRETER_WORKERS = {"interpreted": "--interpret-worker"}
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     from tests.interpreter import run_interpreted
 
-    return run_interpreted(__file__, "--interpret-worker")
+    return run_interpreted(__file__, INTERPRETER_WORKERS["interpreted"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

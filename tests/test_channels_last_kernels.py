@@ -121,7 +121,7 @@ def _add_bias_worker() -> dict:
 def _decoder_worker() -> dict:
     from hmar.checkpoints import build_models
     from hmar.config import ModelConfig
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     torch.manual_seed(0)
     tokenizer = build_models(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()))[0].eval()

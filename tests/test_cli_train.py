@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from hmar_cli.app import app
-from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
 runner = CliRunner()
 FAST = ["--steps", "2", "--batch-size", "4", "--workers", "0", "--warmup-steps", "1", "--device", "cpu"]
@@ -45,7 +45,7 @@ def test_bad_training_options_are_usage_errors(tmp_path):
 
 
 def test_cuda_graph_on_the_cpu_is_a_one_line_error(tmp_path):
-    from tests.test_train_helpers import make_data, make_tokenizer_folder
+    from tests.train_helpers import make_data, make_tokenizer_folder
 
     data, tokenizer = make_data(tmp_path / "data"), make_tokenizer_folder(tmp_path / "tok")
     (tmp_path / "hmar.json").write_text(json.dumps(dataclasses.asdict(tiny_transformer_config())))

@@ -10,7 +10,7 @@ from hmar.config import ModelConfig
 from hmar.pipeline import Pipeline
 from hmar.train import Stage1Config, run_stage1
 from hmar.train.metrics import read_metrics
-from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
 
 
 def test_default_is_compiled_on_cuda_only():

@@ -91,7 +91,7 @@ def _training_step_worker() -> dict:
     import hmar.transformer
     from hmar.pipeline import Pipeline
     from hmar.config import ModelConfig
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
     model = pipe.transformer.train()
@@ -119,11 +119,15 @@ def _training_step_worker() -> dict:
             "same_parameters": sorted(fused_grads) == sorted(plain_grads)}
 
 
+# fixture -> worker flag: conftest has the session's interpreter process run it ahead
+INTERPRETER_WORKERS = {"interpreted": "--interpret-worker"}
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     from tests.interpreter import run_interpreted
 
-    return run_interpreted(__file__, "--interpret-worker")
+    return run_interpreted(__file__, INTERPRETER_WORKERS["interpreted"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

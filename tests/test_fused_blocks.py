@@ -101,7 +101,7 @@ def _worker() -> dict:
 
     from hmar.config import ModelConfig
     from hmar.pipeline import Pipeline
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     results = {}
     for family in ("hmar", "var"):
@@ -116,11 +116,15 @@ def _worker() -> dict:
     return results
 
 
+# fixture -> worker flag: conftest has the session's interpreter process run it ahead
+INTERPRETER_WORKERS = {"interpreted": "--interpret-worker"}
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     from tests.interpreter import run_interpreted
 
-    return run_interpreted(__file__, "--interpret-worker")
+    return run_interpreted(__file__, INTERPRETER_WORKERS["interpreted"])
 
 
 @pytest.mark.parametrize("family", ["hmar", "var"])

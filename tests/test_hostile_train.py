@@ -21,7 +21,7 @@ from hmar.train.checkpoint import CHECKPOINT, RUN_OPTIONS
 from hmar.train.metrics import METRICS, read_metrics
 from hmar_cli.app import app
 from tests.test_hostile_cli import refused, snapshot
-from tests.test_train_helpers import make_data, make_tokenizer_folder, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, tiny_transformer_config
 
 runner = CliRunner()
 STEPS = 2

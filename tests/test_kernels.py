@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import zlib
+from unittest import mock
 
 import pytest
 import torch
@@ -84,46 +85,52 @@ def _worker(cases):
 
     results = {}
     frozen_min_keys = bsa.FROZEN_MIN_KEYS
-    for name, dtype_name, D, sizes, pattern, scale, layout in cases:
-        bsa.FROZEN_MIN_KEYS = 0 if name in CPU_FROZEN else frozen_min_keys
-        dtype = getattr(torch, dtype_name)
-        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        shape = (2, 3, sum(sizes), D)
-        q, k, v = (_make(shape, dtype, layout, gen) for _ in range(3))
-        if layout.startswith("spike"):  # key 40 aligned with query 3, scaled
-            k[:, :, 40] = float(layout[len("spike"):]) * q[:, :, 3]
-        do = _make(shape, dtype, "contiguous", gen)
-        qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = reference_attention(qr, kr, vr, sizes, pattern, scale)
-        ref.backward(do.double())
-        sc = D ** -0.5 if scale is None else scale
-        layout_ = bsa.get_layout(sizes, pattern, q.device)
-        nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
-        out, lse = bsa.attention_forward(q, k, v, layout_, sc, out=nan(q), lse=torch.full((shape[0] * shape[1], shape[2]), float("nan")),
-                                         config=CPU_FWD_CONFIG.get(name))
-        dq, dk, dv = bsa.attention_backward(do, q, k, v, out, lse, layout_, sc, dq=nan(q), dk=nan(k), dv=nan(v))
-        err = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
-        res = {"finite": bool(all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))),
-               "out": err(out, ref), "dq": err(dq, qr.grad), "dk": err(dk, kr.grad), "dv": err(dv, vr.grad)}
-        # the autograd wrapper computes the same thing
-        q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale, _configs={"fwd": CPU_FWD_CONFIG.get(name)})
-        o2.backward(do)
-        res["autograd_same"] = bool(torch.equal(o2, out) and torch.equal(q2.grad, dq) and torch.equal(k2.grad, dk)
-                                    and torch.equal(v2.grad, dv))
-        results[name] = res
+    # restored afterwards: the process may run other workers next
+    with mock.patch.object(bsa, "FROZEN_MIN_KEYS", frozen_min_keys):
+        for name, dtype_name, D, sizes, pattern, scale, layout in cases:
+            bsa.FROZEN_MIN_KEYS = 0 if name in CPU_FROZEN else frozen_min_keys
+            dtype = getattr(torch, dtype_name)
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            shape = (2, 3, sum(sizes), D)
+            q, k, v = (_make(shape, dtype, layout, gen) for _ in range(3))
+            if layout.startswith("spike"):  # key 40 aligned with query 3, scaled
+                k[:, :, 40] = float(layout[len("spike"):]) * q[:, :, 3]
+            do = _make(shape, dtype, "contiguous", gen)
+            qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref = reference_attention(qr, kr, vr, sizes, pattern, scale)
+            ref.backward(do.double())
+            sc = D ** -0.5 if scale is None else scale
+            layout_ = bsa.get_layout(sizes, pattern, q.device)
+            nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
+            out, lse = bsa.attention_forward(q, k, v, layout_, sc, out=nan(q), lse=torch.full((shape[0] * shape[1], shape[2]), float("nan")),
+                                             config=CPU_FWD_CONFIG.get(name))
+            dq, dk, dv = bsa.attention_backward(do, q, k, v, out, lse, layout_, sc, dq=nan(q), dk=nan(k), dv=nan(v))
+            err = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+            res = {"finite": bool(all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))),
+                   "out": err(out, ref), "dq": err(dq, qr.grad), "dk": err(dk, kr.grad), "dv": err(dv, vr.grad)}
+            # the autograd wrapper computes the same thing
+            q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale, _configs={"fwd": CPU_FWD_CONFIG.get(name)})
+            o2.backward(do)
+            res["autograd_same"] = bool(torch.equal(o2, out) and torch.equal(q2.grad, dq) and torch.equal(k2.grad, dk)
+                                        and torch.equal(v2.grad, dv))
+            results[name] = res
     return results
 
 
-def _interpreter_worker(flag: str) -> dict:
+# fixture -> worker flag: conftest has the session's interpreter process run them ahead
+INTERPRETER_WORKERS = {"interpreted": "--interpret-worker", "compiled": "--compile-worker"}
+
+
+def _interpreter_worker(fixture: str) -> dict:
     from tests.interpreter import run_interpreted  # not at the top: this file also runs as the worker script
 
-    return run_interpreted(__file__, flag)
+    return run_interpreted(__file__, INTERPRETER_WORKERS[fixture])
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return _interpreter_worker("--interpret-worker")
+    return _interpreter_worker("interpreted")
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
@@ -293,7 +300,7 @@ def _compiled_blocks(err):
 
 @pytest.fixture(scope="module")
 def compiled():
-    return _interpreter_worker("--compile-worker")
+    return _interpreter_worker("compiled")
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
@@ -640,7 +647,7 @@ def test_gpu_compiled_blocks_trace_through_the_kernel(no_autotune):
     from hmar.compile import compile_blocks
     from hmar.config import ModelConfig
     from hmar.pipeline import Pipeline
-    from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+    from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cuda", seed=0)
     model = pipe.transformer.eval()  # eval: no label dropout, both runs see the same labels

@@ -10,7 +10,7 @@ from PIL import Image
 from hmar.errors import InputError
 from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
 from hmar.train.synthetic import CLASSES, render, write_dataset
-from tests.test_train_helpers import make_data
+from tests.train_helpers import make_data
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

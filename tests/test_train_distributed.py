@@ -19,9 +19,9 @@ from hmar.train import Stage1Config, TokenizerTrainConfig, run_stage1
 from hmar.train.checkpoint import CHECKPOINT
 from hmar.train.metrics import read_metrics
 from hmar.train.model_folders import load_model_folder
-from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, spec_of, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, quiet, spec_of, tiny_transformer_config
 
-HELPER = Path(__file__).with_name("test_train_helpers.py")
+HELPER = Path(__file__).with_name("train_helpers.py")
 ROOT = HELPER.parents[1]
 STEPS = 3
 

@@ -15,7 +15,7 @@ from hmar.train.losses import masked_token_loss, next_scale_loss, scale_weights,
 from hmar.train.options import LOSS_WEIGHTINGS
 from hmar.train.stage1 import NextScaleObjective
 from hmar.train.stage2 import MaskedObjective, draw_masks
-from tests.test_train_helpers import tiny_tokenizer_config, tiny_transformer_config
+from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 

@@ -16,9 +16,9 @@ import torch
 from hmar.train import Stage1Config, Stage2Config, run_stage1, run_stage2
 from hmar.train.checkpoint import CHECKPOINT
 from hmar.train.metrics import METRICS, read_metrics
-from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, spec_of, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, quiet, spec_of, tiny_transformer_config
 
-HELPER = Path(__file__).with_name("test_train_helpers.py")
+HELPER = Path(__file__).with_name("train_helpers.py")
 ROOT = HELPER.parents[1]
 STEPS = 6
 

@@ -15,7 +15,7 @@ from hmar.train.checkpoint import CHECKPOINT
 from hmar.train.errors import TrainingError
 from hmar.train.metrics import read_metrics
 from hmar.train.model_folders import load_tokenizer
-from tests.test_train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
+from tests.train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,11 @@ def test_stage1_logs_per_scale_numbers_and_writes_a_usable_model_folder(stage1_r
 
 
 def test_stage1_learns(workspace):
+    # from a token cache: the same tokens as encoding each batch (stage1_run does), without re-encoding
+    # the images at every one of the 30 steps
     config = Stage1Config(data=workspace["data"], out=workspace["root"] / "learn", tokenizer=workspace["tokenizer"],
                           model=tiny_transformer_config(), steps=30, lr=3e-3, warmup_steps=1, log_every=1,
+                          token_cache=workspace["root"] / "learn_tokens.pt",
                           **{k: v for k, v in quiet().items() if k not in ("log_every", "warmup_steps")})
     run_stage1(config)
     losses = [r["loss"] for r in read_metrics(config.out)]

@@ -1,6 +1,6 @@
 """Tiny models and data for the training tests, and a script entry point for runs in a subprocess.
 
-    python tests/test_train_helpers.py '<json>'   # {"stage": "stage1", "sleep_at_step": 4, ...options}
+    python tests/train_helpers.py '<json>'   # {"stage": "stage1", "sleep_at_step": 4, ...options}
 
 runs one stage with those options (under torchrun too); with `sleep_at_step` it pauses after logging
 that step, so that a test can kill or signal it at a known point; with `fail_at_step` every process
