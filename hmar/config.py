@@ -38,6 +38,10 @@ class TokenizerConfig:
     patch_nums: tuple[int, ...] = PATCH_NUMS[256]
     image_size: int = 256
     beta: float = 0.25  # commitment loss weight (training only)
+    # GroupNorm groups of the decoder (VAR's 32). A narrow decoder needs fewer: with one channel per
+    # group the norm erases each feature map's per-image mean and scale, and the decoder learns to
+    # smuggle them past it in a spike of activation at a fixed position, which shows in every image.
+    decoder_norm_groups: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(c) for c in self.ch_mult))
@@ -48,6 +52,8 @@ class TokenizerConfig:
             raise ConfigError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
         if any(self.ch * m % 32 for m in self.ch_mult):  # the VQ-VAE's GroupNorms use 32 groups
             raise ConfigError(f"ch {self.ch} times each of ch_mult {self.ch_mult} must be a multiple of 32")
+        if self.decoder_norm_groups <= 0 or any(self.ch * m % self.decoder_norm_groups for m in self.ch_mult):
+            raise ConfigError(f"decoder_norm_groups {self.decoder_norm_groups} must be positive and divide ch {self.ch} times each of ch_mult {self.ch_mult}")
         if self.image_size != self.patch_nums[-1] * self.downsample:
             raise ConfigError(
                 f"image_size {self.image_size} does not match patch_nums[-1]={self.patch_nums[-1]} "

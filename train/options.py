@@ -17,6 +17,7 @@ LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_de
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SHARDINGS = ("ddp", "fsdp")  # see hmar.train.sharding
+TOKENIZER_PARTS = ("all", "decoder")  # what `hmar train tokenizer --train` updates
 
 
 @dataclass(kw_only=True)
@@ -73,9 +74,16 @@ class TokenizerTrainConfig(TrainConfig):
     lr: float = 2e-4
     dead_code_every: int = 200  # restart unused codes every N steps (0: never)
     dead_code_threshold: float = 0.05  # a code is dead when its EMA hits per batch, over all scales, are below this
+    init: Path | None = None  # start from this tokenizer or model folder's tokenizer weights
+    train_part: str = "all"  # "decoder": only the decoder side learns; the codes of every image stay as `init` gives them
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.init = None if self.init is None else Path(self.init)
+        if self.train_part not in TOKENIZER_PARTS:
+            raise ValueError(f"the trained part must be one of {TOKENIZER_PARTS}, got {self.train_part!r}")
+        if self.train_part == "decoder" and self.init is None:
+            raise ValueError("training only the decoder needs the tokenizer to start from (--init FOLDER)")
         if self.sharding != "ddp":  # dead-code restarts write into the whole codebook on every process
             raise ValueError(f"the tokenizer stage trains with sharding 'ddp' only, got {self.sharding!r}")
 
