@@ -86,6 +86,8 @@ def tokenizer(
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder or model folder's tokenizer."),
     part: str = typer.Option("all", "--train", help="all, or decoder: fine-tune only the decoder (needs --init); "
                              "every image keeps its token codes, so transformers trained on them stay valid."),
+    fresh_decoder: bool = typer.Option(False, "--fresh-decoder", help="With --train decoder: start the decoder from a new "
+                                       "initialisation instead of --init's weights."),
     shared: dict = None,
 ) -> None:
     """Train the multi-scale VQ-VAE on the images; writes <out>/tokenizer."""
@@ -96,7 +98,7 @@ def tokenizer(
         model = _read_section(config, TokenizerConfig, "tokenizer")
     else:
         model = tokenizer_files(init)[0] if init else tokenizer_preset(resolution)
-    _report(run_tokenizer(_build(TokenizerTrainConfig, model=model, init=init, train_part=part, **shared)))
+    _report(run_tokenizer(_build(TokenizerTrainConfig, model=model, init=init, train_part=part, fresh_decoder=fresh_decoder, **shared)))
 
 
 @app.command("stage1")

@@ -80,3 +80,19 @@ def test_cli_decoder_run_takes_the_init_folders_config(workspace):
     bad = CliRunner().invoke(app, args(workspace["root"] / "bad", "everything"))
     assert bad.exit_code == 2 and "trained part must be one of" in bad.output and "Traceback" not in bad.output
     assert not (workspace["root"] / "bad").exists()
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_decoder_starts_from_init_or_fresh(workspace, fresh):
+    from hmar.tokenizer import MultiScaleVQVAE
+
+    config = TokenizerTrainConfig(data=workspace["data"], out=workspace["root"] / f"start{fresh}", model=tiny_tokenizer_config(),
+                                  init=workspace["init"], train_part="decoder", fresh_decoder=fresh, steps=1, lr=0.0, seed=3, **quiet())
+    after = load_file(run_tokenizer(config).exported / TOKENIZER_WEIGHTS)  # lr 0: the starting weights
+    torch.manual_seed(3)
+    expected = MultiScaleVQVAE(tiny_tokenizer_config()).state_dict() if fresh else load_file(workspace["init"] / TOKENIZER_WEIGHTS)
+    before = load_file(workspace["init"] / TOKENIZER_WEIGHTS)
+    for k, v in after.items():
+        assert torch.equal(v, expected[k] if k.startswith(DECODER_SIDE) else before[k]), k
+    with pytest.raises(ValueError, match="--train decoder"):
+        TokenizerTrainConfig(data=workspace["data"], out=workspace["root"] / "x", init=workspace["init"], fresh_decoder=True)

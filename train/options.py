@@ -76,6 +76,7 @@ class TokenizerTrainConfig(TrainConfig):
     dead_code_threshold: float = 0.05  # a code is dead when its EMA hits per batch, over all scales, are below this
     init: Path | None = None  # start from this tokenizer or model folder's tokenizer weights
     train_part: str = "all"  # "decoder": only the decoder side learns; the codes of every image stay as `init` gives them
+    fresh_decoder: bool = False  # with train_part "decoder": start the decoder side from a new initialisation, not init's weights
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +85,8 @@ class TokenizerTrainConfig(TrainConfig):
             raise ValueError(f"the trained part must be one of {TOKENIZER_PARTS}, got {self.train_part!r}")
         if self.train_part == "decoder" and self.init is None:
             raise ValueError("training only the decoder needs the tokenizer to start from (--init FOLDER)")
+        if self.fresh_decoder and self.train_part != "decoder":
+            raise ValueError("a fresh decoder is for training only the decoder (--train decoder)")
         if self.sharding != "ddp":  # dead-code restarts write into the whole codebook on every process
             raise ValueError(f"the tokenizer stage trains with sharding 'ddp' only, got {self.sharding!r}")
 

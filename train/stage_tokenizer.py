@@ -9,7 +9,9 @@ current batch (chosen on the main process and broadcast). Writes `<out>/tokenize
 Starting from an existing tokenizer (`init`), `train_part="decoder"` fine-tunes only what turns f̂
 into an image (the decoder and the convolution before it) by reconstruction error: the encoder, its
 convolution and the code book stay frozen, so every image keeps its token codes and a transformer
-trained on them stays valid. No dead-code restarts then (they would move codes).
+trained on them stays valid. No dead-code restarts then (they would move codes). `fresh_decoder`
+starts that side from a new initialisation: a decoder whose weights already carry a habit (such as a
+spike that a normalisation with fewer groups no longer needs) keeps it when fine-tuned.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from hmar.train.options import TokenizerTrainConfig
 
 TOKENIZER_FOLDER = "tokenizer"
 PREVIEW_IMAGES = 8
+DECODER_SIDE = ("decoder", "post_quant_conv")  # what train_part "decoder" trains
 # settings a run started from an existing tokenizer may change: neither the weights' shapes nor the codes depend on them
 CHANGEABLE_FROM_INIT = ("decoder_norm_groups", "beta")
 
@@ -57,8 +60,9 @@ class DecoderObjective(nn.Module):
     def __init__(self, tokenizer: MultiScaleVQVAE):
         super().__init__()
         self.tokenizer = tokenizer
-        for frozen in (tokenizer.encoder, tokenizer.quant_conv, tokenizer.quantize):
-            frozen.requires_grad_(False)
+        tokenizer.requires_grad_(False)
+        for name in DECODER_SIDE:
+            getattr(tokenizer, name).requires_grad_(True)
 
     def forward(self, images: torch.Tensor):
         with torch.no_grad():
@@ -87,7 +91,12 @@ class TokenizerStage(Stage):
         self.config, self.procs = config, procs
         self.folder = ImageFolder.scan(config.data)
         torch.manual_seed(config.seed)  # same initial weights on every process
-        tokenizer = MultiScaleVQVAE(config.model) if config.init is None else initial_tokenizer(config.init, config.model)
+        tokenizer = MultiScaleVQVAE(config.model)
+        if config.init is not None:
+            fresh, tokenizer = tokenizer, initial_tokenizer(config.init, config.model)
+            if config.fresh_decoder:
+                for name in DECODER_SIDE:
+                    getattr(tokenizer, name).load_state_dict(getattr(fresh, name).state_dict())
         self.tokenizer = tokenizer.to(procs.device)
         self.decoder_only = config.train_part == "decoder"
         self.objective = DecoderObjective(self.tokenizer) if self.decoder_only else ReconstructionObjective(self.tokenizer)
