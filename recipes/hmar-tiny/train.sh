@@ -14,7 +14,7 @@
 #   TOKENIZER=hmar/bundled/hmar-tiny STAGES="stage1 stage2" bash recipes/hmar-tiny/train.sh out/tiny
 # with the tokenizer before its decoder was fine-tuned (the fine-tune keeps every image's codes, so
 # the transformer did not change); the shipped tokenizer's decoder was fine-tuned from that one as
-#   INIT_TOKENIZER=<the earlier bundled folder> STAGES=decoder bash recipes/hmar-tiny/train.sh out/tiny
+#   IMAGES_PER_CLASS=1000 INIT_TOKENIZER=<the earlier bundled folder> STAGES="data decoder" bash recipes/hmar-tiny/train.sh out/tiny
 # (stage 1 stopped by SIGTERM once and continued with RESUME=1), and measured with
 #   python recipes/hmar-tiny/evaluate.py --model out/tiny/stage2/model
 set -euo pipefail
@@ -22,8 +22,10 @@ RUN=${1:-runs/hmar-tiny}
 RECIPE=$(cd "$(dirname "$0")" && pwd)
 STAGES=${STAGES:-"data tokenizer decoder stage1 stage2"}
 WORKERS=${WORKERS:-8}
-# The decoder stage starts from the tokenizer stage's output, or (INIT_TOKENIZER=folder) from an existing one.
+# The decoder stage starts from the tokenizer stage's output, or (INIT_TOKENIZER=folder) from an existing one;
+# FRESH_DECODER=1 keeps only its encoder and code book and trains the decoder from a new initialisation.
 INIT_TOKENIZER=${INIT_TOKENIZER:-$RUN/tokenizer/tokenizer}
+FRESH_FLAG=$([ "${FRESH_DECODER:-0}" = 1 ] && echo --fresh-decoder || true)
 # The frozen tokenizer of stages 1 and 2, exported with their model: the one the decoder stage wrote,
 # or (TOKENIZER=folder) an existing one such as the bundled model's, to retrain only the transformer.
 TOKENIZER=${TOKENIZER:-$RUN/decoder/tokenizer}
@@ -42,7 +44,7 @@ for stage in $STAGES; do
       # tokenizer.json's decoder has one channel per GroupNorm group at 128 px, which makes it draw a
       # spike at a fixed position into every image; 8 groups need no spike. Only the decoder learns,
       # so every image keeps its token codes.
-      hmar train tokenizer --data "$RUN/data" --out "$RUN/decoder" --init "$INIT_TOKENIZER" --train decoder \
+      hmar train tokenizer --data "$RUN/data" --out "$RUN/decoder" --init "$INIT_TOKENIZER" --train decoder $FRESH_FLAG \
         --config "$RECIPE/tokenizer-decoder.json" --steps "${DECODER_STEPS:-3000}" --batch-size "${TOKENIZER_BATCH:-64}" --lr 3e-4 \
         --warmup-steps 100 --export-dtype float16 --workers "$WORKERS" --checkpoint-every 500 --seed 0 $RESUME_FLAG ;;
     stage1)
