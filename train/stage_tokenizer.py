@@ -80,7 +80,7 @@ def initial_tokenizer(init: Path, config: TokenizerConfig) -> MultiScaleVQVAE:
                  if f.name not in CHANGEABLE_FROM_INIT and getattr(folder_config, f.name) != getattr(config, f.name)]
     if differing:
         raise ConfigError(f"the tokenizer config differs from the one of --init {init} in {', '.join(differing)}; "
-                            f"starting from it, only {' and '.join(CHANGEABLE_FROM_INIT)} may change")
+                          f"starting from it, only {' and '.join(CHANGEABLE_FROM_INIT)} may change")
     return load_tokenizer(init, config).train()
 
 
