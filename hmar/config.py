@@ -127,6 +127,7 @@ TOKENIZER_RULES = {
     "patch_nums": positive_integers(increasing=True),
     "image_size": positive_integer,
     "beta": real_in(0.0),
+    "decoder_norm_groups": positive_integer,
 }
 
 TRANSFORMER_RULES = {
@@ -163,11 +164,18 @@ class TokenizerConfig:
     patch_nums: tuple[int, ...] = PATCH_NUMS[256]
     image_size: int = 256
     beta: float = 0.25  # commitment loss weight (training only)
+    # GroupNorm groups of the decoder (VAR's 32). A narrow decoder needs fewer: with one channel per
+    # group the norm erases each feature map's per-image mean and scale, and the decoder learns to
+    # smuggle them past it in a spike of activation at a fixed position, which shows in every image.
+    decoder_norm_groups: int = 32
 
     def __post_init__(self) -> None:
         _apply_rules(self, TOKENIZER_RULES, "tokenizer")
         if any(self.ch * m % 32 for m in self.ch_mult):  # the VQ-VAE's GroupNorms use 32 groups
             raise ConfigError(f"tokenizer.ch {self.ch} times each of tokenizer.ch_mult {list(self.ch_mult)} must be a multiple of 32")
+        if any(self.ch * m % self.decoder_norm_groups for m in self.ch_mult):
+            raise ConfigError(f"tokenizer.decoder_norm_groups {self.decoder_norm_groups} must divide tokenizer.ch {self.ch} "
+                              f"times each of tokenizer.ch_mult {list(self.ch_mult)}")
         if self.image_size != self.patch_nums[-1] * self.downsample:
             raise ConfigError(
                 f"tokenizer.image_size {self.image_size} does not match tokenizer.patch_nums[-1] = {self.patch_nums[-1]} "

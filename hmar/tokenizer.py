@@ -117,7 +117,7 @@ class MultiScaleVQVAE(nn.Module):
         self.patch_nums = config.patch_nums
         z = config.z_channels
         self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, z)
-        self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, z)
+        self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, z, norm_groups=config.decoder_norm_groups)
         self.quantize = Quantizer(config)
         self.quant_conv = nn.Conv2d(z, z, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(z, z, 3, padding=1)

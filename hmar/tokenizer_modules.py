@@ -1,7 +1,7 @@
 """Building blocks of VAR's VQ-VAE: the convolutional encoder and decoder.
 
-A ResNet-style autoencoder (the Stable Diffusion / taming layout VAR uses): GroupNorm(32), swish,
-residual blocks, single-head self-attention at the lowest resolution and in the middle, stride-2
+A ResNet-style autoencoder (the Stable Diffusion / taming layout VAR uses): GroupNorm (32 groups; the
+decoder's count is a config field), swish, residual blocks, single-head self-attention at the lowest resolution and in the middle, stride-2
 downsampling and nearest-neighbour upsampling. Submodule names follow the published checkpoint
 (`encoder.down.0.block.0.norm1.weight`, …) so that it loads strictly.
 
@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _kernels_for(x: torch.Tensor, *parameters: torch.Tensor):
@@ -89,11 +89,11 @@ def upsample_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -106,9 +106,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels of a feature map (one 1x1 conv makes q, k and v)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -165,7 +165,7 @@ class Level(nn.Module):
     def __init__(self, blocks: list[ResnetBlock], attention: bool, resample: nn.Module | None, name: str):
         super().__init__()
         self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList(AttnBlock(b.conv2.out_channels) for b in blocks) if attention else nn.ModuleList()
+        self.attn = nn.ModuleList(AttnBlock(b.conv2.out_channels, b.norm2.num_groups) for b in blocks) if attention else nn.ModuleList()
         # the checkpoint names the resampler `downsample` (encoder) or `upsample` (decoder)
         self.resample_name = name if resample is not None else None
         if resample is not None:
@@ -180,11 +180,11 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, norm_groups)
+        self.attn_1 = AttnBlock(channels, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, norm_groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -215,20 +215,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, out_channels: int = 3):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, out_channels: int = 3,
+                 norm_groups: int = 32):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = Middle(block_in)
+        self.mid = Middle(block_in, norm_groups)
         levels: list[Level] = []
         for i in reversed(range(len(ch_mult))):
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, ch * ch_mult[i]))
+                blocks.append(ResnetBlock(block_in, ch * ch_mult[i], norm_groups))
                 block_in = ch * ch_mult[i]
             levels.insert(0, Level(blocks, attention=i == len(ch_mult) - 1, resample=Upsample(block_in) if i else None, name="upsample"))
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the lowest resolution up
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

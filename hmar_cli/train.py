@@ -83,14 +83,24 @@ def data(
 @shared_options
 def tokenizer(
     resolution: int = typer.Option(256, "--resolution", help="Published tokenizer shape at this resolution."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON tokenizer section (sizes) instead of --resolution."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON tokenizer section (sizes) instead of --resolution "
+                                          "(with --init: its settings, which may change only decoder_norm_groups and beta)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder or model folder's tokenizer."),
+    part: str = typer.Option("all", "--train", help="all, or decoder: fine-tune only the decoder (needs --init); "
+                             "every image keeps its token codes, so transformers trained on them stay valid."),
+    fresh_decoder: bool = typer.Option(False, "--fresh-decoder", help="With --train decoder: start the decoder from a new "
+                                       "initialisation instead of --init's weights."),
     shared: dict = None,
 ) -> None:
     """Train the multi-scale VQ-VAE on the images; writes <out>/tokenizer."""
     from hmar.train import TokenizerTrainConfig, run_tokenizer
+    from hmar.train.model_folders import tokenizer_files
 
-    model = _read_section(config, TokenizerConfig, "tokenizer") if config else tokenizer_preset(resolution)
-    _report(run_tokenizer(_build(TokenizerTrainConfig, model=model, **shared)))
+    if config:
+        model = _read_section(config, TokenizerConfig, "tokenizer")
+    else:
+        model = tokenizer_files(init)[0] if init else tokenizer_preset(resolution)
+    _report(run_tokenizer(_build(TokenizerTrainConfig, model=model, init=init, train_part=part, fresh_decoder=fresh_decoder, **shared)))
 
 
 @app.command("stage1")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from hmar.config import ModelConfig
@@ -43,3 +44,35 @@ def test_generate_by_name_offline_in_a_fresh_process(tmp_path):
     image = np.asarray(Image.open(out))
     assert image.shape == (128, 128, 3) and image.std() > 5  # an image, not a flat fill
     assert resolve_model("hmar-tiny") == TINY
+
+
+def _corner_error_ratios(folder, images: int = 16, patch: int = 16) -> list[float]:
+    """Reconstruction error (encode, decode) of each corner patch (top left, top right, bottom left,
+    bottom right) over that of the median patch, per pixel position averaged over the procedural
+    backgrounds (flat colours and gradients): with no shapes, the error has no place to be but
+    where the model puts it."""
+    import torch
+
+    from hmar.train.model_folders import load_tokenizer
+    from hmar.train.synthetic import background
+
+    tokenizer = load_tokenizer(folder).float()
+    size = tokenizer.config.image_size
+    pixels = np.stack([np.asarray(background(np.random.default_rng([5, i]), size)[0]) for i in range(images)])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        error = (tokenizer.decode_tokens(tokenizer.encode(x)) - x).square().mean(dim=(0, 1))
+    n = size // patch
+    patches = error.reshape(n, patch, n, patch).mean(dim=(1, 3))
+    return (torch.stack([patches[0, 0], patches[0, -1], patches[-1, 0], patches[-1, -1]]) / patches.median()).tolist()
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped decoder still draws a faint speckle at the top-left corner; "
+                   "hmar/bundled/hmar-tiny/README.md ('The corner speckle') says how to train it away")
+def test_no_fixed_position_artefact():
+    # A decoder that smuggles a statistic past a normalisation in a spike at a fixed position (the
+    # top-left corner here, which the convolutions' zero padding lets it find) leaves a speckle there
+    # in every image. Without one, a corner's error stays within about twice the median patch's
+    # (the zero padding costs a little at every border).
+    ratios = _corner_error_ratios(TINY)
+    assert max(ratios) < 3.0, ratios

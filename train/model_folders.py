@@ -50,22 +50,26 @@ def write_tokenizer_folder(folder: Path, tokenizer: MultiScaleVQVAE, state: Mapp
     return folder
 
 
-def load_tokenizer(path: Path) -> MultiScaleVQVAE:
-    """The frozen tokenizer of a tokenizer folder or of a model folder, in eval mode."""
+def tokenizer_files(path: Path) -> tuple[TokenizerConfig, Path]:
+    """The tokenizer config and weight file of a tokenizer folder or of a model folder."""
     path = Path(path)
     if (path / TOKENIZER_CONFIG).is_file():
         try:
             config = TokenizerConfig(**json.loads((path / TOKENIZER_CONFIG).read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"cannot read {path / TOKENIZER_CONFIG}: {exc}") from None
-        weights = path / TOKENIZER_WEIGHTS
-    elif (path / MODEL_CONFIG).is_file():
+        return config, path / TOKENIZER_WEIGHTS
+    if (path / MODEL_CONFIG).is_file():
         model_config = ModelConfig.load(path / MODEL_CONFIG)
-        config = model_config.tokenizer
-        weights = path / model_config.files.get("tokenizer", TOKENIZER_WEIGHTS)
-    else:
-        raise ConfigError(f"{path} is neither a tokenizer folder ({TOKENIZER_CONFIG}) nor a model folder ({MODEL_CONFIG})")
-    tokenizer = MultiScaleVQVAE(config)
+        return model_config.tokenizer, path / model_config.files.get("tokenizer", TOKENIZER_WEIGHTS)
+    raise ConfigError(f"{path} is neither a tokenizer folder ({TOKENIZER_CONFIG}) nor a model folder ({MODEL_CONFIG})")
+
+
+def load_tokenizer(path: Path, config: TokenizerConfig | None = None) -> MultiScaleVQVAE:
+    """The frozen tokenizer of a tokenizer folder or of a model folder, in eval mode; `config`
+    builds it with other settings than the folder's (the weights must fit it)."""
+    folder_config, weights = tokenizer_files(path)
+    tokenizer = MultiScaleVQVAE(config or folder_config)
     load_weights(tokenizer, read_state_dict(weights), f"tokenizer weights {weights.name}")
     return tokenizer.eval()
 

@@ -36,6 +36,9 @@ def _check_count(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+TOKENIZER_PARTS = ("all", "decoder")  # what `hmar train tokenizer --train` updates
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Options every stage shares."""
@@ -100,11 +103,21 @@ class TokenizerTrainConfig(TrainConfig):
     lr: float = 2e-4
     dead_code_every: int = 200  # restart unused codes every N steps (0: never)
     dead_code_threshold: float = 0.05  # a code is dead when its EMA hits per batch, over all scales, are below this
+    init: Path | None = None  # start from this tokenizer or model folder's tokenizer weights
+    train_part: str = "all"  # "decoder": only the decoder side learns; the codes of every image stay as `init` gives them
+    fresh_decoder: bool = False  # with train_part "decoder": start the decoder side from a new initialisation, not init's weights
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_count("dead_code_every", self.dead_code_every, 0)
         _check_range("dead_code_threshold", self.dead_code_threshold, 0, math.inf, high_open=True)
+        self.init = None if self.init is None else Path(self.init)
+        if self.train_part not in TOKENIZER_PARTS:
+            raise ValueError(f"the trained part must be one of {TOKENIZER_PARTS}, got {self.train_part!r}")
+        if self.train_part == "decoder" and self.init is None:
+            raise ValueError("training only the decoder needs the tokenizer to start from (--init FOLDER)")
+        if self.fresh_decoder and self.train_part != "decoder":
+            raise ValueError("a fresh decoder is for training only the decoder (--train decoder)")
         if self.sharding != "ddp":  # dead-code restarts write into the whole codebook on every process
             raise ValueError(f"the tokenizer stage trains with sharding 'ddp' only, got {self.sharding!r}")
 

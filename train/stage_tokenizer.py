@@ -5,9 +5,17 @@ to the encoder's features, features committed to their codes with weight beta). 
 scale is logged; every `dead_code_every` steps, codes whose usage (EMA of hits per batch, summed
 over scales) fell below `dead_code_threshold` are restarted at random encoder feature vectors of the
 current batch (chosen on the main process and broadcast). Writes `<out>/tokenizer`.
+
+Starting from an existing tokenizer (`init`), `train_part="decoder"` fine-tunes only what turns f̂
+into an image (the decoder and the convolution before it) by reconstruction error: the encoder, its
+convolution and the code book stay frozen, so every image keeps its token codes and a transformer
+trained on them stays valid. No dead-code restarts then (they would move codes). `fresh_decoder`
+starts that side from a new initialisation: a decoder whose weights already carry a habit (such as a
+spike that a normalisation with fewer groups no longer needs) keeps it when fine-tuned.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,16 +24,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hmar.config import TokenizerConfig
+from hmar.errors import ConfigError
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
 from hmar.train.distributed import Processes
 from hmar.train.errors import TrainingError
 from hmar.train.loop import Stage, StepInputs
-from hmar.train.model_folders import write_tokenizer_folder
+from hmar.train.model_folders import load_tokenizer, tokenizer_files, write_tokenizer_folder
 from hmar.train.options import TokenizerTrainConfig
 
 TOKENIZER_FOLDER = "tokenizer"
 PREVIEW_IMAGES = 8
+DECODER_SIDE = ("decoder", "post_quant_conv")  # what train_part "decoder" trains
+# settings a run started from an existing tokenizer may change: neither the weights' shapes nor the codes depend on them
+CHANGEABLE_FROM_INIT = ("decoder_norm_groups", "beta")
 
 
 class ReconstructionObjective(nn.Module):
@@ -40,6 +53,37 @@ class ReconstructionObjective(nn.Module):
         return reconstruction_loss + vq_loss, numbers
 
 
+class DecoderObjective(nn.Module):
+    """Reconstruction error of the decoder from the frozen encoder's f̂ (as `encode` and
+    `decode_tokens` compute it at inference)."""
+
+    def __init__(self, tokenizer: MultiScaleVQVAE):
+        super().__init__()
+        self.tokenizer = tokenizer
+        tokenizer.requires_grad_(False)
+        for name in DECODER_SIDE:
+            getattr(tokenizer, name).requires_grad_(True)
+
+    def forward(self, images: torch.Tensor):
+        with torch.no_grad():
+            f_hat = self.tokenizer.tokens_to_f_hat(self.tokenizer.encode(images))
+        reconstruction = self.tokenizer.decoder(self.tokenizer.post_quant_conv(f_hat))
+        loss = F.mse_loss(reconstruction.float(), images)
+        return loss, {"reconstruction": loss.detach()}
+
+
+def initial_tokenizer(init: Path, config: TokenizerConfig) -> MultiScaleVQVAE:
+    """The tokenizer of folder `init` built with `config`, which may differ from the folder's only in
+    CHANGEABLE_FROM_INIT."""
+    folder_config, _ = tokenizer_files(init)
+    differing = [f.name for f in dataclasses.fields(TokenizerConfig)
+                 if f.name not in CHANGEABLE_FROM_INIT and getattr(folder_config, f.name) != getattr(config, f.name)]
+    if differing:
+        raise ConfigError(f"the tokenizer config differs from the one of --init {init} in {', '.join(differing)}; "
+                          f"starting from it, only {' and '.join(CHANGEABLE_FROM_INIT)} may change")
+    return load_tokenizer(init, config).train()
+
+
 class TokenizerStage(Stage):
     name = "tokenizer"
 
@@ -47,8 +91,15 @@ class TokenizerStage(Stage):
         self.config, self.procs = config, procs
         self.folder = ImageFolder.scan(config.data)
         torch.manual_seed(config.seed)  # same initial weights on every process
-        self.tokenizer = MultiScaleVQVAE(config.model).to(procs.device)
-        self.objective = ReconstructionObjective(self.tokenizer)
+        tokenizer = MultiScaleVQVAE(config.model)
+        if config.init is not None:
+            fresh, tokenizer = tokenizer, initial_tokenizer(config.init, config.model)
+            if config.fresh_decoder:
+                for name in DECODER_SIDE:
+                    getattr(tokenizer, name).load_state_dict(getattr(fresh, name).state_dict())
+        self.tokenizer = tokenizer.to(procs.device)
+        self.decoder_only = config.train_part == "decoder"
+        self.objective = DecoderObjective(self.tokenizer) if self.decoder_only else ReconstructionObjective(self.tokenizer)
         self.order = BatchOrder(len(self.folder), config.batch_size, config.seed, procs.rank, procs.world_size)
         self.restarted = 0
         self._preview: torch.Tensor | None = None
@@ -67,7 +118,7 @@ class TokenizerStage(Stage):
     @torch.no_grad()
     def after_step(self, step: int, inputs: StepInputs) -> None:
         every = self.config.dead_code_every
-        if not every or step % every:
+        if self.decoder_only or not every or step % every:
             return
         quantize = self.tokenizer.quantize
         dead = quantize.ema_vocab_hit_SV.sum(dim=0) < self.config.dead_code_threshold
