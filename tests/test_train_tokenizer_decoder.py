@@ -87,12 +87,16 @@ def test_the_decoder_starts_from_init_or_fresh(workspace, fresh):
     from hmar.tokenizer import MultiScaleVQVAE
 
     config = TokenizerTrainConfig(data=workspace["data"], out=workspace["root"] / f"start{fresh}", model=tiny_tokenizer_config(),
-                                  init=workspace["init"], train_part="decoder", fresh_decoder=fresh, steps=1, lr=0.0, seed=3, **quiet())
-    after = load_file(run_tokenizer(config).exported / TOKENIZER_WEIGHTS)  # lr 0: the starting weights
+                                  init=workspace["init"], train_part="decoder", fresh_decoder=fresh, steps=1, lr=1e-12, seed=3, **quiet())
+    # one step at a negligible learning rate (a zero one is refused): the decoder side moves by ~1e-12
+    after = load_file(run_tokenizer(config).exported / TOKENIZER_WEIGHTS)
     torch.manual_seed(3)
     expected = MultiScaleVQVAE(tiny_tokenizer_config()).state_dict() if fresh else load_file(workspace["init"] / TOKENIZER_WEIGHTS)
     before = load_file(workspace["init"] / TOKENIZER_WEIGHTS)
     for k, v in after.items():
-        assert torch.equal(v, expected[k] if k.startswith(DECODER_SIDE) else before[k]), k
+        if k.startswith(DECODER_SIDE):
+            assert torch.allclose(v, expected[k], rtol=0, atol=1e-9), k
+        else:  # frozen: bit for bit
+            assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="--train decoder"):
         TokenizerTrainConfig(data=workspace["data"], out=workspace["root"] / "x", init=workspace["init"], fresh_decoder=True)
