@@ -217,7 +217,7 @@ class MultiScaleVQVAE(nn.Module):
     @contextlib.contextmanager
     def _convolution_autotuning(self):
         """cuDNN's benchmark mode for a channels-last decoder on CUDA: its heuristics pick slower NHWC
-        kernels than timing does (H100, 64 images at 256 px in float16: 118 ms -> 88 ms). Timing runs
+        kernels than timing does (BENCHMARKS.md has the measurement). Timing runs
         once per input shape, and the decoder sees few (the sampler's chunks); it respects
         `torch.backends.cudnn.deterministic`. The chosen kernels, and so the last bits of a pixel,
         may differ between processes."""

@@ -29,9 +29,9 @@ torch.compile: the passes are custom operators, ``torch.ops.hmar.block_sparse_at
 output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk, dv), defined with
 ``torch.library.custom_op`` with fake implementations; autograd connects them. Compiled code traces
 `block_sparse_attention` without a graph break: Inductor fuses the work around the attention (the
-q/k normalisation, reshapes) and calls the operators, which launch the kernels. (As
-``torch.library.triton_op``s, which Inductor would compile itself, they failed torch's analysis of
-what each kernel writes on the device's torch 2.11.) The layout enters the operators as one int32
+q/k normalisation, reshapes) and calls the operators, which launch the kernels. (They are not
+``torch.library.triton_op``s, which Inductor would compile itself: torch's analysis of what each
+kernel writes fails on them.) The layout enters the operators as one int32
 tensor plus 10 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
 dispatcher's overhead.
 """
