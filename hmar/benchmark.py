@@ -66,6 +66,16 @@ class Workload:
         return sum(storages.values()) + self.held_bytes()  # shared storages (views, tied weights) once
 
 
+def first_call_seconds(step: Callable[[], object]) -> float:
+    """Wall seconds of one CUDA call of `step`, from an idle device until its work is done (a first
+    call's compilation and autotuning included)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(work: Workload, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
     """Median milliseconds of the step, and on CUDA its peak memory in GiB: the model's resident
     state plus the most one step allocates on top of what was allocated before it (so other models

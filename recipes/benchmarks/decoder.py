@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import hmar.tokenizer_modules as modules
+from hmar.benchmark import first_call_seconds
 from hmar.checkpoints import build_models
 from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
 from hmar.cuda_graph import capture
@@ -145,11 +146,7 @@ def run_variant(variant: Variant, state: dict, f_hat: torch.Tensor, reference: t
             tokenizer._convolution_autotuning = contextlib.nullcontext
             torch.backends.cudnn.benchmark = variant.cudnn_benchmark
         try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decode()
-            torch.cuda.synchronize()
-            first_s = time.perf_counter() - t0
+            first_s = first_call_seconds(decode)
             decode()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import hmar.sampler as sampler_module
 import hmar.tokenizer as tokenizer_module
-from hmar.benchmark import bench_config
+from hmar.benchmark import bench_config, first_call_seconds
 from hmar.checkpoints import build_models
 from hmar.config import tokenizer_preset
 from hmar.inference import cast_linears, compile_for_sampling
@@ -61,11 +61,7 @@ def time_sampling(config, tokenizer, transformer, batch: int, iters: int, compil
         return sample(tokenizer, transformer, labels, schedule, cfg=1.5, top_k=900, top_p=0.96,
                       generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
 
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    first_s = time.perf_counter() - t0
+    first_s = first_call_seconds(run)
     run()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
