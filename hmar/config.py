@@ -38,6 +38,16 @@ PATCH_NUMS: dict[int, tuple[int, ...]] = {
 FAMILIES = ("hmar", "var")
 TOP_LEVEL_KEYS = ("tokenizer", *FAMILIES, "files", "class_names", "sampling")
 WEIGHT_ROLES = ("tokenizer", *FAMILIES)
+# Sampling settings a model folder's config.json does not name. Here, not in hmar.pipeline, so that
+# the CLI can show them in --help without importing torch or the training code.
+DEFAULT_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
+# Inductor modes the training benchmark's `compile_mode` takes ("max-autotune" itself would add
+# Inductor's own CUDA graphs, which the whole-step graph replaces).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Training limits, here for the same reason.
+MAX_WORKERS = 64  # image decoding processes per training process: each is a whole Python process
+MAX_IMAGES_PER_CLASS = 100_000  # of the synthetic data set: its whole job list is built up front
 
 
 # ---- field rules ---------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import cv2
-import numpy as np
+import numpy as np  # cv2 is imported in the functions that use it: the CLI imports this module to start
 from PIL import Image
 
 from hmar.errors import InputError
@@ -148,6 +147,7 @@ class RegionGroups:
 def region_windows(regenerate: np.ndarray, resolution: int, context: Context = DEFAULT_CONTEXT) -> RegionGroups:
     """Group the connected regions of `regenerate` (H, W) bool whose windows overlap (in the image)
     and give each group its window; `context.full`: one whole-image window for all."""
+    import cv2
     height, width = regenerate.shape
     _, labels, stats, _ = cv2.connectedComponentsWithStats(regenerate.astype(np.uint8), connectivity=8)
     boxes = np.concatenate([stats[1:, :2], stats[1:, :2] + stats[1:, 2:4]], axis=1).astype(np.int64)  # x0, y0, x1, y1
@@ -180,6 +180,7 @@ def _group(boxes: np.ndarray, size: tuple[int, int], resolution: int, context: C
     this repeats until no two windows overlap (None: not within `MAX_GROUPING_ROUNDS`). Overlap is
     found by painting each window, one pixel short of its far edges, into a map of the image:
     overlapping windows then touch, abutting ones do not."""
+    import cv2
     width, height = size
     group_of = np.arange(len(boxes))
     for _ in range(MAX_GROUPING_ROUNDS):
@@ -213,6 +214,7 @@ def _windows(boxes: np.ndarray, group_of: np.ndarray, size: tuple[int, int], res
 
 def crop_window(pixels: np.ndarray, window: Window) -> np.ndarray:
     """The window's pixels of an (H, W, …) array, edge pixels repeated outside the image."""
+    import cv2
     height, width = pixels.shape[:2]
     pad = (max(0, -window.y0), max(0, window.y0 + window.side - height),
            max(0, -window.x0), max(0, window.x0 + window.side - width))
@@ -223,12 +225,14 @@ def crop_window(pixels: np.ndarray, window: Window) -> np.ndarray:
 
 
 def _resize(pixels: np.ndarray, side: int) -> np.ndarray:
+    import cv2
     shrinking = side < pixels.shape[0]
     return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
 
 def _resize_mask(share: np.ndarray, side: int) -> np.ndarray:
     """A 0/1 float mask resized so that any output pixel touching the region gets a share > 0."""
+    import cv2
     shrinking = side < share.shape[0]
     return cv2.resize(share, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 

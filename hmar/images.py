@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import cv2
-import numpy as np
+import numpy as np  # cv2 is imported in the functions that use it: the CLI imports this module to start
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from hmar.atomic import atomic_write
@@ -308,6 +307,7 @@ def dilate(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     """Grow the region to regenerate by `pixels` in every direction: every pixel within that
     (Euclidean) distance of it. A distance transform, not a brush, so that time and memory do not
     grow with `pixels`."""
+    import cv2
     check_pixels_option("dilate", pixels)
     if pixels == 0 or not regenerate.any():
         return regenerate.copy()
@@ -318,6 +318,7 @@ def dilate(regenerate: np.ndarray, pixels: int) -> np.ndarray:
 def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     """Blend weight of the generated pixels, (H, W) float32: 0 exactly outside the region, rising
     to 1 over `pixels` inside it (0: a hard edge)."""
+    import cv2
     check_pixels_option("feather", pixels)
     if pixels == 0:
         return regenerate.astype(np.float32)
@@ -345,6 +346,7 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
     the generated image's own; only a slowly varying colour shift is removed. (H, W) bool masks.
     A ring wider than `MATCH_RING` (an output larger than the model's view) is worked out at the
     scale where it is `MATCH_RING` pixels, and the offset resized back."""
+    import cv2
     if not region.any() or not known.any():
         return generated
     margin = int(np.ceil(4 * ring)) + 1
@@ -373,6 +375,7 @@ def match_colours(generated: np.ndarray, original: np.ndarray, region: np.ndarra
 def _colour_offset(generated: np.ndarray, original: np.ndarray, inside: np.ndarray, beside: np.ndarray,
                    ring: float) -> np.ndarray | None:
     """`match_colours`' offset field over a crop, or None where nothing sets it."""
+    import cv2
     if not inside.any() or not beside.any():
         return None
     # the ring: region pixels within `ring` of a known one
@@ -420,6 +423,7 @@ def _edge_colour(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarr
 
 def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of `values` over the `mask` pixels only (normalised convolution)."""
+    import cv2
     weight = mask.astype(np.float32)
     blurred = cv2.GaussianBlur(values * weight[..., None], (0, 0), sigma)
     norm = cv2.GaussianBlur(weight, (0, 0), sigma)[..., None]
@@ -429,6 +433,7 @@ def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarr
 def _shrink_known(values: np.ndarray, known: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """`values` and `known` at `size` (W, H): each coarse pixel the mean of the known values it covers,
     known where it covers any."""
+    import cv2
     share = cv2.resize(known.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     coarse = cv2.resize(values * known[..., None], size, interpolation=cv2.INTER_AREA) / np.maximum(share, 1e-6)[..., None]
     return coarse.astype(np.float32), share > 0
@@ -437,6 +442,7 @@ def _shrink_known(values: np.ndarray, known: np.ndarray, size: tuple[int, int]) 
 def _membrane(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     """`values` kept where `known`, harmonic elsewhere (each pixel the mean of its 4 neighbours; edges
     reflect): Jacobi sweeps, started from the solution at half the resolution."""
+    import cv2
     height, width = known.shape
     if known.all():
         return values
@@ -551,6 +557,7 @@ def _new_area_extent(margins: Margins, canvas: tuple[int, int]) -> tuple[int, in
 def extend_canvas(image: Image.Image, margins: Margins) -> tuple[Image.Image, np.ndarray]:
     """The image on a larger canvas (new area filled with repeated edge pixels) and the (H, W) bool
     mask of the new area, to regenerate."""
+    import cv2
     pixels = cv2.copyMakeBorder(np.asarray(image.convert("RGB")), margins.top, margins.bottom, margins.left,
                                 margins.right, cv2.BORDER_REPLICATE)
     regenerate = np.ones(pixels.shape[:2], dtype=bool)

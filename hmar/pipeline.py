@@ -22,7 +22,7 @@ import torch
 
 from hmar.checkpoints import build_models, load_models
 from hmar.classes import resolve_class
-from hmar.config import ModelConfig, check_memory, is_integer, sampling_value
+from hmar.config import DEFAULT_SAMPLING, ModelConfig, check_memory, is_integer, sampling_value
 from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
@@ -30,7 +30,6 @@ from hmar.inference import prepare_for_sampling
 from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
 from hmar.schedule import Schedule, resolve_schedule
 
-DEFAULT_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
 OPTIONS = ("steps", "schedule", "cfg", "top_k", "top_p", "seed", "batch_size")
 DEFAULT_BATCH_PIXELS = 16 * 256 * 256  # a default batch holds this many output pixels: 16 images at 256 px
 

@@ -32,6 +32,10 @@ def _kernels_for(x: torch.Tensor, *parameters: torch.Tensor):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters)):
         return None
+    from hmar.kernels import devices  # imports no Triton: a device the kernels cannot run on never pays for it
+
+    if not devices.runs_on(x.device):
+        return None
     from hmar.kernels import channels_last  # here, not at the top: Triton takes seconds to import
 
     return channels_last if channels_last.supports(x) else None

@@ -6,20 +6,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from hmar.benchmark import BenchRow, bench_sample
-from hmar.config import tokenizer_preset
+from hmar.config import COMPILE_MODES, tokenizer_preset
 from hmar.errors import InputError
 from hmar.images import check_writable
-from hmar.pipeline import resolve_device
-from hmar.train.benchmark import COMPILE_MODES, LOSS_PATHS, bench_train
 from hmar_cli.charts import Group, write_chart
+
+if TYPE_CHECKING:  # torch and the benchmark code are imported by the commands that run them, not by --help
+    import torch
+
+    from hmar.benchmark import BenchRow
 
 app = typer.Typer(help="Benchmarks: the attention kernel, and HMAR vs VAR, side by side in one run.", no_args_is_help=True)
 console = Console()
@@ -86,6 +87,8 @@ def _label(row: BenchRow) -> str:
 
 
 def _environment(device: torch.device) -> dict:
+    import torch
+
     return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
@@ -126,6 +129,9 @@ def train(
     """Stage-1 training step of HMAR (block-diagonal) vs VAR (block-causal) of the same size, the
     trainer's own step (loss, gradient clipping, AdamW; on CUDA bf16, fused AdamW, compiled blocks and
     the step replayed as a CUDA graph)."""
+    from hmar.pipeline import resolve_device
+    from hmar.train.benchmark import LOSS_PATHS, bench_train
+
     if loss not in LOSS_PATHS:
         raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
     if compile_mode not in COMPILE_MODES:
@@ -158,6 +164,9 @@ def sample(
 ) -> None:
     """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), as `hmar generate` samples:
     random weights of --depth, or the --model(s) named."""
+    from hmar.benchmark import bench_sample
+    from hmar.pipeline import resolve_device
+
     _chart_target(chart, overwrite)
     models = list(dict.fromkeys(model or []))
     profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
@@ -210,6 +219,7 @@ def attention(
     FlexAttention, forward / backward / both, on the same tensors. On the CPU our kernel runs only
     under TRITON_INTERPRET=1 (slow, for checking); otherwise its row says why it did not run."""
     from hmar.kernels import bench  # here, not at the top: Triton (hence hmar.kernels) exists on Linux only
+    from hmar.pipeline import resolve_device
 
     where = resolve_device(device)
     resolutions = resolution or ([256, 512, 1024] if where.type == "cuda" else [256])

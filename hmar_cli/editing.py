@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import numpy as np
-import torch
 import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,7 +30,6 @@ from hmar.errors import HmarError, InputError
 from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
                          clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
                          parse_size)
-from hmar.sampler import make_generator
 from hmar_cli.options import option_group
 from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
                                with_sampling_options)
@@ -349,6 +347,8 @@ class _Run:
 
     def add(self, job: Job) -> None:
         if self.pipe is None:
+            from hmar.sampler import make_generator
+
             self.pipe = self.options.load_pipeline()
             self.batch = self.batch or (job.items if not self.batch_mode else EDIT_BATCH)
             self.settings = self.pipe.settings(**{**self.options.sampler_options(), "batch_size": self.batch})
@@ -367,6 +367,8 @@ class _Run:
 
     def _sample(self, items: list[tuple[Job, int]]) -> None:
         """One batch of views (of one or several images); images whose views are all done are written."""
+        import torch
+
         views = [job.plan.views[item % len(job.plan.views)] for job, item in items]
         pixels = torch.from_numpy(np.stack([view.image for view in views])).permute(0, 3, 1, 2).float().div(255)
         keep = torch.from_numpy(np.stack([view.keep for view in views]))

@@ -8,7 +8,7 @@ import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import typer
 from PIL import Image
@@ -17,15 +17,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import hmar
 from hmar.classes import display_name, resolve_class
-from hmar.config import ModelConfig
+from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
 from hmar.images import save_png
-from hmar.pipeline import DEFAULT_SAMPLING, Pipeline, SamplingSettings, resolve_device
-from hmar.sampler import ProgressCallback
 from hmar.schedule import format_schedule, resolve_schedule
-from hmar.train.options import MAX_SEED
 from hmar_cli.downloads import model_config, model_folder
 from hmar_cli.options import option_group
+
+if TYPE_CHECKING:  # the engine (torch) is imported by the commands that run it, not by --help
+    from hmar.pipeline import Pipeline, SamplingSettings
+    from hmar.sampler import ProgressCallback
 
 err_console = Console(stderr=True)
 #: images one command makes: all of them are held in memory until they are written
@@ -66,6 +67,8 @@ class SamplingOptions:
 
     def load_pipeline(self) -> Pipeline:
         """A registry name (downloaded on first use) or a model folder (config.json + weights)."""
+        from hmar.pipeline import Pipeline
+
         folder = model_folder(self.model, err_console, quiet=self.as_json)
         return Pipeline.from_folder(folder, device=self.device, name=self.model, compile=self.compile)
 
@@ -88,6 +91,8 @@ def _sampling_options(
 ) -> SamplingOptions:
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
+    from hmar.pipeline import resolve_device
+
     resolve_device(device)  # an unknown or missing device fails before anything loads or downloads
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed

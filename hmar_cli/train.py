@@ -12,10 +12,8 @@ from typing import Optional
 
 import typer
 
-from hmar.config import TokenizerConfig, TransformerConfig, tokenizer_preset
+from hmar.config import MAX_IMAGES_PER_CLASS, MAX_SEED, MAX_WORKERS, TokenizerConfig, TransformerConfig, tokenizer_preset
 from hmar.errors import InputError
-from hmar.train.options import MAX_SEED, MAX_WORKERS
-from hmar.train.synthetic import MAX_IMAGES_PER_CLASS
 from hmar_cli.options import option_group
 
 SHARDING_HELP = "Under torchrun: ddp replicates the model on every process, fsdp shards it over them (large models)."

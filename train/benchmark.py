@@ -17,7 +17,7 @@ from hmar.attention import AttentionFn, select_attention
 from hmar.benchmark import BenchRow, Workload, bench_config, compare, forward_flops
 from hmar.checkpoints import build_models
 from hmar.compile import compile_blocks, wanted as compile_wanted
-from hmar.config import ModelConfig, TokenizerConfig
+from hmar.config import COMPILE_MODES, ModelConfig, TokenizerConfig
 from hmar.cuda_graph import TRAIN_GRAPH_WARMUP, GraphedTrainStep
 from hmar.train.loop import build_optimizer, train_step
 from hmar.train.losses import next_scale_loss, scale_weights, score_logits
@@ -28,9 +28,6 @@ from hmar.transformer import ScaleTransformer
 # "chunked": the trainer's loss (logits head applied a chunk of tokens at a time); "logits": all
 # float32 logits at once, to measure what the chunking saves.
 LOSS_PATHS = ("chunked", "logits")
-# Inductor modes `--compile-mode` takes ("max-autotune" itself would add Inductor's own CUDA graphs,
-# which the whole-step graph replaces).
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class AllLogitsObjective(nn.Module):

@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hmar.config import TokenizerConfig, TransformerConfig
+from hmar.config import MAX_SEED, MAX_WORKERS, TokenizerConfig, TransformerConfig
 
 LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_decay")
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SHARDINGS = ("ddp", "fsdp")  # see hmar.train.sharding
-MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
-MAX_WORKERS = 64  # image decoding processes per training process: each is a whole Python process
 
 
 def _check_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:

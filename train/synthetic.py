@@ -16,11 +16,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hmar.atomic import atomic_write
+from hmar.config import MAX_IMAGES_PER_CLASS, MAX_WORKERS
 from hmar.errors import InputError
-from hmar.train.options import MAX_WORKERS
 
 SUPERSAMPLE = 4  # shapes are drawn this much larger, then downsampled: smooth edges
-MAX_IMAGES_PER_CLASS = 100_000  # the whole job list is built up front
 
 Colour = tuple[int, int, int]
 
