@@ -35,8 +35,9 @@ def _restore(previous: dict) -> None:
 
 
 def _leave_at_once(signum, frame) -> None:
-    """While the program starts (torch alone takes seconds to import) nothing has been written yet:
-    leave with one line instead of a KeyboardInterrupt traceback from inside some import."""
+    """While the program starts nothing has been written yet: leave with one line instead of a
+    KeyboardInterrupt traceback from inside some import. (The commands import torch and the engine in
+    their bodies, under `_stop`.)"""
     os.write(2, f"error: stopped by {signal.Signals(signum).name}\n".encode())
     os._exit(128 + signum)
 
