@@ -18,6 +18,9 @@ from hmar.train.options import MAX_SEED, MAX_WORKERS
 from hmar.train.synthetic import MAX_IMAGES_PER_CLASS
 from hmar_cli.options import option_group
 
+#: parameters (tokenizer and transformer) above which stage 1 refuses to start on the CPU without --allow-large:
+#: a step of hmar-d16 takes minutes there and its checkpoint (weights, AdamW state) gigabytes
+CPU_TRAIN_PARAMETERS = 150_000_000
 SHARDING_HELP = "Under torchrun: ddp replicates the model on every process, fsdp shards it over them (large models)."
 app = typer.Typer(help="Train a tokenizer, stage 1 (next-scale) and stage 2 (mask branch).", no_args_is_help=True)
 
@@ -59,6 +62,23 @@ def _build(config_class, **options):
         return config_class(**options)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _check_cpu_size(tokenizer: Path, transformer: str | TransformerConfig, device: str) -> None:
+    """Refuse, before any data is read, a model that cannot train on the CPU in reasonable time."""
+    from hmar.config import ModelConfig, transformer_preset
+    from hmar.pipeline import resolve_device
+    from hmar.train.model_folders import tokenizer_files
+
+    if resolve_device(device).type != "cpu":
+        return
+    sizes = transformer_preset(transformer) if isinstance(transformer, str) else transformer
+    count = ModelConfig(tokenizer_files(tokenizer)[0], sizes).parameter_count()
+    if count > CPU_TRAIN_PARAMETERS:
+        name = transformer if isinstance(transformer, str) else "this model"
+        raise InputError(f"{name} has {count / 1e6:.0f} M parameters, too many to train on the CPU in reasonable time; train it "
+                         f"on a GPU, use a small model (--model recipes/hmar-tiny/hmar.json, the bundled hmar-tiny's sizes), "
+                         f"or pass --allow-large")
 
 
 def _report(result) -> None:
@@ -106,19 +126,25 @@ def tokenizer(
 @app.command("stage1")
 @shared_options
 def stage1(
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (from `hmar train tokenizer`) or a model folder."),
-    model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (from `hmar train tokenizer`), a model folder, or a "
+                                   "registry model's name (hmar-tiny) for its tokenizer."),
+    model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes "
+                              "(recipes/hmar-tiny/hmar.json: the bundled model's). On the CPU, models above "
+                              f"{CPU_TRAIN_PARAMETERS // 1_000_000} M parameters need --allow-large."),
     loss_weighting: str = typer.Option("lognormal", "--loss-weighting", help="lognormal, unweighted, equal, linear, sqrt or exp_decay."),
     token_cache: Optional[Path] = typer.Option(None, "--token-cache", help="Encode the images once into this file."),
     sharding: str = typer.Option("ddp", "--sharding", help=SHARDING_HELP),
     cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each step as one CUDA graph: no "
                                               "launch gaps between kernels. Default: with one CUDA process."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Train a model too large for the CPU there anyway."),
     shared: dict = None,
 ) -> None:
     """Markovian next-scale prediction; writes the model folder <out>/model."""
     from hmar.train import Stage1Config, run_stage1
 
     transformer = _read_section(Path(model), TransformerConfig, "transformer") if model.endswith(".json") else model
+    if not allow_large:
+        _check_cpu_size(tokenizer, transformer, shared["device"])
     config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache,
                     sharding=sharding, cuda_graph=cuda_graph, **shared)
     _report(run_stage1(config))
