@@ -24,7 +24,7 @@ from hmar.pipeline import DEFAULT_SAMPLING, Pipeline, SamplingSettings, resolve_
 from hmar.sampler import ProgressCallback
 from hmar.schedule import format_schedule, resolve_schedule
 from hmar.train.options import MAX_SEED
-from hmar_cli.downloads import model_config, model_folder
+from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group
 
 err_console = Console(stderr=True)
@@ -71,7 +71,8 @@ class SamplingOptions:
 
 
 def _sampling_options(
-    model: str = typer.Option(..., "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights). "
+                                        f"Default: the first of {', '.join(DEFAULT_MODELS)} that is downloaded."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
     schedule: Optional[str] = typer.Option(None, "--schedule", metavar="SCHEDULE", help='Instead of --steps: tokens committed per step, scales separated by ";" and steps by "," '
                                    '(each scale\'s counts sum to its tokens), e.g. "1;1,3;1,1,2,5;16;25;36;64;100;169;256".'),
@@ -89,6 +90,9 @@ def _sampling_options(
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
     resolve_device(device)  # an unknown or missing device fails before anything loads or downloads
+    if model is None:
+        model = default_model()
+        err_console.print(f"model: {model} (the best downloaded; --model picks another)", highlight=False)
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed
     return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile)
