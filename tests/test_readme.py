@@ -149,3 +149,13 @@ def test_the_default_is_the_deepest_cached_hmar_model(fake_hub, tmp_path):
     assert result.exit_code == 2 and "model: hmar-d16" in result.stderr and "classes 0..999" in result.stderr
     assert runner.invoke(app, ["models", "download", "hmar-d20"]).exit_code == 0
     assert default_model() == "hmar-d20" and DEFAULT_MODELS[0] == "hmar-d30"
+
+
+# ---- long work says what it is doing ----------------------------------------------------------
+def test_a_gpu_benchmark_on_the_cpu_says_so_first():
+    args = ["bench", "train", "--depth", "1", "--width", "64", "--batch-size", "1", "--warmup", "0", "--iters", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("note: a GPU benchmark, here on the CPU") and "1 training steps of depth 1" in result.stderr
+    quiet = CliRunner().invoke(app, [*args, "--json"])
+    assert quiet.exit_code == 0 and "note:" not in quiet.stderr
