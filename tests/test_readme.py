@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hmar import hub
@@ -159,3 +160,20 @@ def test_a_gpu_benchmark_on_the_cpu_says_so_first():
     assert result.stderr.startswith("note: a GPU benchmark, here on the CPU") and "1 training steps of depth 1" in result.stderr
     quiet = CliRunner().invoke(app, [*args, "--json"])
     assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+
+
+def test_the_token_cache_encoding_reports_progress_on_stderr(tmp_path, capsys):
+    from hmar.train.data import ImageFolder
+    from hmar.train.model_folders import load_tokenizer
+    from hmar.train.token_cache import cached_tokens
+    from tests.train_helpers import make_data, make_tokenizer_folder
+
+    folder = ImageFolder.scan(make_data(tmp_path / "data"))
+    tokenizer = load_tokenizer(make_tokenizer_folder(tmp_path / "tokenizer"))
+    cached_tokens(tmp_path / "tokens.pt", folder, tokenizer, torch.device("cpu"), 0, True, lambda: None)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and lines[0].startswith(f"note: encoding the {len(folder)} images") and len(lines) >= 2
+    assert lines[-1] == f"note: token cache: encoded {2 * len(folder)}/{2 * len(folder)} images and mirror images"
+    cached_tokens(tmp_path / "tokens.pt", folder, tokenizer, torch.device("cpu"), 0, True, lambda: None)
+    assert capsys.readouterr().err == ""  # a cache that exists is read without a word
