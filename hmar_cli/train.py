@@ -143,10 +143,10 @@ def stage1(
     from hmar.train import Stage1Config, run_stage1
 
     transformer = _read_section(Path(model), TransformerConfig, "transformer") if model.endswith(".json") else model
-    if not allow_large:
-        _check_cpu_size(tokenizer, transformer, shared["device"])
     config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache,
                     sharding=sharding, cuda_graph=cuda_graph, **shared)
+    if not allow_large:
+        _check_cpu_size(tokenizer, transformer, shared["device"])
     _report(run_stage1(config))
 
 

@@ -177,3 +177,18 @@ def test_the_token_cache_encoding_reports_progress_on_stderr(tmp_path, capsys):
     assert lines[-1] == f"note: token cache: encoded {2 * len(folder)}/{2 * len(folder)} images and mirror images"
     cached_tokens(tmp_path / "tokens.pt", folder, tokenizer, torch.device("cpu"), 0, True, lambda: None)
     assert capsys.readouterr().err == ""  # a cache that exists is read without a word
+
+
+# ---- training on the CPU ----------------------------------------------------------------------
+def test_stage1_on_the_cpu_refuses_a_published_size_unless_asked(tmp_path):
+    """The default preset (hmar-d16) would take minutes a step and write gigabytes; the tokenizer
+    is named as a registry model, as README's training section does."""
+    args = ["train", "stage1", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--tokenizer", "hmar-tiny", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "too many to train on the CPU" in lines[0]
+    assert "--allow-large" in lines[0] and "recipes/hmar-tiny/hmar.json" in lines[0] and not (tmp_path / "run").exists()
+    tiny = CliRunner().invoke(app, [*args, "--model", str(ROOT / "recipes/hmar-tiny/hmar.json")])
+    large = CliRunner().invoke(app, [*args, "--allow-large"])
+    for passed in (tiny, large):  # past the size check, stopped by the empty data folder
+        assert passed.exit_code != 0 and "too many" not in passed.stderr and "Traceback" not in passed.output
