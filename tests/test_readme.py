@@ -192,3 +192,16 @@ def test_stage1_on_the_cpu_refuses_a_published_size_unless_asked(tmp_path):
     large = CliRunner().invoke(app, [*args, "--allow-large"])
     for passed in (tiny, large):  # past the size check, stopped by the empty data folder
         assert passed.exit_code != 0 and "too many" not in passed.stderr and "Traceback" not in passed.output
+
+
+def test_training_progress_in_a_log_is_a_line_per_tenth_on_stderr(capsys):
+    from hmar.train.metrics import ProgressBar
+
+    with ProgressBar(True, "stage1", 20, 4) as bar:  # resumed at step 4
+        for step in range(5, 21):
+            bar.update(step, 2.5, 10.0)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 8  # tenths 3 … 10
+    assert lines[0].startswith("stage1: step 6/20, loss 2.5000, 10.0 img/s, 0:00:00 elapsed, ETA ")
+    assert lines[-1].startswith("stage1: step 20/20,") and lines[-1].endswith("ETA 0:00:00")
