@@ -105,7 +105,7 @@ def tokenizer(
     resolution: int = typer.Option(256, "--resolution", help="Published tokenizer shape at this resolution."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON tokenizer section (sizes) instead of --resolution "
                                           "(with --init: its settings, which may change only decoder_norm_groups and beta)."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder or model folder's tokenizer."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder, or the tokenizer of a model folder or registry model (hmar-tiny)."),
     part: str = typer.Option("all", "--train", help="all, or decoder: fine-tune only the decoder (needs --init); "
                              "every image keeps its token codes, so transformers trained on them stay valid."),
     fresh_decoder: bool = typer.Option(False, "--fresh-decoder", help="With --train decoder: start the decoder from a new "

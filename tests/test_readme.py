@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from hmar import hub
 from hmar_cli.app import app
 from hmar_cli.downloads import DEFAULT_MODELS, default_model
-from tests.test_hub import fake_bytes, fake_hub, hub_cache  # noqa: F401  (fixtures)
+from tests.test_hub import bundled_tiny, fake_bytes, fake_hub, hub_cache  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -133,7 +133,7 @@ def test_other_commands_name_files_that_exist(index):
 
 
 # ---- the default model ------------------------------------------------------------------------
-def test_generate_without_model_or_cache_names_the_ways_out(hub_cache, tmp_path):
+def test_generate_without_model_or_cache_names_the_ways_out(hub_cache, bundled_tiny, tmp_path):
     result = CliRunner().invoke(app, ["generate", "--class", "207", "--steps", "14", "--out", str(tmp_path / "x.png")])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr
