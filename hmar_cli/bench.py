@@ -81,6 +81,14 @@ def _print_breakdowns(rows: list[BenchRow]) -> None:
     console.print(table)
 
 
+def _cpu_note(where: torch.device, runs: str, quick: str, quiet: bool) -> None:
+    """One line before a CPU run of a GPU benchmark, which would otherwise print nothing for minutes
+    (none under --json, like the progress of the other commands)."""
+    if where.type == "cpu" and not quiet:
+        print(f"note: a GPU benchmark, here on the CPU in float32: it runs {runs} for HMAR and for VAR, minutes at "
+              f"these sizes; `{quick}` is a quick check", file=sys.stderr, flush=True)
+
+
 def _label(row: BenchRow) -> str:
     """HMAR / VAR for random models, the name for named ones."""
     return row.family.upper() if row.model in FAMILIES else row.model
@@ -141,6 +149,8 @@ def train(
         raise InputError(f"--cuda-graph needs a CUDA device; this run is on {where}")
     _chart_target(chart, overwrite)
     profile_files = _profile_files(profile, "train", overwrite)
+    _cpu_note(where, f"{warmup + iters} training steps of depth {depth} at batch {batch_size}, {resolution} px,",
+              "hmar bench train --depth 2 --resolution 256 --batch-size 2 --warmup 0 --iters 1", as_json)
     rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss,
                        compile=compile, profile=profile is not None, compile_mode=compile_mode, cuda_graph=cuda_graph)
     compiled = rows[0].compiled
@@ -171,6 +181,9 @@ def sample(
     models = list(dict.fromkeys(model or []))
     profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
     where = resolve_device(device)
+    what = ", ".join(models) if models else f"depth {depth}"
+    _cpu_note(where, f"{warmup + iters} batches of {batch_size} images ({what}, {steps} steps)" + ("" if models else ","),
+              "hmar bench sample --depth 2 --batch-size 1 --warmup 0 --iters 1", as_json)
     rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
                         profile=profile is not None, compile=compile, models=models, cuda_graph=cuda_graph)
     compiled = rows[0].compiled

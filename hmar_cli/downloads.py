@@ -8,6 +8,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from hmar import hub
 from hmar.config import ModelConfig, format_size, model_preset
+from hmar.errors import InputError
 
 
 def download_with_progress(name: str, console: Console, token: str | None = None, force: bool = False,
@@ -54,3 +55,19 @@ def model_config(name_or_path: str) -> ModelConfig:
     except hub.ModelNotCachedError:
         return model_preset(hub.registry_entry(name_or_path).preset)
     return ModelConfig.load(folder / "config.json")
+
+
+#: what a sampling command uses without --model: the first of these in the cache (the deepest samples best)
+DEFAULT_MODELS = ("hmar-d30", "hmar-d24", "hmar-d20", "hmar-d16")
+
+
+def default_model() -> str:
+    """The best published HMAR model in the cache, for a command given no --model; none cached is
+    a usage error that says how to get one (nothing is downloaded unasked: they are gigabytes)."""
+    for name in DEFAULT_MODELS:
+        if hub.model_info(name).cached:
+            return name
+    smallest = DEFAULT_MODELS[-1]
+    bundled = ", or --model " + " / ".join(hub.bundled_models()) + " (bundled, small)" if hub.bundled_models() else ""
+    raise InputError(f"no --model given and no published HMAR model is downloaded: run `hmar models download {smallest}` "
+                     f"({format_size(hub.model_info(smallest).size)}), or pass --model NAME|FOLDER{bundled}")

@@ -21,7 +21,7 @@ from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
 from hmar.images import save_png
 from hmar.schedule import format_schedule, resolve_schedule
-from hmar_cli.downloads import model_config, model_folder
+from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group
 
 if TYPE_CHECKING:  # the engine (torch) is imported by the commands that run it, not by --help
@@ -74,7 +74,8 @@ class SamplingOptions:
 
 
 def _sampling_options(
-    model: str = typer.Option(..., "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights). "
+                                        f"Default: the first of {', '.join(DEFAULT_MODELS)} that is downloaded."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
     schedule: Optional[str] = typer.Option(None, "--schedule", metavar="SCHEDULE", help='Instead of --steps: tokens committed per step, scales separated by ";" and steps by "," '
                                    '(each scale\'s counts sum to its tokens), e.g. "1;1,3;1,1,2,5;16;25;36;64;100;169;256".'),
@@ -94,6 +95,9 @@ def _sampling_options(
     from hmar.pipeline import resolve_device
 
     resolve_device(device)  # an unknown or missing device fails before anything loads or downloads
+    if model is None:
+        model = default_model()
+        err_console.print(f"model: {model} (the best downloaded; --model picks another)", highlight=False)
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed
     return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile)

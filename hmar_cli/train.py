@@ -16,6 +16,9 @@ from hmar.config import MAX_IMAGES_PER_CLASS, MAX_SEED, MAX_WORKERS, TokenizerCo
 from hmar.errors import InputError
 from hmar_cli.options import option_group
 
+#: parameters (tokenizer and transformer) above which stage 1 refuses to start on the CPU without --allow-large:
+#: a step of hmar-d16 takes minutes there and its checkpoint (weights, AdamW state) gigabytes
+CPU_TRAIN_PARAMETERS = 150_000_000
 SHARDING_HELP = "Under torchrun: ddp replicates the model on every process, fsdp shards it over them (large models)."
 app = typer.Typer(help="Train a tokenizer, stage 1 (next-scale) and stage 2 (mask branch).", no_args_is_help=True)
 
@@ -59,6 +62,23 @@ def _build(config_class, **options):
         raise InputError(str(exc)) from None
 
 
+def _check_cpu_size(tokenizer: Path, transformer: str | TransformerConfig, device: str) -> None:
+    """Refuse, before any data is read, a model that cannot train on the CPU in reasonable time."""
+    from hmar.config import ModelConfig, transformer_preset
+    from hmar.pipeline import resolve_device
+    from hmar.train.model_folders import tokenizer_files
+
+    if resolve_device(device).type != "cpu":
+        return
+    sizes = transformer_preset(transformer) if isinstance(transformer, str) else transformer
+    count = ModelConfig(tokenizer_files(tokenizer)[0], sizes).parameter_count()
+    if count > CPU_TRAIN_PARAMETERS:
+        name = transformer if isinstance(transformer, str) else "this model"
+        raise InputError(f"{name} has {count / 1e6:.0f} M parameters, too many to train on the CPU in reasonable time; train it "
+                         f"on a GPU, use a small model (--model recipes/hmar-tiny/hmar.json, the bundled hmar-tiny's sizes), "
+                         f"or pass --allow-large")
+
+
 def _report(result) -> None:
     typer.echo(f"trained {result.steps} steps; wrote {result.exported}")
 
@@ -83,7 +103,7 @@ def tokenizer(
     resolution: int = typer.Option(256, "--resolution", help="Published tokenizer shape at this resolution."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON tokenizer section (sizes) instead of --resolution "
                                           "(with --init: its settings, which may change only decoder_norm_groups and beta)."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder or model folder's tokenizer."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this tokenizer folder, or the tokenizer of a model folder or registry model (hmar-tiny)."),
     part: str = typer.Option("all", "--train", help="all, or decoder: fine-tune only the decoder (needs --init); "
                              "every image keeps its token codes, so transformers trained on them stay valid."),
     fresh_decoder: bool = typer.Option(False, "--fresh-decoder", help="With --train decoder: start the decoder from a new "
@@ -104,13 +124,17 @@ def tokenizer(
 @app.command("stage1")
 @shared_options
 def stage1(
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (from `hmar train tokenizer`) or a model folder."),
-    model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (from `hmar train tokenizer`), a model folder, or a "
+                                   "registry model's name (hmar-tiny) for its tokenizer."),
+    model: str = typer.Option("hmar-d16", "--model", help="Preset (hmar-d16 …) or a JSON file with an hmar section's sizes "
+                              "(recipes/hmar-tiny/hmar.json: the bundled model's). On the CPU, models above "
+                              f"{CPU_TRAIN_PARAMETERS // 1_000_000} M parameters need --allow-large."),
     loss_weighting: str = typer.Option("lognormal", "--loss-weighting", help="lognormal, unweighted, equal, linear, sqrt or exp_decay."),
     token_cache: Optional[Path] = typer.Option(None, "--token-cache", help="Encode the images once into this file."),
     sharding: str = typer.Option("ddp", "--sharding", help=SHARDING_HELP),
     cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each step as one CUDA graph: no "
                                               "launch gaps between kernels. Default: with one CUDA process."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Train a model too large for the CPU there anyway."),
     shared: dict = None,
 ) -> None:
     """Markovian next-scale prediction; writes the model folder <out>/model."""
@@ -119,6 +143,8 @@ def stage1(
     transformer = _read_section(Path(model), TransformerConfig, "transformer") if model.endswith(".json") else model
     config = _build(Stage1Config, tokenizer=tokenizer, model=transformer, loss_weighting=loss_weighting, token_cache=token_cache,
                     sharding=sharding, cuda_graph=cuda_graph, **shared)
+    if not allow_large:
+        _check_cpu_size(tokenizer, transformer, shared["device"])
     _report(run_stage1(config))
 
 

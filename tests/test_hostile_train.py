@@ -266,7 +266,7 @@ def _disk_full(target_name: str):
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one(setup, run, monkeypatch):
     before = (run / CHECKPOINT).read_bytes()
     monkeypatch.setattr(torch, "save", _disk_full(CHECKPOINT))
-    refused(resume(setup, run), 1, f"cannot write checkpoint {run / CHECKPOINT}: No space left on device")
+    refused_after_progress(resume(setup, run), 1, f"error: cannot write checkpoint {run / CHECKPOINT}: No space left on device")
     assert (run / CHECKPOINT).read_bytes() == before
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
@@ -274,5 +274,13 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one(setup, run, m
 def test_a_full_disk_while_writing_the_token_cache_leaves_no_file(setup, tmp_path, monkeypatch):
     cache = tmp_path / "cache.pt"
     monkeypatch.setattr(torch, "save", _disk_full(cache.name))
-    refused(runner.invoke(app, stage1_args(setup, tmp_path / "run", cache=cache)), 1, f"cannot write token cache {cache}")
+    refused_after_progress(runner.invoke(app, stage1_args(setup, tmp_path / "run", cache=cache)), 1,
+                           f"error: cannot write token cache {cache}")
     assert list(tmp_path.iterdir()) == []
+
+
+def refused_after_progress(result, code: int, start: str) -> None:
+    """A failure once work has begun: its progress lines on stderr, then the one error line."""
+    *progress, last = result.stderr.strip().splitlines()
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
+    assert all(line.startswith(("note: ", "stage1: step ")) for line in progress) and last.startswith(start), result.stderr

@@ -1,11 +1,13 @@
-"""What a run reports: one JSON line per logged step, and a rich progress bar on the terminal."""
+"""What a run reports: one JSON line per logged step, and its progress on stderr (a bar on a terminal)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hmar.atomic import atomic_write
@@ -60,17 +62,28 @@ def _parse(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
 
 
 class ProgressBar:
-    """Steps done, loss, images/s, elapsed and ETA. Silent when disabled (other ranks, tests)."""
+    """Steps done, loss, images/s, elapsed and ETA on stderr: a live bar on a terminal, else (a log
+    file, a batch job) a plain line per tenth of the run and at least every LOG_SECONDS. Silent when
+    disabled (other ranks, tests)."""
+
+    LOG_SECONDS = 60.0
 
     def __init__(self, enabled: bool, stage: str, total: int, start: int):
-        self.progress = None
-        if enabled:
+        self.progress, self.log = None, False
+        self.stage, self.total, self.start = stage, total, start
+        if not enabled:
+            return
+        console = Console(stderr=True)
+        if console.is_terminal:
             self.progress = Progress(
                 TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
             )
             self.task = self.progress.add_task(stage, total=total, completed=start, loss="-", speed="-")
+        else:
+            self.log, self.began = True, time.monotonic()
+            self.last_time, self.last_tenth, self.fields = self.began, 10 * start // total, {"loss": "-", "speed": "-"}
 
     def __enter__(self) -> "ProgressBar":
         if self.progress:
@@ -78,17 +91,35 @@ class ProgressBar:
         return self
 
     def update(self, step: int, loss: float | None = None, images_per_s: float | None = None) -> None:
+        fields = {}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        if images_per_s is not None:
+            fields["speed"] = f"{images_per_s:.1f}"
         if self.progress:
-            fields = {}
-            if loss is not None:
-                fields["loss"] = f"{loss:.4f}"
-            if images_per_s is not None:
-                fields["speed"] = f"{images_per_s:.1f}"
             self.progress.update(self.task, completed=step, **fields)
+        elif self.log:
+            self.fields.update(fields)
+            now, tenth = time.monotonic(), 10 * step // self.total
+            if tenth > self.last_tenth or now - self.last_time >= self.LOG_SECONDS:
+                self.last_time, self.last_tenth = now, tenth
+                print(self._line(step, now), file=sys.stderr, flush=True)
+
+    def _line(self, step: int, now: float) -> str:
+        elapsed = now - self.began
+        done = step - self.start
+        eta = _clock(elapsed / done * (self.total - step)) if done > 0 else "-"
+        return (f"{self.stage}: step {step}/{self.total}, loss {self.fields['loss']}, {self.fields['speed']} img/s, "
+                f"{_clock(elapsed)} elapsed, ETA {eta}")
 
     def __exit__(self, *exc) -> None:
         if self.progress:
             self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Throughput:

@@ -21,6 +21,7 @@ from hmar.atomic import atomic_write
 from hmar.checkpoints import load_models, load_weights, read_state_dict
 from hmar.config import ModelConfig, TokenizerConfig
 from hmar.errors import ConfigError
+from hmar.hub import resolve_model
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
 
@@ -50,9 +51,12 @@ def write_tokenizer_folder(folder: Path, tokenizer: MultiScaleVQVAE, state: Mapp
     return folder
 
 
-def tokenizer_files(path: Path) -> tuple[TokenizerConfig, Path]:
-    """The tokenizer config and weight file of a tokenizer folder or of a model folder."""
+def tokenizer_files(path: Path | str) -> tuple[TokenizerConfig, Path]:
+    """The tokenizer config and weight file of a tokenizer folder, of a model folder, or of a
+    registry model by name (`hmar-tiny`, or a cached hub model), as `--model` takes them."""
     path = Path(path)
+    if not path.exists() and path.name == str(path):  # a bare name, not a path: the registry's model
+        path = resolve_model(str(path))
     if (path / TOKENIZER_CONFIG).is_file():
         try:
             config = TokenizerConfig(**json.loads((path / TOKENIZER_CONFIG).read_text()))

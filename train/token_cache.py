@@ -16,7 +16,7 @@ import torch
 from hmar.atomic import atomic_write
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import ImageBatches, ImageFolder, collate_readable, ignore_stop_signals
-from hmar.train.errors import TrainingError
+from hmar.train.errors import TrainingError, note
 
 ENCODE_BATCH = 64
 
@@ -59,10 +59,13 @@ def encode_folder(folder: ImageFolder, tokenizer: MultiScaleVQVAE, device: torch
     dtype = torch.int16 if tokenizer.config.vocab_size <= 2**15 else torch.int32
     tokens = torch.zeros(len(folder), 2, L, dtype=dtype)
     valid = torch.ones(len(folder), dtype=torch.bool)
-    start = 0
+    start, reported = 0, 0
     for batch, readable in loader:
         chunk = keys[start:start + len(readable)]
         start += len(readable)
+        if 10 * start // len(keys) > reported:  # a line per tenth: readable in a log as on a terminal
+            reported = 10 * start // len(keys)
+            note(f"token cache: encoded {start}/{len(keys)} images and mirror images")
         if batch.images.numel():
             encoded = torch.cat(tokenizer.encode(batch.images.to(device)), dim=1).cpu().to(dtype)
             positions = [k for k, ok in zip(chunk, readable) if ok]
@@ -135,6 +138,7 @@ def cached_tokens(path: Path, folder: ImageFolder, tokenizer: MultiScaleVQVAE, d
     """Load the cache at `path`, encoding the folder first (on the main process) if it is missing."""
     digest = tokenizer_digest(tokenizer)
     if is_main and not path.exists():
+        note(f"encoding the {len(folder)} images and their mirror images once into the token cache {path}")
         save_cache(encode_folder(folder, tokenizer, device, num_workers), path, folder, digest)
     barrier()
     return load_cache(path, folder, digest)
