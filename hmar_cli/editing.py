@@ -40,7 +40,7 @@ CLASS_HELP = "Class index or name to generate as (default: unconditional, the nu
 IMAGES_HELP = ("The images to edit (any size and mode): files, folders (their image files) or quoted globs ('shots/*.jpg'); "
                "with several, a bad one is reported and the others still done.")
 NUM_HELP = f"Variants to make of each image (different draws from the one seed; at most {MAX_IMAGES})."
-OUT_HELP = ("Output PNG (default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
+OUT_HELP = ("Output file, .png, .jpg, .jpeg or .webp (see --quality; default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
             "images), {{i}} the variant (else several variants get -0, -1 … appended).")
 CONTEXT_HELP = ("How much around each region the model sees: pixels on each side (64), a fraction of the region's larger side "
                 f"(0.5, the default) or full (the largest centred square of the image, one window for all regions). Each connected group of "
@@ -387,7 +387,8 @@ class _Run:
             windows, enlargement = _window_fields(plan, job.origin)
             stored = {**metadata, "hmar:window": ";".join(",".join(map(str, w)) for w in windows),
                       "hmar:enlargement": ";".join(f"{e:g}" for e in enlargement)}
-            records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite)
+            records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite,
+                                  self.options.quality)
         except HmarError as exc:
             self.fail(job.source, exc)
             return

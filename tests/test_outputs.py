@@ -1,0 +1,114 @@
+"""Outputs as people expect them: the format the --out suffix names (PNG, JPEG, WebP) with the
+settings as metadata in that format's own way, a missing output folder made, an existing output a
+usage error, and edits that keep the input's nature (grayscale, transparency)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from hmar import images
+from hmar.errors import InputError
+from hmar_cli.app import app
+from tests.test_images import random_rgb
+
+runner = CliRunner()
+BOX = "12,10,40,30"
+
+
+def invoke(model, command: str, *args: str):
+    return runner.invoke(app, [command, *args, "--model", str(model), "--device", "cpu"])
+
+
+def succeeded(result) -> None:
+    assert result.exit_code == 0, result.output + result.stderr
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    random_rgb(64, 48, seed=7).save(path)
+    return path
+
+
+# ---- the library ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix, kind", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP")])
+def test_each_format_keeps_the_metadata_its_own_way(tmp_path, suffix, kind):
+    path = tmp_path / f"x{suffix}"
+    metadata = {"Software": "hmar 0.1.0", "hmar:seed": "3", "hmar:class_name": "tabby, tabby cat"}
+    images.save_image(random_rgb(32, 24, seed=1), path, metadata)
+    with Image.open(path) as written:
+        assert written.format == kind and written.size == (32, 24)
+        if kind == "PNG":
+            assert written.text == metadata
+        else:
+            assert written.getexif()[0x0131] == "hmar 0.1.0"  # EXIF's own Software tag too
+    assert images.read_metadata(path) == metadata
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_quality_trades_size_for_fidelity(tmp_path):
+    picture = random_rgb(64, 64, seed=2)
+    for quality in (30, 95):
+        images.save_image(picture, tmp_path / f"q{quality}.jpg", {}, quality=quality)
+    assert (tmp_path / "q30.jpg").stat().st_size < (tmp_path / "q95.jpg").stat().st_size
+    with pytest.raises(InputError, match="--quality must be a whole number from 1 to 100, got 0"):
+        images.save_image(picture, tmp_path / "bad.jpg", {}, quality=0)
+    assert not (tmp_path / "bad.jpg").exists()
+
+
+def test_jpeg_of_a_transparent_image_is_written_on_white(tmp_path):
+    clear = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    images.save_image(clear, tmp_path / "x.jpg", {})
+    with Image.open(tmp_path / "x.jpg") as written:
+        assert written.mode == "RGB" and np.asarray(written).min() >= 250
+
+
+def test_a_missing_folder_is_made_when_the_image_is_written(tmp_path):
+    path = tmp_path / "new" / "deeper" / "x.webp"
+    images.check_writable([path], overwrite=False)
+    assert not (tmp_path / "new").exists()  # nothing is made before the work is done
+    images.save_image(random_rgb(4, 4), path, {"hmar:seed": "1"})
+    assert images.read_metadata(path) == {"hmar:seed": "1"}
+
+
+def test_unknown_suffixes_and_existing_outputs_are_usage_errors(tmp_path):
+    for name in ("x.gif", "x.tiff", "x", "x.png.bak"):
+        with pytest.raises(InputError, match=r"output must be a \.png, \.jpg, \.jpeg or \.webp file"):
+            images.output_paths(str(tmp_path / name), 1)
+    (tmp_path / "taken.jpg").write_bytes(b"mine")
+    with pytest.raises(images.OutputError, match="exists; pass --overwrite") as caught:
+        images.check_writable([tmp_path / "taken.jpg"], overwrite=False)
+    assert caught.value.exit_code == 2 and (tmp_path / "taken.jpg").read_bytes() == b"mine"
+
+
+# ---- the commands --------------------------------------------------------------------------------
+def test_generate_writes_jpeg_and_webp_with_their_settings(tmp_path, conformance_models, conformance_config):
+    label = str(conformance_config["labels"][0])
+    for suffix in ("png", "jpg", "webp"):
+        succeeded(runner.invoke(app, ["generate", "--model", str(conformance_models["hmar"]), "--device", "cpu", "--class", label,
+                                      "--seed", "4", "--quality", "90", "--grid", "--out", str(tmp_path / "made" / f"x.{suffix}")]))
+    for suffix in ("png", "jpg", "webp"):
+        stored = images.read_metadata(tmp_path / "made" / f"x.{suffix}")
+        assert stored["hmar:seed"] == "4" and stored["hmar:class"] == label and stored["Software"].startswith("hmar ")
+        assert (tmp_path / "made" / f"x-grid.{suffix}").is_file()
+    with Image.open(tmp_path / "made" / "x.png") as png, Image.open(tmp_path / "made" / "x.jpg") as jpeg:
+        assert jpeg.format == "JPEG" and np.abs(np.asarray(png, dtype=float) - np.asarray(jpeg, dtype=float)).mean() < 20
+
+
+def test_an_unknown_suffix_fails_before_the_model_loads(tmp_path, photo):
+    for args in (["generate", "--class", "1"], ["inpaint", str(photo), "--box", BOX]):
+        result = invoke(tmp_path / "no-such-model", *args, "--out", str(tmp_path / "x.gif"))
+        assert result.exit_code == 2
+        assert result.stderr.strip() == f"error: output must be a .png, .jpg, .jpeg or .webp file, got '{tmp_path / 'x.gif'}'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+
+
+def test_an_edit_into_a_new_folder_as_jpeg(tmp_path, conformance_models, photo):
+    out = tmp_path / "edits" / "{name}.jpg"
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", BOX, "--seed", "1", "--out", str(out)))
+    stored = images.read_metadata(tmp_path / "edits" / "photo.jpg")
+    assert stored["hmar:command"] == "inpaint" and stored["hmar:box"] == BOX and stored["hmar:seed"] == "1"
+    again = invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", BOX, "--out", str(out))
+    assert again.exit_code == 2 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
