@@ -2,7 +2,8 @@
 
 Reading: any image Pillow decodes, in any mode (RGBA, LA, palette, grayscale, 1-bit, CMYK, 16-bit),
 turned upright by its EXIF orientation and flattened to 8-bit RGB: transparency is composited on
-white (or dropped). A mask is read as grey levels, white (above 50 %) = regenerate, unless it has
+white (or dropped). `load_picture` also keeps what an edit gives back (`restore_nature`): grayscale
+stays grayscale, and alpha is kept outside what was regenerated. A mask is read as grey levels, white (above 50 %) = regenerate, unless it has
 transparent pixels: then its alpha alone decides, opaque = regenerate (`MASK_RULE`). Every failure is
 an `InputError` that names the file and the problem; images above a pixel limit are refused before
 they are decoded (decompression bombs), and so is every size that would make the model's window over
@@ -64,6 +65,48 @@ def load_image(path: str | os.PathLike, *, alpha: str = "white", max_pixels: int
         raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
     image = _decode(Path(path), "image", max_pixels)
     return _to_rgb(image, WHITE if alpha == "white" else None)
+
+
+_GRAY_MODES = ("1", "L", "LA", "La", "F", *_SIXTEEN_BIT_MODES)
+
+
+@dataclass(frozen=True)
+class Nature:
+    """What an edit's output keeps of its input besides the RGB pixels the model works on: a
+    grayscale input gives a grayscale output, and one with transparency keeps its alpha (and the
+    colours under it, which flattening on white would change) wherever nothing was regenerated."""
+
+    gray: bool
+    alpha: np.ndarray | None = None  # (H, W) uint8
+    colour: np.ndarray | None = None  # (H, W, 3) uint8: the RGB under the alpha, not flattened
+
+
+def load_picture(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Nature]:
+    """`load_image` (transparency on white) and the input's `Nature`, from one decoding."""
+    image = _decode(Path(path), "image", max_pixels)
+    alpha = _alpha(image)
+    colour = None if alpha is None else np.asarray(_to_rgb(image, None))
+    return _to_rgb(image, WHITE), Nature(image.mode in _GRAY_MODES, alpha, colour)
+
+
+def restore_nature(edited: Image.Image, nature: Nature, changed: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Image.Image:
+    """An edit's RGB result with the input's `Nature` back: grayscale stays grayscale (the kept
+    pixels are grey, so their level is exact), and an input with alpha gets its own alpha and
+    colours back outside `changed` (H, W bool, where the output's pixels were generated or blended),
+    while what was generated is opaque. `origin`: where the input's pixel (0, 0) is in `edited`
+    (outpainting's larger canvas, whose new area is `changed` and opaque)."""
+    if nature.alpha is None:
+        return edited.convert("L") if nature.gray else edited
+    pixels = np.asarray(edited.convert("RGB"))
+    colour, alpha = pixels.copy(), np.full(pixels.shape[:2], 255, dtype=np.uint8)
+    height, width = nature.alpha.shape
+    inside = np.s_[origin[1]:origin[1] + height, origin[0]:origin[0] + width]
+    kept = ~changed[inside]
+    colour[inside] = np.where(kept[..., None], nature.colour, pixels[inside])
+    alpha[inside] = np.where(kept, nature.alpha, 255)
+    if nature.gray:
+        return Image.merge("LA", (Image.fromarray(colour, mode="RGB").convert("L"), Image.fromarray(alpha, mode="L")))
+    return Image.fromarray(np.dstack([colour, alpha]), mode="RGBA")
 
 
 #: how a mask file reads: said once, in the help and in the errors about masks

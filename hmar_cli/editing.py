@@ -1,6 +1,7 @@
 """`hmar inpaint`, `hmar outpaint` and `hmar edit`: zero-shot editing of image files.
 
-The images may have any size and mode (`hmar.images.load_image`); one command edits one image or many
+The images may have any size and mode (`hmar.images.load_picture`: a grayscale input gives a grayscale
+output, one with alpha keeps it outside the region, `restore_nature`); one command edits one image or many
 (paths, folders, globs), loading the model once. What to regenerate comes from a mask file (or a
 folder of masks matched by name), a box, or (outpainting) the canvas added around the image.
 `hmar.edit_window.plan_edit` picks the square windows of the image the model sees (one per group of
@@ -28,9 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
 from hmar.errors import HmarError, InputError
-from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
-                         clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
-                         parse_size)
+from hmar.images import (MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
+                         clip_box, extend_canvas, image_from_array, load_mask, load_picture, output_paths, outpaint_margins, parse_box,
+                         parse_size, restore_nature)
 from hmar.sampler import make_generator
 from hmar_cli.options import option_group
 from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
@@ -66,6 +67,7 @@ class EditRequest:
     feather: int = 0
     match_colours: bool = True
     origin: tuple[int, int] = (0, 0)  # where the input image's pixel (0, 0) is in `picture`
+    nature: Nature = Nature(gray=False)  # what of the input the outputs keep (grayscale, alpha)
 
 
 MATCH_COLOURS_HELP = ("Shift the generated pixels' colours smoothly so that they meet the kept ones at the region's edge "
@@ -171,13 +173,13 @@ def outpaint(
     check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
 
     def prepare(source: Path) -> EditRequest:
-        original = load_image(source)
+        original, nature = load_picture(source)
         margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
         canvas, regenerate = extend_canvas(original, margins)
         details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
                    "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
         return EditRequest(canvas, regenerate, details, (), match_colours=match_colours,
-                           origin=(margins.left, margins.top))
+                           origin=(margins.left, margins.top), nature=nature)
 
     _run("outpaint", images, prepare, view, label, num, out, options)
 
@@ -188,7 +190,7 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
     masks = MaskFolder(region.mask) if region.mask is not None and region.mask.is_dir() else None
 
     def prepare(source: Path) -> EditRequest:
-        picture = load_image(source)
+        picture, nature = load_picture(source)
         if region.box is not None:
             box, notes = clip_box(region.box, picture.size)
             regenerate = box_mask(box, picture.size)
@@ -202,7 +204,7 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
         check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
         details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
                         "hmar:match_colours": str(region.match_colours).lower()})
-        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours)
+        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours, nature=nature)
 
     _run(command, images, prepare, context, label, num, out, options)
 
@@ -289,6 +291,7 @@ class Job:
     plan: EditPlan
     paths: list[Path]
     notes: list[str]
+    nature: Nature
     generated: dict[int, np.ndarray] = field(default_factory=dict)  # item (variant * views + view) → (S, S, 3) uint8
 
     @property
@@ -320,7 +323,8 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
             except HmarError as exc:
                 run.fail(source, exc)
                 continue
-            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], [*request.notes, *plan.notes]))
+            notes = [*request.notes, *plan.notes, *_output_notes(request.nature, outputs[source])]
+            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], notes, request.nature))
         run.flush()
     run.finish()
 
@@ -381,7 +385,8 @@ class _Run:
     def _write(self, job: Job) -> None:
         plan, views = job.plan, len(job.plan.views)
         try:
-            edited = [plan.composite([job.generated[v * views + g] for g in range(views)]) for v in range(self.num)]
+            edited = [restore_nature(plan.composite([job.generated[v * views + g] for g in range(views)]), job.nature, plan.alpha > 0,
+                                     job.origin) for v in range(self.num)]
             metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": self.command,
                         "hmar:source": job.source.name, "hmar:context": str(self.context), **job.metadata}
             windows, enlargement = _window_fields(plan, job.origin)
@@ -421,6 +426,14 @@ class _Run:
             raise typer.Exit(1)
         if not options.as_json:
             typer.echo(f"edited {done} of {total} images", err=True)
+
+
+def _output_notes(nature: Nature, paths: list[Path]) -> list[str]:
+    """What an output cannot keep of its input: JPEG has no transparency."""
+    flattened = [path.name for path in paths if nature.alpha is not None and path.suffix.lower() in (".jpg", ".jpeg")]
+    if flattened:
+        return [f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)"]
+    return []
 
 
 def _window_fields(plan: EditPlan, origin: tuple[int, int]) -> tuple[list[list[int]], list[float]]:

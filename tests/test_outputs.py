@@ -112,3 +112,55 @@ def test_an_edit_into_a_new_folder_as_jpeg(tmp_path, conformance_models, photo):
     assert stored["hmar:command"] == "inpaint" and stored["hmar:box"] == BOX and stored["hmar:seed"] == "1"
     again = invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", BOX, "--out", str(out))
     assert again.exit_code == 2 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
+
+
+# ---- the input's nature --------------------------------------------------------------------------
+def _box(size):
+    return images.box_mask(images.Box(*map(int, BOX.split(","))), size)
+
+
+def test_a_grayscale_input_gives_a_grayscale_output(tmp_path, conformance_models):
+    source = tmp_path / "gray.png"
+    random_rgb(64, 48, seed=4).convert("L").save(source)
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(source), "--box", BOX, "--seed", "0", "--out", str(tmp_path / "x.png")))
+    with Image.open(source) as before, Image.open(tmp_path / "x.png") as after:
+        assert after.mode == "L"
+        kept, got = np.asarray(before), np.asarray(after)
+    region = _box((64, 48))
+    assert np.array_equal(got[~region], kept[~region]) and (got[region] != kept[region]).any()
+    succeeded(invoke(conformance_models["hmar"], "outpaint", str(source), "--right", "16", "--seed", "0", "--out", str(tmp_path / "o.png")))
+    with Image.open(tmp_path / "o.png") as grown:
+        assert grown.mode == "L" and grown.size == (80, 48) and np.array_equal(np.asarray(grown)[:, :64], kept)
+
+
+def test_an_rgba_input_keeps_its_alpha_outside_the_region(tmp_path, conformance_models):
+    rgba = np.asarray(random_rgb(64, 48, seed=1).convert("RGBA")).copy()
+    rgba[:, :30, 3] = 90  # partly transparent, over part of the box too
+    rgba[40:, :, 3] = 0
+    source = tmp_path / "cutout.png"
+    Image.fromarray(rgba, mode="RGBA").save(source)
+    succeeded(invoke(conformance_models["hmar"], "inpaint", str(source), "--box", BOX, "--seed", "0", "--out", str(tmp_path / "x.png")))
+    with Image.open(tmp_path / "x.png") as after:
+        assert after.mode == "RGBA"
+        got = np.asarray(after)
+    region = _box((64, 48))
+    assert np.array_equal(got[~region], rgba[~region])  # colour under the alpha too, bit for bit
+    assert (got[region][:, 3] == 255).all()  # what was generated is opaque
+    result = invoke(conformance_models["hmar"], "outpaint", str(source), "--left", "8", "--seed", "0", "--out", str(tmp_path / "o.jpg"))
+    succeeded(result)
+    assert "JPEG has no transparency: o.jpg shows the image on white" in result.stderr
+    with Image.open(tmp_path / "o.jpg") as flat:
+        assert flat.mode == "RGB" and flat.size == (72, 48)
+
+
+def test_restore_nature_in_the_library():
+    gray = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, mode="L")
+    source = gray.convert("RGB")
+    changed = np.zeros((3, 4), dtype=bool)
+    changed[1, 1] = True
+    edited = np.asarray(source).copy()
+    edited[1, 1] = (255, 0, 0)
+    out = images.restore_nature(Image.fromarray(edited), images.Nature(gray=True), changed)
+    assert out.mode == "L" and np.array_equal(np.asarray(out)[~changed], np.asarray(gray)[~changed])
+    rgb = images.restore_nature(Image.fromarray(edited), images.Nature(gray=False), changed)
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), edited)
