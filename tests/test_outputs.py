@@ -164,3 +164,17 @@ def test_restore_nature_in_the_library():
     assert out.mode == "L" and np.array_equal(np.asarray(out)[~changed], np.asarray(gray)[~changed])
     rgb = images.restore_nature(Image.fromarray(edited), images.Nature(gray=False), changed)
     assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), edited)
+
+
+def test_an_unknown_class_on_a_model_of_few_classes_lists_them_all():
+    from hmar.classes import resolve_class
+    names = ["checkerboard", "circle", "crescent", "cross", "polka_dots", "ring", "square", "star", "stripes", "triangle"]
+    with pytest.raises(InputError) as caught:
+        resolve_class("tabby cat", 10, names)
+    assert str(caught.value) == ("unknown class name 'tabby cat'; this model has 10 classes: 0 checkerboard, 1 circle, 2 crescent, "
+                                 "3 cross, 4 polka_dots, 5 ring, 6 square, 7 star, 8 stripes, 9 triangle")
+    with pytest.raises(InputError, match=r"did you mean 'circle', 'crescent'\? \(this model has 10 classes: 0 checkerboard, .*, 9 triangle\)$"):
+        resolve_class("circel", 10, names)
+    with pytest.raises(InputError) as imagenet:
+        resolve_class("not a class at all", 1000)
+    assert "classes:" not in str(imagenet.value)
