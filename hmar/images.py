@@ -379,6 +379,31 @@ def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     return np.clip(distance / float(pixels), 0.0, 1.0).astype(np.float32)
 
 
+#: the blend band `default_feather` picks: this share of the narrowest region's width, at most
+#: FEATHER_LIMIT pixels: wide enough to hide the seam on a photo, narrow enough that the middle of
+#: every region is wholly generated and no band of half-old, half-new pixels shows a double image
+FEATHER_SHARE = 0.25
+FEATHER_LIMIT = 32
+FEATHER_RULE = f"a quarter of the narrowest region's width, at most {FEATHER_LIMIT} pixels"
+
+
+def default_feather(regenerate: np.ndarray, dilate_pixels: int = 0) -> int:
+    """The --feather an edit of `regenerate` (H, W) bool gets when none is given (`FEATHER_RULE`):
+    a region's width is twice the largest distance from its inside to its edge (after dilation;
+    the image's border is no edge);
+    the narrowest connected region decides, so that it too is fully generated in its middle."""
+    region = dilate(regenerate, dilate_pixels)
+    if not region.any():
+        return 0
+    # the image's border is no edge, as in `feather`: a region cut by it is as wide as its inside shows
+    distance = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
+    count, labels = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
+    deepest = np.zeros(count, dtype=np.float32)
+    np.maximum.at(deepest, labels[region], distance[region])
+    width = 2.0 * float(deepest[1:].min())
+    return int(min(FEATHER_LIMIT, max(region.shape), max(1, round(FEATHER_SHARE * width))))
+
+
 # Colour matching (`match_colours`): the generated region's colours are compared with the input's
 # along a ring of this many pixels inside the region's edge (at the model's resolution; scaled to the
 # output), low-passed over about as many pixels, and Jacobi sweeps per pyramid level fill the offset in.
@@ -718,11 +743,16 @@ save_png = save_image
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata `save_image` wrote: PNG text, or the JSON in a JPEG's or WebP's EXIF
     UserComment ({} when there is none)."""
-    _decode(Path(path), "image", MAX_PIXELS)  # the same checks and errors as any image read
-    with Image.open(path) as image:
-        if image.format == "PNG":
-            return dict(image.text)
-        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}" if not path.exists() else f"image {path} is not a regular file")
+    try:  # text and EXIF come before the pixels: nothing is decoded
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                return dict(image.text)
+            comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot read the metadata of {path} ({type(exc).__name__})") from None
     if isinstance(comment, str):  # Pillow decodes a comment with its character code
         comment = comment.encode("utf-8")
     if not comment:

@@ -27,11 +27,12 @@ import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hmar import hub
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
 from hmar.errors import HmarError, InputError
-from hmar.images import (MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
-                         clip_box, extend_canvas, image_from_array, load_mask, load_picture, output_paths, outpaint_margins, parse_box,
-                         parse_size, restore_nature)
+from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
+                         clip_box, default_feather, extend_canvas, image_from_array, load_mask, load_picture, output_paths, outpaint_margins, parse_box,
+                         parse_size, read_metadata, restore_nature)
 from hmar.sampler import make_generator
 from hmar_cli.options import option_group
 from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
@@ -81,7 +82,7 @@ class RegionOptions:
     mask: Path | None
     box: Box | None
     dilate: int
-    feather: int
+    feather: int | None  # None: `default_feather`, per image
     match_colours: bool
 
 
@@ -91,13 +92,16 @@ def _region_options(
     box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0 the top-left corner, x1,y1 the "
                                       "bottom-right, in pixels; a box reaching past the image is clipped to it (with a note)."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the region by this many pixels first (covers halos around an object)."),
-    feather: int = typer.Option(0, "--feather", min=0, help="Blend generated pixels in over this many pixels inside the region's edge (0: a hard edge)."),
+    feather: Optional[int] = typer.Option(None, "--feather", min=0, show_default=False,
+                                          help=f"Blend generated pixels in over this many pixels inside the region's edge, so that no seam shows "
+                                               f"(default: {FEATHER_RULE}; 0: a hard edge)."),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
 ) -> RegionOptions:
     if (mask is None) == (box is None):
         raise InputError("give the region to regenerate as either --mask FILE or --box x0,y0,x1,y1 (one of them)")
     check_pixels_option("dilate", dilate)
-    check_pixels_option("feather", feather)
+    if feather is not None:
+        check_pixels_option("feather", feather)
     return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather, match_colours)
 
 
@@ -201,10 +205,11 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
             regenerate, notes = loaded.regenerate, loaded.notes
             details = {"hmar:mask": path.name}
         # an empty region, or one whose model window would be too large, fails here: before the model loads
-        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
-        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
+        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather or 0)
+        feather = default_feather(regenerate, region.dilate) if region.feather is None else region.feather
+        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(feather),
                         "hmar:match_colours": str(region.match_colours).lower()})
-        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours, nature=nature)
+        return EditRequest(picture, regenerate, details, notes, region.dilate, feather, region.match_colours, nature=nature)
 
     _run(command, images, prepare, context, label, num, out, options)
 
@@ -313,6 +318,7 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
     config = options.checked_config()  # the class and steps are checked before the weights load
     index = None if label is None else class_index(label, config)
     run = _Run(command, options, index, num, batch_mode, context)
+    tiny_note = _tiny_note(options.model, config)
     with _images_progress(len(sources), quiet=options.as_json) as progress:
         run.progress = progress
         for source in sources:
@@ -323,6 +329,9 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
             except HmarError as exc:
                 run.fail(source, exc)
                 continue
+            if tiny_note and not _made_by(source, options.model):
+                note(tiny_note)  # once: it is about the model, not this image
+                tiny_note = None
             notes = [*request.notes, *plan.notes, *_output_notes(request.nature, outputs[source])]
             run.add(Job(source, request.metadata, request.origin, plan, outputs[source], notes, request.nature))
         run.flush()
@@ -426,6 +435,28 @@ class _Run:
             raise typer.Exit(1)
         if not options.as_json:
             typer.echo(f"edited {done} of {total} images", err=True)
+
+
+def _tiny_note(model: str, config) -> str | None:
+    """The bundled demonstration model knows a few drawn shapes, nothing of photos: said once when
+    it edits an image it did not make."""
+    try:
+        folder = hub.resolve_model(model)
+    except HmarError:
+        return None
+    if folder.parent.resolve() != hub.BUNDLED_DIR.resolve():
+        return None
+    names = ", ".join(map(str, config.class_names or ()))
+    return (f"{folder.name} is a demonstration model that knows only {config.transformer.num_classes} procedural shape classes "
+            f"({names}), not photos: `hmar models download hmar-d16` gives the real model (then --model hmar-d16)")
+
+
+def _made_by(source: Path, model: str) -> bool:
+    """Whether `source` is an output of `model` (its metadata names it)."""
+    try:
+        return read_metadata(source).get("hmar:model") == model
+    except HmarError:
+        return False
 
 
 def _output_notes(nature: Nature, paths: list[Path]) -> list[str]:

@@ -178,3 +178,47 @@ def test_an_unknown_class_on_a_model_of_few_classes_lists_them_all():
     with pytest.raises(InputError) as imagenet:
         resolve_class("not a class at all", 1000)
     assert "classes:" not in str(imagenet.value)
+
+
+# ---- soft edges by default -----------------------------------------------------------------------
+def test_default_feather_is_a_share_of_the_narrowest_region():
+    size = (64, 48)
+    assert images.default_feather(_box(size)) == 5  # 28x20: a quarter of 20
+    assert images.default_feather(_box(size), dilate_pixels=3) == 6  # 34x26 once grown
+    big = images.box_mask(images.Box(100, 100, 1100, 900), (1600, 1200))
+    assert images.default_feather(big) == images.FEATHER_LIMIT
+    two = np.zeros((200, 200), dtype=bool)
+    two[10:150, 10:150] = True
+    two[180:188, 10:190] = True  # a stroke 8 px wide: its middle must still be wholly generated
+    assert images.default_feather(two) == 2
+    assert images.default_feather(np.ones((1, 1), dtype=bool)) == 1
+
+
+def test_edits_have_soft_edges_unless_asked(tmp_path, conformance_models, photo):
+    model = conformance_models["hmar"]
+    succeeded(invoke(model, "inpaint", str(photo), "--box", BOX, "--seed", "0", "--out", str(tmp_path / "soft.png")))
+    succeeded(invoke(model, "inpaint", str(photo), "--box", BOX, "--seed", "0", "--feather", "0", "--out", str(tmp_path / "hard.png")))
+    assert images.read_metadata(tmp_path / "soft.png")["hmar:feather"] == "5"
+    assert images.read_metadata(tmp_path / "hard.png")["hmar:feather"] == "0"
+    region = _box((64, 48))
+    soft, hard, before = (np.asarray(images.load_image(p)).astype(int) for p in (tmp_path / "soft.png", tmp_path / "hard.png", photo))
+    assert np.array_equal(soft[~region], before[~region]) and np.array_equal(hard[~region], before[~region])
+    ring = region & ~images.dilate(~region, 1)  # the region's outermost pixels: blended, so nearer the input
+    assert np.abs(soft[ring] - before[ring]).mean() < np.abs(hard[ring] - before[ring]).mean()
+    shown = runner.invoke(app, ["inpaint", "--help"]).output.replace("│", " ")  # the help's words, out of rich's table
+    assert images.FEATHER_RULE in " ".join(shown.split())
+
+
+# ---- hmar-tiny and photos ------------------------------------------------------------------------
+def test_hmar_tiny_says_once_that_it_knows_shapes_not_photos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jpg", "b.jpg"):
+        random_rgb(40, 30, seed=3).save(name)
+    args = ["--model", "hmar-tiny", "--device", "cpu", "--box", "4,4,20,20", "--steps", "10", "--seed", "0"]
+    photos = runner.invoke(app, ["inpaint", "a.jpg", "b.jpg", *args, "--out", "{name}-new.png"])
+    succeeded(photos)
+    told = [line for line in photos.stderr.splitlines() if "demonstration model" in line]
+    assert len(told) == 1 and "10 procedural shape classes" in told[0] and "hmar models download hmar-d16" in told[0]
+    own = runner.invoke(app, ["inpaint", "a-new.png", *args, "--out", "again.png"])  # an image it made itself
+    succeeded(own)
+    assert "demonstration model" not in own.stderr
