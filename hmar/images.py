@@ -79,6 +79,7 @@ class Nature:
     gray: bool
     alpha: np.ndarray | None = None  # (H, W) uint8
     colour: np.ndarray | None = None  # (H, W, 3) uint8: the RGB under the alpha, not flattened
+    deep: bool = False  # more than 8 bits a channel (16-bit, float): the output has 8
 
 
 def load_picture(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Nature]:
@@ -86,7 +87,8 @@ def load_picture(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tu
     image = _decode(Path(path), "image", max_pixels)
     alpha = _alpha(image)
     colour = None if alpha is None else np.asarray(_to_rgb(image, None))
-    return _to_rgb(image, WHITE), Nature(image.mode in _GRAY_MODES, alpha, colour)
+    deep = image.mode in _SIXTEEN_BIT_MODES or image.mode == "F"
+    return _to_rgb(image, WHITE), Nature(image.mode in _GRAY_MODES, alpha, colour, deep)
 
 
 def restore_nature(edited: Image.Image, nature: Nature, changed: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Image.Image:

@@ -460,11 +460,12 @@ def _made_by(source: Path, model: str) -> bool:
 
 
 def _output_notes(nature: Nature, paths: list[Path]) -> list[str]:
-    """What an output cannot keep of its input: JPEG has no transparency."""
+    """What an output cannot keep of its input: more than 8 bits a channel; transparency in JPEG."""
+    notes = ["the image has more than 8 bits a channel: the output has 8 (the kept pixels are its 8-bit reading)"] if nature.deep else []
     flattened = [path.name for path in paths if nature.alpha is not None and path.suffix.lower() in (".jpg", ".jpeg")]
     if flattened:
-        return [f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)"]
-    return []
+        notes.append(f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)")
+    return notes
 
 
 def _window_fields(plan: EditPlan, origin: tuple[int, int]) -> tuple[list[list[int]], list[float]]:

@@ -222,3 +222,16 @@ def test_hmar_tiny_says_once_that_it_knows_shapes_not_photos(tmp_path, monkeypat
     own = runner.invoke(app, ["inpaint", "a-new.png", *args, "--out", "again.png"])  # an image it made itself
     succeeded(own)
     assert "demonstration model" not in own.stderr
+
+
+def test_a_sixteen_bit_input_is_said_to_become_eight_bit(tmp_path, conformance_models):
+    source = tmp_path / "deep.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 65536, (48, 64), dtype=np.uint16)).save(source)
+    result = invoke(conformance_models["hmar"], "inpaint", str(source), "--box", BOX, "--seed", "0", "--out", str(tmp_path / "x.png"))
+    succeeded(result)
+    assert "more than 8 bits a channel: the output has 8" in result.stderr
+    with Image.open(tmp_path / "x.png") as written:
+        assert written.mode == "L"
+        got = np.asarray(written)
+    region = _box((64, 48))
+    assert np.array_equal(got[~region], np.asarray(images.load_image(source).convert("L"))[~region])
