@@ -27,12 +27,11 @@ import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hmar import hub
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
 from hmar.errors import HmarError, InputError
-from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
-                         clip_box, default_feather, extend_canvas, image_from_array, load_mask, load_picture, output_paths, outpaint_margins, parse_box,
-                         parse_size, read_metadata, restore_nature)
+from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option,
+                         check_region, check_writable, clip_box, default_feather, extend_canvas, image_from_array, load_mask,
+                         load_picture, output_paths, outpaint_margins, parse_box, parse_size, read_metadata, restore_nature)
 from hmar.sampler import make_generator
 from hmar_cli.options import option_group
 from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
@@ -440,6 +439,8 @@ class _Run:
 def _tiny_note(model: str, config) -> str | None:
     """The bundled demonstration model knows a few drawn shapes, nothing of photos: said once when
     it edits an image it did not make."""
+    from hmar import hub  # only this note needs the registry here
+
     try:
         folder = hub.resolve_model(model)
     except HmarError:
