@@ -4,7 +4,7 @@ A model's config may carry its own `class_names`; 1000-class models without them
 (the WordNet synonyms of each class, in `hmar/data/imagenet_classes.json`). A name matches any of a
 class's synonyms ignoring case, spaces, hyphens and underscores, or a part of one when that part
 belongs to a single class; a part shared by several classes lists them, and an unknown name gets
-the nearest names suggested.
+the nearest names suggested (and, for a model of few classes, all of them).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from hmar.errors import InputError
 
 SUGGESTIONS = 3
 LISTED_MATCHES = 8  # an ambiguous name lists this many of the classes it matches
+LISTED_CLASSES = 30  # an unknown name lists all of a model's classes when it has no more than this
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +70,10 @@ def resolve_class(value: int | str, num_classes: int, class_names=None) -> int:
                          "give more of the name or the number")
     nearest = difflib.get_close_matches(wanted, list(lookup), n=SUGGESTIONS, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(n) for n in nearest)}?" if nearest else ""
+    if len(synonyms) <= LISTED_CLASSES:  # a model of few classes: all of them say more than a guess
+        names = ", ".join(f"{index} {names[0]}" for index, names in enumerate(synonyms))
+        listed = f"this model has {len(synonyms)} classes: {names}"
+        hint = f"{hint} ({listed})" if hint else f"; {listed}"
     raise InputError(f"unknown class name {text!r}{hint}")
 
 

@@ -2,7 +2,8 @@
 
 Reading: any image Pillow decodes, in any mode (RGBA, LA, palette, grayscale, 1-bit, CMYK, 16-bit),
 turned upright by its EXIF orientation and flattened to 8-bit RGB: transparency is composited on
-white (or dropped). A mask is read as grey levels, white (above 50 %) = regenerate, unless it has
+white (or dropped). `load_picture` also keeps what an edit gives back (`restore_nature`): grayscale
+stays grayscale, and alpha is kept outside what was regenerated. A mask is read as grey levels, white (above 50 %) = regenerate, unless it has
 transparent pixels: then its alpha alone decides, opaque = regenerate (`MASK_RULE`). Every failure is
 an `InputError` that names the file and the problem; images above a pixel limit are refused before
 they are decoded (decompression bombs), and so is every size that would make the model's window over
@@ -13,11 +14,13 @@ which shows as a box; the smooth offset that takes the generated border to the i
 inside the region. Which windows of the image the model sees, and how its outputs go back, is
 `hmar.edit_window`.
 
-Writing: PNG with text metadata, written to a temporary file beside the target and moved into place,
+Writing: PNG, JPEG or WebP by the output's suffix, with the settings as metadata in the format's
+own way (PNG text; EXIF UserComment for JPEG and WebP), written to a temporary file beside the target and moved into place,
 never replacing an existing file unless asked; output names from a template; grids.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -41,7 +44,16 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class OutputError(HmarError):
-    """An output that cannot be written (exists without --overwrite, missing or read-only folder)."""
+    """An output the user named that cannot be used (exists without --overwrite, an unusable
+    folder): a usage error, like every other bad input."""
+
+    exit_code = 2
+
+
+class WriteError(OutputError):
+    """Writing an output failed (a full disk, a folder made read-only meanwhile): a runtime failure."""
+
+    exit_code = 1
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -52,6 +64,50 @@ def load_image(path: str | os.PathLike, *, alpha: str = "white", max_pixels: int
         raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
     image = _decode(Path(path), "image", max_pixels)
     return _to_rgb(image, WHITE if alpha == "white" else None)
+
+
+_GRAY_MODES = ("1", "L", "LA", "La", "F", *_SIXTEEN_BIT_MODES)
+
+
+@dataclass(frozen=True)
+class Nature:
+    """What an edit's output keeps of its input besides the RGB pixels the model works on: a
+    grayscale input gives a grayscale output, and one with transparency keeps its alpha (and the
+    colours under it, which flattening on white would change) wherever nothing was regenerated."""
+
+    gray: bool
+    alpha: np.ndarray | None = None  # (H, W) uint8
+    colour: np.ndarray | None = None  # (H, W, 3) uint8: the RGB under the alpha, not flattened
+    deep: bool = False  # more than 8 bits a channel (16-bit, float): the output has 8
+
+
+def load_picture(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Nature]:
+    """`load_image` (transparency on white) and the input's `Nature`, from one decoding."""
+    image = _decode(Path(path), "image", max_pixels)
+    alpha = _alpha(image)
+    colour = None if alpha is None else np.asarray(_to_rgb(image, None))
+    deep = image.mode in _SIXTEEN_BIT_MODES or image.mode == "F"
+    return _to_rgb(image, WHITE), Nature(image.mode in _GRAY_MODES, alpha, colour, deep)
+
+
+def restore_nature(edited: Image.Image, nature: Nature, changed: np.ndarray, origin: tuple[int, int] = (0, 0)) -> Image.Image:
+    """An edit's RGB result with the input's `Nature` back: grayscale stays grayscale (the kept
+    pixels are grey, so their level is exact), and an input with alpha gets its own alpha and
+    colours back outside `changed` (H, W bool, where the output's pixels were generated or blended),
+    while what was generated is opaque. `origin`: where the input's pixel (0, 0) is in `edited`
+    (outpainting's larger canvas, whose new area is `changed` and opaque)."""
+    if nature.alpha is None:
+        return edited.convert("L") if nature.gray else edited
+    pixels = np.asarray(edited.convert("RGB"))
+    colour, alpha = pixels.copy(), np.full(pixels.shape[:2], 255, dtype=np.uint8)
+    height, width = nature.alpha.shape
+    inside = np.s_[origin[1]:origin[1] + height, origin[0]:origin[0] + width]
+    kept = ~changed[inside]
+    colour[inside] = np.where(kept[..., None], nature.colour, pixels[inside])
+    alpha[inside] = np.where(kept, nature.alpha, 255)
+    if nature.gray:
+        return Image.merge("LA", (Image.fromarray(colour, mode="RGB").convert("L"), Image.fromarray(alpha, mode="L")))
+    return Image.fromarray(np.dstack([colour, alpha]), mode="RGBA")
 
 
 #: how a mask file reads: said once, in the help and in the errors about masks
@@ -326,6 +382,33 @@ def feather(regenerate: np.ndarray, pixels: int) -> np.ndarray:
     return np.clip(distance / float(pixels), 0.0, 1.0).astype(np.float32)
 
 
+#: the blend band `default_feather` picks: this share of the narrowest region's width, at most
+#: FEATHER_LIMIT pixels: wide enough to hide the seam on a photo, narrow enough that the middle of
+#: every region is wholly generated and no band of half-old, half-new pixels shows a double image
+FEATHER_SHARE = 0.25
+FEATHER_LIMIT = 32
+FEATHER_RULE = f"a quarter of the narrowest region's width, at most {FEATHER_LIMIT} pixels"
+
+
+def default_feather(regenerate: np.ndarray, dilate_pixels: int = 0) -> int:
+    """The --feather an edit of `regenerate` (H, W) bool gets when none is given (`FEATHER_RULE`):
+    a region's width is twice the largest distance from its inside to its edge (after dilation;
+    the image's border is no edge);
+    the narrowest connected region decides, so that it too is fully generated in its middle."""
+    import cv2
+
+    region = dilate(regenerate, dilate_pixels)
+    if not region.any():
+        return 0
+    # the image's border is no edge, as in `feather`: a region cut by it is as wide as its inside shows
+    distance = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
+    count, labels = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
+    deepest = np.zeros(count, dtype=np.float32)
+    np.maximum.at(deepest, labels[region], distance[region])
+    width = 2.0 * float(deepest[1:].min())
+    return int(min(FEATHER_LIMIT, max(region.shape), max(1, round(FEATHER_SHARE * width))))
+
+
 # Colour matching (`match_colours`): the generated region's colours are compared with the input's
 # along a ring of this many pixels inside the region's edge (at the model's resolution; scaled to the
 # output), low-passed over about as many pixels, and Jacobi sweeps per pyramid level fill the offset in.
@@ -572,11 +655,31 @@ def image_from_array(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(levels.astype(np.uint8), mode="RGB")
 
 
+#: the formats an output may have, by its suffix (Pillow's format names)
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_SUFFIXES = ", ".join(list(OUTPUT_FORMATS)[:-1]) + " or " + list(OUTPUT_FORMATS)[-1]
+DEFAULT_QUALITY = 95  # JPEG and WebP: high enough that the compression does not show on a photo
+_EXIF_IFD, _USER_COMMENT, _SOFTWARE = 0x8769, 0x9286, 0x0131
+_ASCII_COMMENT = b"ASCII\0\0\0"  # the character code EXIF puts before a UserComment's text
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """Pillow's format for an output path, by its suffix; an InputError for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(f"output must be a {_SUFFIXES} file, got {str(path)!r}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def check_quality(quality: int) -> None:
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise InputError(f"--quality must be a whole number from 1 to 100, got {quality}")
+
+
 def output_paths(template: str, count: int) -> list[Path]:
     """One path per image: `{i}` in the template is the index; else one image keeps the name and
     several get `-0`, `-1` … before the suffix."""
-    if Path(template).suffix.lower() != ".png":
-        raise InputError(f"output must be a .png file, got {template!r}")
+    output_format(template)
     if "{i}" in template:
         return [Path(template.replace("{i}", str(i))) for i in range(count)]
     path = Path(template)
@@ -586,36 +689,90 @@ def output_paths(template: str, count: int) -> list[Path]:
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
-    """Fail before any work when an output exists (without `overwrite`) or its folder is unusable."""
+    """Fail before any work when an output exists (without `overwrite`) or cannot be made: a
+    missing folder is fine (it is made when the image is written) if the nearest folder that
+    exists above it is writable."""
     for path in paths:
         if path.is_dir():
-            raise OutputError(f"output {path} is a folder; give a file name ending in .png")
+            raise OutputError(f"output {path} is a folder; give a file name ending in {_SUFFIXES}")
         if path.exists() and not overwrite:
             raise OutputError(f"{path} exists; pass --overwrite to replace it")
         folder = _folder_of(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         if not folder.is_dir():
-            raise OutputError(f"output folder {folder} does not exist")
+            raise OutputError(f"cannot make the output folder {_folder_of(path)}: {folder} is a file")
         if not os.access(folder, os.W_OK):
             raise OutputError(f"output folder {folder} is not writable")
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool = False) -> None:
-    """Write a PNG with text `metadata` atomically: a temporary file beside the target, then a
-    rename. Without `overwrite` an existing file is never replaced (also not one that appears
-    meanwhile)."""
+def save_image(image: Image.Image, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool = False,
+               quality: int = DEFAULT_QUALITY) -> None:
+    """Write `image` in the format its suffix names (`OUTPUT_FORMATS`), atomically (a temporary
+    file beside the target, then a rename), making its folder if needed. `metadata` goes where the
+    format keeps text: PNG text chunks; for JPEG and WebP an EXIF UserComment holding the same
+    keys as JSON (and Software as EXIF's own tag). `quality` (1..100) applies to JPEG and WebP.
+    JPEG has no transparency: an image with alpha is written on white. Without `overwrite` an
+    existing file is never replaced (also not one that appears meanwhile)."""
     path = Path(path)
+    kind = output_format(path)
+    check_quality(quality)
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists; pass --overwrite to replace it")
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
+    if kind == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, str(value))
+        options = {"pnginfo": info}
+    else:
+        exif = Image.Exif()
+        if "Software" in metadata:
+            exif[_SOFTWARE] = str(metadata["Software"])
+        text = json.dumps({key: str(value) for key, value in metadata.items()}, ensure_ascii=True)
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII_COMMENT + text.encode("ascii")
+        options = {"quality": int(quality), "exif": exif.tobytes()}
+        if kind == "JPEG" and image.mode not in ("RGB", "L"):
+            image = _to_rgb(image, WHITE)
+    folder = _folder_of(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission
+        raise WriteError(f"cannot write {path}: cannot make its folder {folder} ({exc.strerror or exc})") from None
     try:
         with atomic_write(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=info)
+            image.save(stream, format=kind, **options)
     except FileExistsError:
         raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
-    except OSError as exc:  # a full disk, a missing folder…: the user's to fix, not a bug
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a full disk, a read-only folder…: the user's to fix, not a bug
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+#: the PNG-only name of `save_image`, for callers that always write PNG
+save_png = save_image
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata `save_image` wrote: PNG text, or the JSON in a JPEG's or WebP's EXIF
+    UserComment ({} when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}" if not path.exists() else f"image {path} is not a regular file")
+    try:  # text and EXIF come before the pixels: nothing is decoded
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                return dict(image.text)
+            comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot read the metadata of {path} ({type(exc).__name__})") from None
+    if isinstance(comment, str):  # Pillow decodes a comment with its character code
+        comment = comment.encode("utf-8")
+    if not comment:
+        return {}
+    try:
+        stored = json.loads(comment.removeprefix(_ASCII_COMMENT).decode("utf-8", errors="replace"))
+    except ValueError:
+        return {}
+    return {str(key): str(value) for key, value in stored.items()} if isinstance(stored, dict) else {}
 
 
 def _folder_of(path: Path) -> Path:

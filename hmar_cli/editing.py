@@ -1,6 +1,7 @@
 """`hmar inpaint`, `hmar outpaint` and `hmar edit`: zero-shot editing of image files.
 
-The images may have any size and mode (`hmar.images.load_image`); one command edits one image or many
+The images may have any size and mode (`hmar.images.load_picture`: a grayscale input gives a grayscale
+output, one with alpha keeps it outside the region, `restore_nature`); one command edits one image or many
 (paths, folders, globs), loading the model once. What to regenerate comes from a mask file (or a
 folder of masks matched by name), a box, or (outpainting) the canvas added around the image.
 `hmar.edit_window.plan_edit` picks the square windows of the image the model sees (one per group of
@@ -27,9 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
 from hmar.errors import HmarError, InputError
-from hmar.images import (MASK_RULE, MAX_PIXELS, Box, box_mask, check_outpaint_options, check_pixels_option, check_region, check_writable,
-                         clip_box, extend_canvas, image_from_array, load_image, load_mask, output_paths, outpaint_margins, parse_box,
-                         parse_size)
+from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option,
+                         check_region, check_writable, clip_box, default_feather, extend_canvas, image_from_array, load_mask,
+                         load_picture, output_paths, outpaint_margins, parse_box, parse_size, read_metadata, restore_nature)
 from hmar_cli.options import option_group
 from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
                                with_sampling_options)
@@ -38,7 +39,7 @@ CLASS_HELP = "Class index or name to generate as (default: unconditional, the nu
 IMAGES_HELP = ("The images to edit (any size and mode): files, folders (their image files) or quoted globs ('shots/*.jpg'); "
                "with several, a bad one is reported and the others still done.")
 NUM_HELP = f"Variants to make of each image (different draws from the one seed; at most {MAX_IMAGES})."
-OUT_HELP = ("Output PNG (default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
+OUT_HELP = ("Output file, .png, .jpg, .jpeg or .webp (see --quality; default: {{name}}-{}.png here); {{name}} is the image's name without extension (needed with several "
             "images), {{i}} the variant (else several variants get -0, -1 … appended).")
 CONTEXT_HELP = ("How much around each region the model sees: pixels on each side (64), a fraction of the region's larger side "
                 f"(0.5, the default) or full (the largest centred square of the image, one window for all regions). Each connected group of "
@@ -64,6 +65,7 @@ class EditRequest:
     feather: int = 0
     match_colours: bool = True
     origin: tuple[int, int] = (0, 0)  # where the input image's pixel (0, 0) is in `picture`
+    nature: Nature = Nature(gray=False)  # what of the input the outputs keep (grayscale, alpha)
 
 
 MATCH_COLOURS_HELP = ("Shift the generated pixels' colours smoothly so that they meet the kept ones at the region's edge "
@@ -77,7 +79,7 @@ class RegionOptions:
     mask: Path | None
     box: Box | None
     dilate: int
-    feather: int
+    feather: int | None  # None: `default_feather`, per image
     match_colours: bool
 
 
@@ -87,13 +89,16 @@ def _region_options(
     box: Optional[str] = typer.Option(None, "--box", metavar="X0,Y0,X1,Y1", help="Region to regenerate instead of a mask: x0,y0 the top-left corner, x1,y1 the "
                                       "bottom-right, in pixels; a box reaching past the image is clipped to it (with a note)."),
     dilate: int = typer.Option(0, "--dilate", min=0, help="Grow the region by this many pixels first (covers halos around an object)."),
-    feather: int = typer.Option(0, "--feather", min=0, help="Blend generated pixels in over this many pixels inside the region's edge (0: a hard edge)."),
+    feather: Optional[int] = typer.Option(None, "--feather", min=0, show_default=False,
+                                          help=f"Blend generated pixels in over this many pixels inside the region's edge, so that no seam shows "
+                                               f"(default: {FEATHER_RULE}; 0: a hard edge)."),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
 ) -> RegionOptions:
     if (mask is None) == (box is None):
         raise InputError("give the region to regenerate as either --mask FILE or --box x0,y0,x1,y1 (one of them)")
     check_pixels_option("dilate", dilate)
-    check_pixels_option("feather", feather)
+    if feather is not None:
+        check_pixels_option("feather", feather)
     return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather, match_colours)
 
 
@@ -169,13 +174,13 @@ def outpaint(
     check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
 
     def prepare(source: Path) -> EditRequest:
-        original = load_image(source)
+        original, nature = load_picture(source)
         margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
         canvas, regenerate = extend_canvas(original, margins)
         details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
                    "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
         return EditRequest(canvas, regenerate, details, (), match_colours=match_colours,
-                           origin=(margins.left, margins.top))
+                           origin=(margins.left, margins.top), nature=nature)
 
     _run("outpaint", images, prepare, view, label, num, out, options)
 
@@ -186,7 +191,7 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
     masks = MaskFolder(region.mask) if region.mask is not None and region.mask.is_dir() else None
 
     def prepare(source: Path) -> EditRequest:
-        picture = load_image(source)
+        picture, nature = load_picture(source)
         if region.box is not None:
             box, notes = clip_box(region.box, picture.size)
             regenerate = box_mask(box, picture.size)
@@ -197,10 +202,11 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
             regenerate, notes = loaded.regenerate, loaded.notes
             details = {"hmar:mask": path.name}
         # an empty region, or one whose model window would be too large, fails here: before the model loads
-        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather)
-        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(region.feather),
+        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather or 0)
+        feather = default_feather(regenerate, region.dilate) if region.feather is None else region.feather
+        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(feather),
                         "hmar:match_colours": str(region.match_colours).lower()})
-        return EditRequest(picture, regenerate, details, notes, region.dilate, region.feather, region.match_colours)
+        return EditRequest(picture, regenerate, details, notes, region.dilate, feather, region.match_colours, nature=nature)
 
     _run(command, images, prepare, context, label, num, out, options)
 
@@ -287,6 +293,7 @@ class Job:
     plan: EditPlan
     paths: list[Path]
     notes: list[str]
+    nature: Nature
     generated: dict[int, np.ndarray] = field(default_factory=dict)  # item (variant * views + view) → (S, S, 3) uint8
 
     @property
@@ -308,6 +315,7 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
     config = options.checked_config()  # the class and steps are checked before the weights load
     index = None if label is None else class_index(label, config)
     run = _Run(command, options, index, num, batch_mode, context)
+    tiny_note = _tiny_note(options.model, config)
     with _images_progress(len(sources), quiet=options.as_json) as progress:
         run.progress = progress
         for source in sources:
@@ -318,7 +326,11 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
             except HmarError as exc:
                 run.fail(source, exc)
                 continue
-            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], [*request.notes, *plan.notes]))
+            if tiny_note and not _made_by(source, options.model):
+                note(tiny_note)  # once: it is about the model, not this image
+                tiny_note = None
+            notes = [*request.notes, *plan.notes, *_output_notes(request.nature, outputs[source])]
+            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], notes, request.nature))
         run.flush()
     run.finish()
 
@@ -383,13 +395,15 @@ class _Run:
     def _write(self, job: Job) -> None:
         plan, views = job.plan, len(job.plan.views)
         try:
-            edited = [plan.composite([job.generated[v * views + g] for g in range(views)]) for v in range(self.num)]
+            edited = [restore_nature(plan.composite([job.generated[v * views + g] for g in range(views)]), job.nature, plan.alpha > 0,
+                                     job.origin) for v in range(self.num)]
             metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": self.command,
                         "hmar:source": job.source.name, "hmar:context": str(self.context), **job.metadata}
             windows, enlargement = _window_fields(plan, job.origin)
             stored = {**metadata, "hmar:window": ";".join(",".join(map(str, w)) for w in windows),
                       "hmar:enlargement": ";".join(f"{e:g}" for e in enlargement)}
-            records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite)
+            records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite,
+                                  self.options.quality)
         except HmarError as exc:
             self.fail(job.source, exc)
             return
@@ -422,6 +436,39 @@ class _Run:
             raise typer.Exit(1)
         if not options.as_json:
             typer.echo(f"edited {done} of {total} images", err=True)
+
+
+def _tiny_note(model: str, config) -> str | None:
+    """The bundled demonstration model knows a few drawn shapes, nothing of photos: said once when
+    it edits an image it did not make."""
+    from hmar import hub  # only this note needs the registry here
+
+    try:
+        folder = hub.resolve_model(model)
+    except HmarError:
+        return None
+    if folder.parent.resolve() != hub.BUNDLED_DIR.resolve():
+        return None
+    names = ", ".join(map(str, config.class_names or ()))
+    return (f"{folder.name} is a demonstration model that knows only {config.transformer.num_classes} procedural shape classes "
+            f"({names}), not photos: `hmar models download hmar-d16` gives the real model (then --model hmar-d16)")
+
+
+def _made_by(source: Path, model: str) -> bool:
+    """Whether `source` is an output of `model` (its metadata names it)."""
+    try:
+        return read_metadata(source).get("hmar:model") == model
+    except HmarError:
+        return False
+
+
+def _output_notes(nature: Nature, paths: list[Path]) -> list[str]:
+    """What an output cannot keep of its input: more than 8 bits a channel; transparency in JPEG."""
+    notes = ["the image has more than 8 bits a channel: the output has 8 (the kept pixels are its 8-bit reading)"] if nature.deep else []
+    flattened = [path.name for path in paths if nature.alpha is not None and path.suffix.lower() in (".jpg", ".jpeg")]
+    if flattened:
+        notes.append(f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)")
+    return notes
 
 
 def _window_fields(plan: EditPlan, origin: tuple[int, int]) -> tuple[list[list[int]], list[float]]:

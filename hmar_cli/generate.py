@@ -1,4 +1,4 @@
-"""`hmar generate`: class-conditional sampling to PNG files (with the settings in their metadata)."""
+"""`hmar generate`: class-conditional sampling to image files (with the settings in their metadata)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from hmar.errors import InputError
-from hmar.images import check_writable, grid, image_from_array, output_paths, save_png
+from hmar.images import check_writable, grid, image_from_array, output_paths, save_image
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, settings_metadata, with_sampling_options
 
 
@@ -14,8 +14,8 @@ from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, 
 def generate(
     classes: list[str] = typer.Option(..., "--class", "-c", metavar="CLASS", help="Class index or name; repeat for several."),
     num: int = typer.Option(1, "--num", "-n", min=1, max=MAX_IMAGES, help=f"Images per class (at most {MAX_IMAGES} images in all)."),
-    out: str = typer.Option("hmar.png", "--out", "-o", metavar="PATH", help="Output PNG; several images: {i} in the name, else -0, -1 … appended."),
-    make_grid: bool = typer.Option(False, "--grid", help="Also write all images as one grid (<out>-grid.png)."),
+    out: str = typer.Option("hmar.png", "--out", "-o", metavar="PATH", help="Output file: .png, .jpg, .jpeg or .webp (see --quality); several images: {i} in the name, else -0, -1 … appended."),
+    make_grid: bool = typer.Option(False, "--grid", help="Also write all images as one grid (<out>-grid, same format)."),
     options: SamplingOptions = None,
 ) -> None:
     """Generate images of the given classes."""
@@ -34,13 +34,13 @@ def generate(
 
     images = [image_from_array(image.permute(1, 2, 0).numpy()) for image in gen.images]
     metadata = settings_metadata(pipe, settings, labels)
-    records = save_images(pipe, images, labels, paths, metadata, options.overwrite)
+    records = save_images(pipe, images, labels, paths, metadata, options.overwrite, options.quality)
     if grid_path:
-        save_png(grid(images), grid_path, metadata, options.overwrite)
+        save_image(grid(images), grid_path, metadata, options.overwrite, options.quality)
     report(options, pipe, metadata, records, also_written=[grid_path] if grid_path else [],
            grid=str(grid_path) if grid_path else None)
 
 
 def _grid_path(out: str) -> Path:
     single = Path(out.replace("{i}", ""))
-    return single.with_name(single.stem + "-grid.png")
+    return single.with_name(single.stem + "-grid" + single.suffix)

@@ -1,5 +1,5 @@
 """What the sampling commands (generate, inpaint, outpaint, edit) share: the model and sampling
-options, loading the model, the progress bar, the PNG metadata that makes every output
+options, loading the model, the progress bar, the metadata that makes every output
 reproducible, notes, and the closing report (one line, or a JSON summary with --json)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import hmar
 from hmar.classes import display_name, resolve_class
 from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
-from hmar.images import save_png
+from hmar.images import DEFAULT_QUALITY, save_image
 from hmar.schedule import format_schedule, resolve_schedule
 from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group
@@ -51,6 +51,7 @@ class SamplingOptions:
     overwrite: bool
     as_json: bool
     compile: bool = False
+    quality: int = DEFAULT_QUALITY
 
     def sampler_options(self) -> dict:
         """The keyword arguments of `Pipeline.settings`, `generate` and `edit`."""
@@ -86,6 +87,7 @@ def _sampling_options(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_IMAGES, help="Images per forward pass (default: the library's, a fixed bound: never all images at once)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quality: int = typer.Option(DEFAULT_QUALITY, "--quality", min=1, max=100, help="JPEG and WebP outputs (--out x.jpg, x.webp): compression quality, 1 to 100 (PNG is lossless)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the transformer blocks (and, on the CPU, the decoder): "
                                  "tens of seconds once per run, then faster sampling (on a GPU, for many images)."),
@@ -100,7 +102,7 @@ def _sampling_options(
         err_console.print(f"model: {model} (the best downloaded; --model picks another)", highlight=False)
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed
-    return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile)
+    return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile, quality)
 
 
 #: gives a command the shared options; it receives them as one `SamplingOptions` argument `options`
@@ -152,13 +154,14 @@ def _json_value(key: str, text: str):
 
 
 def save_images(pipe: Pipeline, images: Sequence[Image.Image], labels: Sequence[int | None], paths: Sequence[Path],
-                metadata: dict[str, str], overwrite: bool) -> list[dict]:
-    """Write each image with `metadata` and its class (None: the null class); one record each."""
+                metadata: dict[str, str], overwrite: bool, quality: int = DEFAULT_QUALITY) -> list[dict]:
+    """Write each image (in the format its path names) with `metadata` and its class (None: the
+    null class); one record each."""
     records = []
     for index, (image, label, path) in enumerate(zip(images, labels, paths)):
         name = display_name(pipe.num_classes if label is None else label, pipe.num_classes, pipe.config.class_names)
         own = {"hmar:class": "none" if label is None else str(label), "hmar:class_name": name, "hmar:index": str(index)}
-        save_png(image, path, {**metadata, **own}, overwrite)
+        save_image(image, path, {**metadata, **own}, overwrite, quality)
         records.append({"path": str(path), "class": label, "class_name": name})
     return records
 

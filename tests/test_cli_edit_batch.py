@@ -139,7 +139,7 @@ def test_an_existing_output_stops_a_batch_before_the_model_loads(tmp_path, shots
     monkeypatch.chdir(tmp_path)
     Path("b-inpainted.png").write_bytes(b"mine")
     result = invoke(tmp_path / "no-such-model", "inpaint", str(shots), "--box", BOX)
-    assert result.exit_code == 1 and result.stderr.strip() == "error: b-inpainted.png exists; pass --overwrite to replace it"
+    assert result.exit_code == 2 and result.stderr.strip() == "error: b-inpainted.png exists; pass --overwrite to replace it"
     assert Path("b-inpainted.png").read_bytes() == b"mine" and not Path("a-inpainted.png").exists()
 
 

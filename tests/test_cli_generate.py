@@ -78,7 +78,7 @@ def test_same_seed_same_pixels_and_no_silent_overwrite(tmp_path, model_dir, labe
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     before = (tmp_path / "a.png").read_bytes()
     again = hmar(*args, "--seed", "6", "--out", str(tmp_path / "a.png"))
-    assert again.returncode == 1 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
+    assert again.returncode == 2 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
     assert (tmp_path / "a.png").read_bytes() == before
     assert hmar(*args, "--seed", "6", "--out", str(tmp_path / "a.png"), "--overwrite").returncode == 0
     assert (tmp_path / "a.png").read_bytes() != before
@@ -179,9 +179,10 @@ def test_model_and_output_problems(tmp_path, model_dir, conformance_models, labe
     assert wrong.returncode == 1 and "hmar weights" in wrong.stderr and "does not fit the model" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
     folder = hmar("generate", "--model", str(model_dir), "--class", label, "--device", "cpu", "--out", str(tmp_path))
-    assert folder.returncode == 2 and "output must be a .png file" in folder.stderr
-    unwritable = hmar("generate", "--model", str(model_dir), "--class", label, "--device", "cpu", "--out", str(tmp_path / "no" / "dir" / "x.png"))
-    assert unwritable.returncode == 1 and "does not exist" in unwritable.stderr
+    assert folder.returncode == 2 and "output must be a .png, .jpg, .jpeg or .webp file" in folder.stderr
+    (tmp_path / "file").write_bytes(b"")
+    unwritable = hmar("generate", "--model", str(model_dir), "--class", label, "--device", "cpu", "--out", str(tmp_path / "file" / "dir" / "x.png"))
+    assert unwritable.returncode == 2 and "is a file" in unwritable.stderr
     debug = hmar("--debug", "generate", "--model", str(tmp_path / "nowhere"), "--class", label)
     assert "Traceback" in debug.stderr
 

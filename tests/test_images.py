@@ -334,8 +334,9 @@ def test_output_paths():
     assert images.output_paths("out.png", 1) == [Path("out.png")]
     assert images.output_paths("dir/out.png", 2) == [Path("dir/out-0.png"), Path("dir/out-1.png")]
     assert images.output_paths("s{i}.png", 2) == [Path("s0.png"), Path("s1.png")]
-    with pytest.raises(InputError, match="must be a .png"):
-        images.output_paths("out.jpg", 1)
+    assert images.output_paths("out.jpg", 2) == [Path("out-0.jpg"), Path("out-1.jpg")]
+    with pytest.raises(InputError, match="must be a .png, .jpg, .jpeg or .webp file"):
+        images.output_paths("out.gif", 1)
 
 
 def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
@@ -348,7 +349,7 @@ def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
     before = path.read_bytes()
     with pytest.raises(OutputError, match="exists; pass --overwrite") as caught:
         images.save_png(random_rgb(8, 8, seed=2), path, {})
-    assert caught.value.exit_code == 1 and path.read_bytes() == before
+    assert caught.value.exit_code == 2 and path.read_bytes() == before
     images.save_png(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
@@ -385,10 +386,12 @@ def test_check_writable(tmp_path):
     images.check_writable([tmp_path / "taken.png"], overwrite=True)
     with pytest.raises(OutputError, match="exists"):
         images.check_writable([tmp_path / "taken.png"], overwrite=False)
-    with pytest.raises(OutputError, match="does not exist"):
-        images.check_writable([tmp_path / "no" / "x.png"], overwrite=False)
+    images.check_writable([tmp_path / "no" / "x.png"], overwrite=False)  # made when written
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OutputError, match="is a file"):
+        images.check_writable([tmp_path / "file" / "x.png"], overwrite=False)
     with pytest.raises(OutputError, match="cannot write"):
-        images.save_png(random_rgb(2, 2), tmp_path / "no" / "x.png", {})
+        images.save_png(random_rgb(2, 2), tmp_path / "file" / "x.png", {})
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(OutputError, match="folder.png is a folder"):
         images.check_writable([tmp_path / "folder.png"], overwrite=True)
