@@ -180,7 +180,7 @@ def test_bench_commands_draw_a_png_chart(tmp_path, tiny_presets, command):
         assert image.format == "PNG" and image.width == 1000 and image.height > 100
         assert "median ms" in image.text["title"] and json.loads(image.text["environment"])["torch"] == torch.__version__
     again = CliRunner().invoke(app, [*command, "--chart", str(chart)])
-    assert again.exit_code == 1 and "--overwrite" in again.stderr  # refused before running anything
+    assert again.exit_code == 2 and "--overwrite" in again.stderr  # refused before running anything
     assert CliRunner().invoke(app, [*command, "--chart", str(chart), "--overwrite"]).exit_code == 0
 
 
@@ -266,7 +266,7 @@ def test_bench_profile_writes_tables_and_breakdowns(tmp_path, tiny_presets):
         if task == "sample":
             assert rows[0]["profile"]["categories"]["vq-vae"]["ms"] > 0  # the decoder's convolutions
         again = CliRunner().invoke(app, args)
-        assert again.exit_code == 1 and "--overwrite" in again.stderr  # refused before running anything
+        assert again.exit_code == 2 and "--overwrite" in again.stderr  # refused before running anything
 
 
 # ------------------------------------------------------------------ GPU
