@@ -157,7 +157,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def image_batches(folder: ImageFolder, size: int, order: BatchOrder, start: int, stop: int, num_workers: int) -> Iterator[ImageBatch]:
-    """The image batches of steps start..stop-1, decoded by `num_workers` processes."""
+    """The image batches of steps start up to (not including) stop, decoded by `num_workers` processes."""
     loader = torch.utils.data.DataLoader(
         ImageBatches(folder, size),
         batch_sampler=_Steps(order, start, stop),
