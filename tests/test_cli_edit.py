@@ -109,17 +109,34 @@ def test_dilate_and_feather_leave_everything_beyond_the_grown_region(tmp_path, c
         assert written.text["hmar:match_colours"] == "true"  # the default
 
 
-def test_colour_matching_can_be_turned_off(tmp_path, conformance_models, photo):
-    """Matching shifts the generated region's colours only: without it, the same seed's region
-    differs; outside the region both are the input's."""
-    outs = {}
+def test_colour_matching_can_be_turned_off(tmp_path, conformance_models, photo, monkeypatch):
+    """Matching shifts the generated region's colours only, and only when asked: without it the
+    matching step never runs; outside the region both outputs are the input's. (Whether a model's
+    region needs any shift depends on its weights, so the shift itself is read off the step.)"""
+    import hmar.edit_window
+
+    calls = []
+
+    def recorded(generated, *args, **kwargs):
+        matched = match_colours(generated, *args, **kwargs)
+        calls.append(not np.array_equal(matched, generated))
+        return matched
+
+    match_colours = hmar.edit_window.match_colours
+    monkeypatch.setattr(hmar.edit_window, "match_colours", recorded)
+    outs, shifted = {}, {}
     for flag in ("--match-colours", "--no-match-colours"):
         outs[flag] = tmp_path / f"{flag}.png"
+        calls.clear()
         succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", "20,15,40,35", "--seed", "0", flag,
                          "--out", str(outs[flag])))
+        shifted[flag] = list(calls)
+    assert shifted["--match-colours"] and not shifted["--no-match-colours"]
     region = box_region((64, 48), (20, 15, 40, 35))
     matched, raw = pixels(outs["--match-colours"]), pixels(outs["--no-match-colours"])
-    assert np.array_equal(matched[~region], raw[~region]) and (matched[region] != raw[region]).any()
+    assert np.array_equal(matched[~region], raw[~region])
+    if any(shifted["--match-colours"]):  # the step moved colours: the written region shows it
+        assert (matched[region] != raw[region]).any()
     with Image.open(outs["--no-match-colours"]) as written:
         assert written.text["hmar:match_colours"] == "false"
 
