@@ -47,7 +47,7 @@ import torch
 
 from hmar.errors import HmarError
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.transformer import HMAR, VAR, ScaleTransformer, kv_cache
+from hmar.transformer import ScaleTransformer
 
 # Guidance strength of the mask-branch steps relative to cfg (the authors' setting: practically none).
 MASK_STEP_GUIDANCE = 1e-6
@@ -178,6 +178,23 @@ class _Steps:
             self.callback(SamplingProgress(scale, step, steps_in_scale, self.done, self.total))
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What stays fixed while one batch is sampled: the models, the conditioning of the doubled
+    batch (labels, then the null class), the drawing settings and the progress counter."""
+
+    tokenizer: MultiScaleVQVAE
+    transformer: ScaleTransformer
+    cond: torch.Tensor
+    cond_BD: torch.Tensor
+    cfg: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+    amp: contextlib.AbstractContextManager
+    steps: _Steps
+
+
 def report_steps(schedule: Sequence[Sequence[int]], callback: ProgressCallback | None) -> None:
     """Report every step of `schedule` as finished (a batch sampled in one go, see `hmar.cuda_graph`)."""
     steps = _Steps(schedule, callback)
@@ -213,7 +230,8 @@ def sample(
     cond_BD, cond = transformer.condition(torch.cat((labels, null)))
     f_hat = cond_BD.new_zeros(B, tokenizer.config.z_channels, transformer.patch_nums[-1], transformer.patch_nums[-1])
     steps = _Steps(schedule, progress)
-    cache = kv_cache(len(transformer.blocks)) if isinstance(transformer, VAR) else None
+    batch = _Batch(tokenizer, transformer, cond, cond_BD, cfg, top_k, top_p, generator, amp, steps)
+    cache = transformer.sampling_cache()
     all_tokens: list[torch.Tensor] = []
     nonfinite: list[torch.Tensor] = []  # per scale, on the device: read by `check_finite` only
 
@@ -221,10 +239,7 @@ def sample(
         context = tokenizer.downsample(f_hat, k) if k > 0 else None
         with amp:
             x = transformer.start_tokens(cond_BD) if k == 0 else transformer.scale_tokens(k, context).repeat(2, 1, 1)
-            if cache is not None:
-                logits = transformer.next_scale(x, cond, cond_BD, cache)
-            else:
-                logits = transformer.next_scale(x, cond, cond_BD)
+            logits = transformer.next_scale(x, cond, cond_BD, cache)
         guided = guide_(logits, cfg * k / max(K - 1, 1))
         del logits
         tokens, probs = draw_tokens(guided, top_k, top_p, generator)
@@ -235,16 +250,13 @@ def sample(
         bad = confidence.isnan().any()
         steps.finished(k, 0, len(schedule[k]))
 
-        if isinstance(transformer, HMAR) and mask_refinement and len(schedule[k]) > 1:
-            tokens, bad = _refine_scale(
-                tokenizer, transformer, k, context, tokens, confidence, bad, schedule[k], keep,
-                cond, cond_BD, cfg, top_k, top_p, generator, amp, steps,
-            )
+        if transformer.has_mask_branch and mask_refinement and len(schedule[k]) > 1:
+            tokens, bad = _refine_scale(batch, k, context, tokens, confidence, bad, schedule[k], keep)
         all_tokens.append(tokens)
         nonfinite.append(bad)
         f_hat = tokenizer.add_scale(f_hat, tokens, k)
 
-    del cache, cond, cond_BD, guided, probs, confidence  # free the sampling state before the decoder's large activations
+    del batch, cache, cond, cond_BD, guided, probs, confidence  # free the sampling state before the decoder's large activations
     flags = torch.stack(nonfinite)
     f_hat.masked_fill_(flags.any(), torch.nan)  # no value changes unless a scale went bad
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
@@ -253,12 +265,14 @@ def sample(
 
 
 def _refine_scale(
-    tokenizer, transformer: HMAR, k, context, tokens, confidence, bad, entry, keep,
-    cond, cond_BD, cfg, top_k, top_p, generator, amp, steps: _Steps,
+    batch: _Batch, k: int, context: torch.Tensor | None, tokens: torch.Tensor, confidence: torch.Tensor,
+    bad: torch.Tensor, entry: Sequence[int], keep: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HMAR's masked-prediction steps within scale k (see the module docstring). `confidence` (B, l):
-    of the tokens drawn at the first step; `bad`: whether any was NaN. Returns the tokens and `bad`
-    updated over the steps."""
+    """HMAR's masked-prediction steps within scale k (see the module docstring). `context`: f̂ of the
+    earlier scales at scale k's size; `confidence` (B, l): of the tokens drawn at the first step; `bad`:
+    whether any was NaN; `entry`: the scale's schedule entry; `keep` (B, l): the known tokens when
+    editing. Returns the tokens and `bad` updated over the steps."""
+    transformer = batch.transformer
     B, l = tokens.shape
     candidates = None  # the whole row
     if keep is not None:
@@ -273,16 +287,16 @@ def _refine_scale(
             count = torch.div(unknown * n + l // 2, l, rounding_mode="floor")  # this row's share, at most `unknown`
             masked_rank = torch.arange(n, device=tokens.device) < count  # (B, n): rank r of `candidates` masked
             masked = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, candidates, masked_rank)
-        with amp:
-            x = transformer.masked_scale_tokens(k, context, tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
-            logits = transformer.masked(x, cond, cond_BD)
-        guided = guide_(logits, cfg * MASK_STEP_GUIDANCE)
+        with batch.amp:
+            x = transformer.masked_scale_tokens(k, context, batch.tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
+            logits = transformer.masked(x, batch.cond, batch.cond_BD)
+        guided = guide_(logits, batch.cfg * MASK_STEP_GUIDANCE)
         del logits
-        drawn, probs = draw_tokens(guided, top_k, top_p, generator)
+        drawn, probs = draw_tokens(guided, batch.top_k, batch.top_p, batch.generator)
         tokens = torch.where(masked, drawn, tokens)
         confidence = drawn_probability(probs, tokens)
         bad = bad | confidence.isnan().any()
-        steps.finished(k, j, len(entry))
+        batch.steps.finished(k, j, len(entry))
         if keep is not None:
             confidence = confidence.masked_fill(~masked, torch.inf)  # candidates this row did not mask stay out
     return tokens, bad

@@ -58,10 +58,6 @@ class LayerCache:
         return k, v
 
 
-def kv_cache(layers: int) -> list[LayerCache]:
-    return [LayerCache() for _ in range(layers)]
-
-
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop a sample's whole residual branch with probability p."""
     if p == 0.0 or not training:
@@ -248,6 +244,9 @@ class ScaleTransformer(nn.Module):
     """What HMAR and VAR share: class, level and position embeddings over the scales, conditioning."""
 
     pattern = "block_diagonal"
+    # Whether the model has a masked-prediction branch (`masked_scale_tokens`, `masked`) that re-predicts
+    # a scale's least confident tokens.
+    has_mask_branch = False
 
     def __init__(self, config: TransformerConfig, patch_nums: Sequence[int], vocab_size: int, z_channels: int):
         super().__init__()
@@ -278,6 +277,16 @@ class ScaleTransformer(nn.Module):
     @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
+
+    # ---- per-scale (sampling) -----------------------------------------------------------------
+    def sampling_cache(self) -> list[LayerCache] | None:
+        """What `next_scale` keeps from scale to scale of one batch: None where a scale attends only
+        to itself."""
+        return None
+
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None) -> torch.Tensor:
+        """Logits (B, l, V) for one scale's tokens; `cache`: this batch's `sampling_cache()`."""
+        raise NotImplementedError
 
     # ---- inputs ------------------------------------------------------------------------------
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +329,7 @@ class HMAR(ScaleTransformer):
     """Markovian next-scale prediction (block-diagonal) plus a masked-prediction branch."""
 
     pattern = "block_diagonal"
+    has_mask_branch = True
 
     def __init__(self, config: TransformerConfig, patch_nums: Sequence[int], vocab_size: int, z_channels: int):
         super().__init__(config, patch_nums, vocab_size, z_channels)
@@ -356,9 +366,10 @@ class HMAR(ScaleTransformer):
     def next_scale_head(self) -> nn.Linear:
         return self.ns_head
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
-        """Logits (B, l, V) of the next-scale branch for one scale's tokens."""
-        return self.ns_head(self._next_scale_features(x, cond, cond_BD, attend)).float()
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits (B, l, V) of the next-scale branch for one scale's tokens (a scale sees only itself,
+        so there is no `cache`)."""
+        return self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend)).float()
 
     def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
         """Logits (B, l, V) of the mask branch for one scale's tokens."""
@@ -429,8 +440,13 @@ class VAR(ScaleTransformer):
     def scale_tokens(self, k: int, context: torch.Tensor) -> torch.Tensor:
         return self.word_embed(context.flatten(2).transpose(1, 2)) + self.level_position(k)
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: Sequence[LayerCache]) -> torch.Tensor:
-        """Logits (B, l, V) for one scale, attending to it and the cached earlier scales (`kv_cache`)."""
+    def sampling_cache(self) -> list[LayerCache]:
+        """A KV cache per block: each scale attends to the earlier ones."""
+        return [LayerCache() for _ in self.blocks]
+
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None) -> torch.Tensor:
+        """Logits (B, l, V) for one scale, attending to it and the earlier scales in `cache` (which it
+        extends by this scale)."""
         for block, layer in zip(self.blocks, cache, strict=True):
             x = block(x, cond, dense_attend, layer)
         return self.head(self.head_nm(x.float(), cond_BD)).float()

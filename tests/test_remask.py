@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from hmar.sampler import _refine_scale, _Steps, least_confident
+from hmar.sampler import _Batch, _refine_scale, _Steps, least_confident
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
@@ -108,8 +108,8 @@ def _refine(entry: list[int], B: int, keep: torch.Tensor | None = None):
     tokens = torch.arange(B * l).view(B, l) % vocab
     confidence = torch.ones(B, l)  # the next-scale step's draws, top_k 1
     steps = _Steps([entry], None)
-    out, bad = _refine_scale(_NoTokenizer(), branch, 0, None, tokens, confidence, torch.tensor(False), entry, keep,
-                             None, None, 1.5, 1, 0.0, None, contextlib.nullcontext(), steps)
+    batch = _Batch(_NoTokenizer(), branch, None, None, 1.5, 1, 0.0, None, contextlib.nullcontext(), steps)
+    out, bad = _refine_scale(batch, 0, None, tokens, confidence, torch.tensor(False), entry, keep)
     return tokens, out, bad, branch.masks, steps
 
 
