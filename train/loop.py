@@ -141,62 +141,109 @@ def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
-    config, procs, objective = stage.config, stage.procs, stage.objective
-    out = config.out
-    graphed = stage.cuda_graph
-    if graphed and (procs.device.type != "cuda" or procs.world_size > 1):
+    config, procs = stage.config, stage.procs
+    if stage.cuda_graph and (procs.device.type != "cuda" or procs.world_size > 1):
         raise TrainingError(f"--cuda-graph needs one training process on a CUDA device, not {procs.world_size} on {procs.device}")
-    check_run_folder(out, config.as_dict(), config.resume)
+    _open_run_folder(config, procs)
+    run = _Run(stage)
+    start = run.resume() if config.resume else 0
+    last = _loop(run, start, on_step)
+    return run.finish(last)
+
+
+def _open_run_folder(config: TrainConfig, procs: Processes) -> None:
+    check_run_folder(config.out, config.as_dict(), config.resume)
     procs.barrier()  # every process has checked before the main one writes
     if procs.is_main and not config.resume:
-        start_run_folder(out, config.as_dict())
+        start_run_folder(config.out, config.as_dict())
     procs.barrier()
 
-    bf16 = _uses_bf16(config, procs.device)
-    sharding = Sharding(config.sharding, procs, bf16)
-    compiled = compile_wanted(config.compile, procs.device)
-    if compiled:
-        compile_blocks(objective)
-    model = sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = build_optimizer(objective, procs.device, config.lr, config.weight_decay, config.betas, capturable=graphed)
-    scheduler = build_scheduler(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
-    ema = ParameterEMA(objective, config.ema_decay) if config.ema_decay > 0 else None
 
-    start = 0
-    if config.resume:
-        state = load_checkpoint(out / CHECKPOINT)
-        objective.load_state_dict(shard_state(state["model"], objective.state_dict()))
+class _Run:
+    """What one training run holds between steps: the wrapped model, the optimizer and its schedule,
+    the EMA, and how the model is sharded and compiled. Its methods are the things done to them."""
+
+    def __init__(self, stage: Stage):
+        self.stage, self.config, self.procs, self.objective = stage, stage.config, stage.procs, stage.objective
+        self.graphed = stage.cuda_graph
+        config, procs, objective = self.config, self.procs, self.objective
+        self.bf16 = _uses_bf16(config, procs.device)
+        self.sharding = Sharding(config.sharding, procs, self.bf16)
+        self.compiled = compile_wanted(config.compile, procs.device)
+        if self.compiled:
+            compile_blocks(objective)
+        self.model = self.sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(objective, procs.device, config.lr, config.weight_decay, config.betas, capturable=self.graphed)
+        self.scheduler = build_scheduler(self.optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+        self.ema = ParameterEMA(objective, config.ema_decay) if config.ema_decay > 0 else None
+        self.run_step = _GraphedSteps(self.eager_step, procs.device) if self.graphed else self.eager_step
+
+    def resume(self) -> int:
+        """Load the run folder's checkpoint into this run; returns the step it continues from."""
+        config, procs, optimizer, scheduler = self.config, self.procs, self.optimizer, self.scheduler
+        state = load_checkpoint(config.out / CHECKPOINT)
+        self.objective.load_state_dict(shard_state(state["model"], self.objective.state_dict()))
         optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             value = float(base) * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
-            group["lr"] = torch.tensor(value, device=procs.device) if graphed else value
-            group["capturable"] = graphed  # the stored groups say how the checkpoint's run stepped, not this one
-        if ema is not None:
-            ema.load_state_dict(shard_state(state["ema"], ema.state_dict()))
-        stage.load_extra_state(state["extra"])
-        start = int(state["step"])
+            group["lr"] = torch.tensor(value, device=procs.device) if self.graphed else value
+            group["capturable"] = self.graphed  # the stored groups say how the checkpoint's run stepped, not this one
+        if self.ema is not None:
+            self.ema.load_state_dict(shard_state(state["ema"], self.ema.state_dict()))
+        self.stage.load_extra_state(state["extra"])
+        return int(state["step"])
 
-    def checkpoint(step: int) -> None:
-        state = sharding.gather({"model": objective.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else {}})
-        if procs.is_main:
-            save_checkpoint(out / CHECKPOINT, {"step": step, "scheduler": scheduler.state_dict(), "extra": stage.extra_state(), **state})
-        procs.barrier()
+    def eager_step(self, tensors: tuple, cache_casts: bool = True):
+        return train_step(self.model, self.optimizer, self.params, tensors, self.procs.device, self.bf16, self.config.grad_clip, cache_casts)
 
-    def write_samples(path: Path) -> None:
-        if procs.is_main or sharding.sharded:  # a sharded model samples on every process
-            _write_samples(stage, path, compiled, sharding)
+    def step(self, tensors: tuple) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """One optimizer step, the schedule and the EMA after it; returns (loss, numbers, grad_norm)."""
+        try:
+            result = self.run_step(tensors)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise TrainingError(
+                    f"out of memory at batch size {self.config.batch_size} per process on {self.procs.device}: lower --batch-size "
+                    f"(the global batch is batch size x processes, so more GPUs keep it), or use a smaller model"
+                ) from None
+            raise
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.objective)
+        return result
 
-    def eager_step(tensors: tuple, cache_casts: bool = True):
-        return train_step(model, optimizer, params, tensors, procs.device, bf16, config.grad_clip, cache_casts)
+    def checkpoint(self, step: int) -> None:
+        ema = self.ema
+        state = self.sharding.gather({"model": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                      "ema": ema.state_dict() if ema else {}})
+        if self.procs.is_main:
+            save_checkpoint(self.config.out / CHECKPOINT, {"step": step, "scheduler": self.scheduler.state_dict(),
+                                                           "extra": self.stage.extra_state(), **state})
+        self.procs.barrier()
 
-    run_step = _GraphedSteps(eager_step, procs.device) if graphed else eager_step
+    def write_samples(self, path: Path) -> None:
+        if self.procs.is_main or self.sharding.sharded:  # a sharded model samples on every process
+            _write_samples(self.stage, path, self.compiled, self.sharding)
 
+    def finish(self, last: dict[str, Any]) -> RunResult:
+        """The final sample grid and the exported weights (the EMA's when there is one)."""
+        out = self.config.out
+        self.write_samples(out / SAMPLES / "final.png")
+        final = self.sharding.gather(self.ema.averaged_state(self.objective) if self.ema else self.objective.state_dict())
+        exported = self.stage.export(final) if self.procs.is_main else out
+        self.procs.barrier()
+        return RunResult(out, self.config.steps, exported, last)
+
+
+def _loop(run: _Run, start: int, on_step: StepCallback | None) -> dict[str, Any]:
+    """Steps `start` .. config.steps with logging, samples and checkpoints; returns the last logged row."""
+    stage, config, procs, out = run.stage, run.config, run.procs, run.config.out
     log = MetricsLog(out, start if config.resume else None) if procs.is_main else None
     speed, skipped, last = Throughput(), 0, {}
-    objective.train()
+    run.objective.train()
     # closing: however the loop ends, the batch generators finish now, and with them any DataLoader
     # workers (they ignore stop signals, so they must be told to exit)
     with StopRequest() as stop, ProgressBar(config.progress and procs.is_main, stage.name, config.steps, start) as bar, \
@@ -204,31 +251,14 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
         for step in range(start, config.steps):
             inputs = next(batches)
             seed_step(config.seed, step, procs.rank)
-            try:
-                loss, numbers, grad_norm = run_step(inputs.tensors)
-            except Exception as exc:
-                if _is_out_of_memory(exc):
-                    raise TrainingError(
-                        f"out of memory at batch size {config.batch_size} per process on {procs.device}: lower --batch-size "
-                        f"(the global batch is batch size x processes, so more GPUs keep it), or use a smaller model"
-                    ) from None
-                raise
-            scheduler.step()
-            if ema is not None:
-                ema.update(objective)
+            loss, numbers, grad_norm = run.step(inputs.tensors)
             done = step + 1
             stage.after_step(done, inputs)
             speed.add(inputs.images * procs.world_size)
             skipped += inputs.skipped
 
             if done % config.log_every == 0 or done == config.steps:
-                numbers = {"loss": loss, **numbers}
-                if grad_norm is not None:
-                    numbers["grad_norm"] = whole(grad_norm)
-                averaged = {k: procs.mean(v) for k, v in numbers.items()}
-                last = {"step": done, "lr": float(scheduler.get_last_lr()[0]), "images_per_s": speed.read(),
-                        "skipped_images": int(procs.total(torch.tensor(float(skipped))).item()),
-                        "epoch": stage.order.epoch_of(done), "time": time.time(), **_flatten(averaged)}
+                last = _log_row(run, done, loss, numbers, grad_norm, speed, skipped)
                 if log is not None:
                     log.write(last)
                 bar.update(done, last["loss"], last["images_per_s"])
@@ -238,19 +268,27 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
                 bar.update(done)
 
             if config.sample_every and done % config.sample_every == 0:
-                write_samples(out / SAMPLES / f"step_{done:07d}.png")
+                run.write_samples(out / SAMPLES / f"step_{done:07d}.png")
             stopping = procs.any(stop.requested is not None)
             if done % config.checkpoint_every == 0 or done == config.steps or stopping:
-                checkpoint(done)
+                run.checkpoint(done)
             if stopping and done < config.steps:
                 raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal'} after step {done}; checkpoint saved in {out}, continue with --resume",
                                          stop.requested)
+    return last
 
-    write_samples(out / SAMPLES / "final.png")
-    final = sharding.gather(ema.averaged_state(objective) if ema else objective.state_dict())
-    exported = stage.export(final) if procs.is_main else out
-    procs.barrier()
-    return RunResult(out, config.steps, exported, last)
+
+def _log_row(run: _Run, done: int, loss: torch.Tensor, numbers: dict[str, torch.Tensor], grad_norm: torch.Tensor | None,
+             speed: Throughput, skipped: int) -> dict[str, Any]:
+    """One metrics row: the step's numbers averaged over processes, with the schedule and throughput."""
+    procs = run.procs
+    numbers = {"loss": loss, **numbers}
+    if grad_norm is not None:
+        numbers["grad_norm"] = whole(grad_norm)
+    averaged = {k: procs.mean(v) for k, v in numbers.items()}
+    return {"step": done, "lr": float(run.scheduler.get_last_lr()[0]), "images_per_s": speed.read(),
+            "skipped_images": int(procs.total(torch.tensor(float(skipped))).item()),
+            "epoch": run.stage.order.epoch_of(done), "time": time.time(), **_flatten(averaged)}
 
 
 class _GraphedSteps:
