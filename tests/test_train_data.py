@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from hmar.errors import InputError
-from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image, with_readable
+from hmar.train.errors import TrainingError
 from hmar.train.synthetic import CLASSES, render, write_dataset
 from tests.train_helpers import make_data
 
@@ -123,3 +124,11 @@ def test_parallel_writing_gives_the_same_files(tmp_path):
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png")) and len(files) == 4
     for name in files:
         assert (serial / name).read_bytes() == (parallel / name).read_bytes()
+
+
+def test_a_batch_with_no_readable_image_stands_in_the_last_readable_one_and_a_first_one_is_an_error(tmp_path):
+    empty = lambda b: len(b) == 0  # noqa: E731
+    pairs = list(with_readable([[1], [], [], [2]], 5, tmp_path, empty))
+    assert pairs == [([1], [1]), ([], [1]), ([], [1]), ([2], [2])]
+    with pytest.raises(TrainingError, match=f"no image of the batch of step 5 could be read; check the data folder {tmp_path}"):
+        list(with_readable([[], [1]], 5, tmp_path, empty))
