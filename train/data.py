@@ -62,8 +62,12 @@ class ImageFolder:
         return len(self.class_names)
 
 
-def load_image(path: Path, size: int, flip: bool) -> torch.Tensor | None:
-    """(3, size, size) float in [-1, 1]: centre crop, resize, optional horizontal flip. None if unreadable."""
+def load_training_image(path: Path, size: int, flip: bool) -> torch.Tensor | None:
+    """(3, size, size) float in [-1, 1]: centre crop, resize, optional horizontal flip. None if unreadable.
+
+    Not hmar.images.load_image: that one reads a user's picture whole and refuses a bad file with a
+    message; a training sample is cropped to the model's square and an unreadable one is skipped.
+    """
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
@@ -120,7 +124,7 @@ class ImageBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor | None, int]:
         index, flip = key
-        return load_image(self.folder.files[index], self.size, flip), self.folder.labels[index]
+        return load_training_image(self.folder.files[index], self.size, flip), self.folder.labels[index]
 
 
 @dataclass

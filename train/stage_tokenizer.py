@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from hmar.config import TokenizerConfig
 from hmar.errors import ConfigError
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image, with_readable
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_training_image, with_readable
 from hmar.train.distributed import Processes
 from hmar.train.loop import Stage, StepInputs
 from hmar.train.model_folders import load_tokenizer, tokenizer_files, write_tokenizer_folder
@@ -144,7 +144,7 @@ class TokenizerStage(Stage):
         """Originals (first row) over their reconstructions (second row)."""
         if self._preview is None:
             size = self.config.model.image_size
-            picks = [load_image(f, size, False) for f in self.folder.files[:: max(1, len(self.folder) // PREVIEW_IMAGES)]]
+            picks = [load_training_image(f, size, False) for f in self.folder.files[:: max(1, len(self.folder) // PREVIEW_IMAGES)]]
             self._preview = torch.stack([p for p in picks if p is not None][:PREVIEW_IMAGES]).to(self.procs.device)
         reconstruction = self.tokenizer.decode_tokens(self.tokenizer.encode(self._preview))
         return torch.cat((self._preview, reconstruction)).add(1).mul(0.5)
