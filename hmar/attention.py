@@ -14,46 +14,21 @@ softmax scale, and returns (B, H, N, D).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-PATTERNS = ("block_diagonal", "block_causal")
+# The patterns, their mask and the SDPA forms are defined once, next to the kernel's reference.
+from hmar.kernels.reference import sdpa_masked as masked_sdpa
+from hmar.kernels.reference import sdpa_per_scale
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int], str, float], torch.Tensor]
-
-
-@lru_cache(maxsize=32)
-def _scale_ids(block_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(block_sizes), device=device), torch.tensor(block_sizes, device=device))
-
-
-def block_mask(block_sizes: Sequence[int], pattern: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean (N, N) mask, True where query i may attend to key j."""
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
-    ids = _scale_ids(tuple(int(b) for b in block_sizes), torch.device(device))
-    if pattern == "block_diagonal":
-        return ids[:, None] == ids[None, :]
-    return ids[:, None] >= ids[None, :]
-
-
-def masked_sdpa(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
-    mask = block_mask(block_sizes, pattern, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def per_scale_sdpa(q, k, v, block_sizes, pattern="block_diagonal", scale=None):
     if pattern != "block_diagonal":
         return masked_sdpa(q, k, v, block_sizes, pattern, scale)
-    outputs, start = [], 0
-    for size in block_sizes:
-        end = start + size
-        outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], scale=scale))
-        start = end
-    return torch.cat(outputs, dim=2)
+    return sdpa_per_scale(q, k, v, block_sizes, pattern, scale)
 
 
 def block_sparse_kernel(q, k, v, block_sizes, pattern="block_diagonal", scale=None):

@@ -32,7 +32,7 @@ import torch
 
 from . import devices
 from .block_sparse_attention import block_sparse_attention, picked_configs
-from .reference import flex_attention_baseline, sdpa_masked, sdpa_per_scale, useful_pairs
+from .reference import PATTERNS, flex_attention_baseline, sdpa_masked, sdpa_per_scale, useful_pairs
 
 PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -41,7 +41,6 @@ PATCH_NUMS = {
 }
 BATCH = {256: 16, 512: 16, 1024: 4}
 HEADS, HEAD_DIM = 16, 64
-PATTERNS = ("block_diagonal", "block_causal")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 OURS = "triton"

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import devices
 from .launch import launch
+from .reference import PATTERNS
 
-PATTERNS = ("block_diagonal", "block_causal")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_SIZES = (16, 32, 64, 128)  # row-tile sizes the tables are built for (header slots 0..3)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from hmar.errors import InputError
-from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_training_image, with_readable
+from hmar.train.errors import TrainingError
 from hmar.train.synthetic import CLASSES, render, write_dataset
 from tests.train_helpers import make_data
 
@@ -42,15 +43,15 @@ def test_classes_come_from_sorted_folder_names(tmp_path):
     assert folder.labels == (0, 1)
 
 
-def test_load_image_centre_crops_resizes_and_flips(tmp_path):
+def test_load_training_image_centre_crops_resizes_and_flips(tmp_path):
     array = np.zeros((40, 80, 3), dtype=np.uint8)
     array[:, :20] = 255  # white left quarter: cropped away by the centre crop
     array[:, 20:40] = (255, 0, 0)  # red: the left half of the centre square
     Image.fromarray(array).save(tmp_path / "wide.png")
-    image = load_image(tmp_path / "wide.png", 16, flip=False)
+    image = load_training_image(tmp_path / "wide.png", 16, flip=False)
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
     assert image[0, :, 2].mean() > 0.9 and image[1, :, 2].mean() < -0.9  # red on the left
-    flipped = load_image(tmp_path / "wide.png", 16, flip=True)
+    flipped = load_training_image(tmp_path / "wide.png", 16, flip=True)
     assert torch.equal(flipped, image.flip(-1))
 
 
@@ -123,3 +124,11 @@ def test_parallel_writing_gives_the_same_files(tmp_path):
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png")) and len(files) == 4
     for name in files:
         assert (serial / name).read_bytes() == (parallel / name).read_bytes()
+
+
+def test_a_batch_with_no_readable_image_stands_in_the_last_readable_one_and_a_first_one_is_an_error(tmp_path):
+    empty = lambda b: len(b) == 0  # noqa: E731
+    pairs = list(with_readable([[1], [], [], [2]], 5, tmp_path, empty))
+    assert pairs == [([1], [1]), ([], [1]), ([], [1]), ([2], [2])]
+    with pytest.raises(TrainingError, match=f"no image of the batch of step 5 could be read; check the data folder {tmp_path}"):
+        list(with_readable([[], [1]], 5, tmp_path, empty))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hmar.attention import per_scale_sdpa
 from hmar.checkpoints import build_models
+from hmar.config import PATCH_NUMS as PATCH_NUMS_BY_RESOLUTION
 from hmar.config import ModelConfig
 from hmar.train.losses import masked_token_loss, next_scale_loss, scale_weights, score_features, score_logits
 from hmar.train.options import LOSS_WEIGHTINGS
@@ -17,7 +18,7 @@ from hmar.train.stage1 import NextScaleObjective
 from hmar.train.stage2 import MaskedObjective, draw_masks
 from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS = PATCH_NUMS_BY_RESOLUTION[256]
 
 
 @pytest.mark.parametrize("scheme", LOSS_WEIGHTINGS)

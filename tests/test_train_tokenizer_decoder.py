@@ -14,7 +14,7 @@ from hmar.config import TokenizerConfig
 from hmar.errors import ConfigError
 from hmar.train import TokenizerTrainConfig, run_tokenizer
 from hmar.train.checkpoint import CHECKPOINT
-from hmar.train.data import ImageFolder, load_image
+from hmar.train.data import ImageFolder, load_training_image
 from hmar.train.model_folders import TOKENIZER_WEIGHTS, load_tokenizer
 from hmar_cli.app import app
 from tests.train_helpers import IMAGE_SIZE, make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config
@@ -30,7 +30,7 @@ def workspace(tmp_path_factory):
 
 def _codes(tokenizer, data) -> torch.Tensor:
     folder = ImageFolder.scan(data)
-    images = torch.stack([load_image(f, IMAGE_SIZE, False) for f in folder.files])
+    images = torch.stack([load_training_image(f, IMAGE_SIZE, False) for f in folder.files])
     return torch.cat(tokenizer.encode(images), dim=1)
 
 

@@ -13,13 +13,14 @@ import signal
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from hmar.errors import InputError
+from hmar.train.errors import TrainingError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jpe")
 
@@ -61,8 +62,12 @@ class ImageFolder:
         return len(self.class_names)
 
 
-def load_image(path: Path, size: int, flip: bool) -> torch.Tensor | None:
-    """(3, size, size) float in [-1, 1]: centre crop, resize, optional horizontal flip. None if unreadable."""
+def load_training_image(path: Path, size: int, flip: bool) -> torch.Tensor | None:
+    """(3, size, size) float in [-1, 1]: centre crop, resize, optional horizontal flip. None if unreadable.
+
+    Not hmar.images.load_image: that one reads a user's picture whole and refuses a bad file with a
+    message; a training sample is cropped to the model's square and an unreadable one is skipped.
+    """
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
@@ -119,7 +124,7 @@ class ImageBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor | None, int]:
         index, flip = key
-        return load_image(self.folder.files[index], self.size, flip), self.folder.labels[index]
+        return load_training_image(self.folder.files[index], self.size, flip), self.folder.labels[index]
 
 
 @dataclass
@@ -135,6 +140,21 @@ def collate_readable(samples: Sequence[tuple[torch.Tensor | None, int]]) -> Imag
     if not readable:
         return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
     return ImageBatch(torch.stack([i for i, _ in readable]), torch.tensor([l for _, l in readable]), skipped)
+
+
+Batch = TypeVar("Batch")
+
+
+def with_readable(batches: Iterable[Batch], start: int, root: Path, is_empty: Callable[[Batch], bool]) -> Iterator[tuple[Batch, Batch]]:
+    """(batch, readable) per step: `readable` is the batch itself or, when none of its images could be
+    read, the last batch that had some, so that every process still takes part in the step."""
+    previous = None
+    for step, batch in enumerate(batches, start):
+        if not is_empty(batch):
+            previous = batch
+        elif previous is None:
+            raise TrainingError(f"no image of the batch of step {step} could be read; check the data folder {root}")
+        yield batch, previous
 
 
 class _Steps(torch.utils.data.Sampler):

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hmar.errors import DeviceError
+from hmar.pipeline import resolve_device
 
 
 @dataclass
@@ -60,14 +60,10 @@ class Processes:
 
 
 def _device(option: str, local_rank: int) -> torch.device:
-    if option == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(option)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("CUDA was requested but no CUDA device is available here; use --device cpu or auto")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+    # The engine's rules and messages, then a bare CUDA device becomes this process's own card.
+    device = resolve_device(option)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 

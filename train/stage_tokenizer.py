@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from hmar.config import TokenizerConfig
 from hmar.errors import ConfigError
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_image
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_training_image, with_readable
 from hmar.train.distributed import Processes
-from hmar.train.errors import TrainingError
 from hmar.train.loop import Stage, StepInputs
 from hmar.train.model_folders import load_tokenizer, tokenizer_files, write_tokenizer_folder
 from hmar.train.options import TokenizerTrainConfig
@@ -105,14 +104,9 @@ class TokenizerStage(Stage):
         self._preview: torch.Tensor | None = None
 
     def batches(self, start: int) -> Iterator[StepInputs]:
-        previous = None
-        for step, batch in enumerate(image_batches(self.folder, self.config.model.image_size, self.order, start, self.config.steps, self.config.num_workers), start):
-            images = batch.images
-            if batch.labels.numel() == 0:
-                if previous is None:
-                    raise TrainingError(f"no image of the batch of step {step} could be read; check the data folder {self.folder.root}")
-                images = previous
-            previous = images
+        batches = image_batches(self.folder, self.config.model.image_size, self.order, start, self.config.steps, self.config.num_workers)
+        for batch, readable in with_readable(batches, start, self.folder.root, lambda b: b.labels.numel() == 0):
+            images = readable.images
             yield StepInputs((images.to(self.procs.device, non_blocking=True),), images.shape[0], batch.skipped)
 
     @torch.no_grad()
@@ -150,7 +144,7 @@ class TokenizerStage(Stage):
         """Originals (first row) over their reconstructions (second row)."""
         if self._preview is None:
             size = self.config.model.image_size
-            picks = [load_image(f, size, False) for f in self.folder.files[:: max(1, len(self.folder) // PREVIEW_IMAGES)]]
+            picks = [load_training_image(f, size, False) for f in self.folder.files[:: max(1, len(self.folder) // PREVIEW_IMAGES)]]
             self._preview = torch.stack([p for p in picks if p is not None][:PREVIEW_IMAGES]).to(self.procs.device)
         reconstruction = self.tokenizer.decode_tokens(self.tokenizer.encode(self._preview))
         return torch.cat((self._preview, reconstruction)).add(1).mul(0.5)

@@ -12,9 +12,8 @@ from typing import Iterator
 import torch
 
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.train.data import BatchOrder, ImageFolder, image_batches
+from hmar.train.data import BatchOrder, ImageFolder, image_batches, with_readable
 from hmar.train.distributed import Processes
-from hmar.train.errors import TrainingError
 from hmar.train.token_cache import cached_tokens
 
 
@@ -35,16 +34,10 @@ def token_batches(
         raw = (cache.batch(order.batch(step)) for step in range(start, stop))
     else:
         raw = _encoded(folder, tokenizer, order, device, start, stop, num_workers)
-    previous = None
-    for step, (tokens, labels, skipped) in enumerate(raw, start):
-        if labels.numel() == 0:
-            if previous is None:
-                raise TrainingError(f"no image of the batch of step {step} could be read; check the data folder {folder.root}")
-            tokens, labels, skipped = previous.tokens, previous.labels, skipped
-        else:
-            tokens, labels = [t.to(device, non_blocking=True) for t in tokens], labels.to(device)
-        previous = TokenBatch(tokens, labels, skipped)
-        yield previous
+    # On the device once per step; a batch that stands in for an unreadable one is not moved again.
+    moved = (([t.to(device, non_blocking=True) for t in tokens], labels.to(device), skipped) for tokens, labels, skipped in raw)
+    for (_, _, skipped), (tokens, labels, _) in with_readable(moved, start, folder.root, lambda b: b[1].numel() == 0):
+        yield TokenBatch(tokens, labels, skipped)
 
 
 @torch.no_grad()
