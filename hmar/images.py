@@ -747,10 +747,6 @@ def save_image(image: Image.Image, path: str | os.PathLike, metadata: dict[str, 
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-#: the PNG-only name of `save_image`, for callers that always write PNG
-save_png = save_image
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata `save_image` wrote: PNG text, or the JSON in a JPEG's or WebP's EXIF
     UserComment ({} when there is none)."""

@@ -22,7 +22,7 @@ import torch
 
 from hmar.checkpoints import build_models, load_models
 from hmar.classes import resolve_class
-from hmar.config import DEFAULT_SAMPLING, ModelConfig, check_memory, is_integer, sampling_value
+from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig, check_memory, is_integer, sampling_value
 from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
@@ -145,7 +145,7 @@ class Pipeline:
         top_k = sampling_value("top_k", defaults["top_k"] if top_k is None else top_k, "top-k", InputError)
         top_p = sampling_value("top_p", defaults["top_p"] if top_p is None else top_p, "top-p", InputError)
         cfg = sampling_value("cfg", defaults["cfg"] if cfg is None else cfg, "cfg", InputError)
-        if seed is not None and not (is_integer(seed) and 0 <= seed < 2**64):
+        if seed is not None and not (is_integer(seed) and 0 <= seed <= MAX_SEED):
             raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         if batch_size is None:
             batch_size = default_batch_size(self.resolution)

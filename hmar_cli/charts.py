@@ -12,7 +12,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from hmar.images import save_png
+from hmar.images import save_image
 
 Bar = tuple[str, float]
 Group = tuple[str, Sequence[Bar]]
@@ -54,4 +54,4 @@ def bar_chart(title: str, groups: Sequence[Group], unit: str = "ms") -> Image.Im
 
 def write_chart(path: Path, title: str, groups: Sequence[Group], metadata: dict[str, str], overwrite: bool, unit: str = "ms") -> None:
     """Write the chart as a PNG (atomically, as every hmar output) with `metadata` as PNG text."""
-    save_png(bar_chart(title, groups, unit), path, {"title": title, **metadata}, overwrite=overwrite)
+    save_image(bar_chart(title, groups, unit), path, {"title": title, **metadata}, overwrite=overwrite)

@@ -342,15 +342,15 @@ def test_output_paths():
 def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
     path = tmp_path / "x.png"
     first = random_rgb(8, 8, seed=1)
-    images.save_png(first, path, {"hmar:seed": "3", "Software": "hmar 0.1.0"})
+    images.save_image(first, path, {"hmar:seed": "3", "Software": "hmar 0.1.0"})
     with Image.open(path) as written:
         assert written.text == {"hmar:seed": "3", "Software": "hmar 0.1.0"}
         assert np.array_equal(np.asarray(written), np.asarray(first))
     before = path.read_bytes()
     with pytest.raises(OutputError, match="exists; pass --overwrite") as caught:
-        images.save_png(random_rgb(8, 8, seed=2), path, {})
+        images.save_image(random_rgb(8, 8, seed=2), path, {})
     assert caught.value.exit_code == 2 and path.read_bytes() == before
-    images.save_png(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
+    images.save_image(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
@@ -365,7 +365,7 @@ def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", save_and_race)
     with pytest.raises(OutputError, match="exists"):
-        images.save_png(random_rgb(4, 4), path, {})
+        images.save_image(random_rgb(4, 4), path, {})
     assert path.read_bytes() == b"someone else's" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
@@ -376,7 +376,7 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(images.OutputError, match="cannot write .*x.png: disk full"):
-        images.save_png(random_rgb(4, 4), tmp_path / "x.png", {})
+        images.save_image(random_rgb(4, 4), tmp_path / "x.png", {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -391,7 +391,7 @@ def test_check_writable(tmp_path):
     with pytest.raises(OutputError, match="is a file"):
         images.check_writable([tmp_path / "file" / "x.png"], overwrite=False)
     with pytest.raises(OutputError, match="cannot write"):
-        images.save_png(random_rgb(2, 2), tmp_path / "file" / "x.png", {})
+        images.save_image(random_rgb(2, 2), tmp_path / "file" / "x.png", {})
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(OutputError, match="folder.png is a folder"):
         images.check_writable([tmp_path / "folder.png"], overwrite=True)
@@ -410,7 +410,7 @@ def test_written_pngs_get_an_ordinary_file_mode(tmp_path):
     # the temporary file is private to its owner; the finished output must not stay that way
     old = os.umask(0o022)
     try:
-        images.save_png(Image.new("RGB", (4, 4)), tmp_path / "out.png", {})
+        images.save_image(Image.new("RGB", (4, 4)), tmp_path / "out.png", {})
     finally:
         os.umask(old)
     assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from hmar.edit_window import DEFAULT_CONTEXT, parse_context, plan_edit
-from hmar.images import Box, box_mask, image_from_array, load_image, parse_box, save_png
+from hmar.images import Box, box_mask, image_from_array, load_image, parse_box, save_image
 from hmar.pipeline import Pipeline
 from hmar.train.synthetic import CLASSES, render
 
@@ -133,7 +133,7 @@ def compare(args) -> None:
         crops.append(cv2.resize(crop, (args.crop_size, args.crop_size), interpolation=cv2.INTER_AREA))
     gap = np.full((args.crop_size, 8, 3), 255, np.uint8)
     row = np.concatenate([part for crop in crops for part in (crop, gap)][:-1], axis=1)
-    save_png(Image.fromarray(row), args.compare, {"Description": f"crops of {args.box} (+{margin} px) of " + ", ".join(map(str, args.files))},
+    save_image(Image.fromarray(row), args.compare, {"Description": f"crops of {args.box} (+{margin} px) of " + ", ".join(map(str, args.files))},
              overwrite=True)
 
 
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args()
     if args.save_photo:
-        save_png(photo(args.index, args.size), args.save_photo, {"Description": f"edit_detail.py photo {args.index}"}, overwrite=True)
+        save_image(photo(args.index, args.size), args.save_photo, {"Description": f"edit_detail.py photo {args.index}"}, overwrite=True)
     elif args.compare:
         compare(args)
     else:
