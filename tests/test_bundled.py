@@ -67,8 +67,6 @@ def _corner_error_ratios(folder, images: int = 16, patch: int = 16) -> list[floa
     return (torch.stack([patches[0, 0], patches[0, -1], patches[-1, 0], patches[-1, -1]]) / patches.median()).tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped decoder still draws a faint speckle at the top-left corner; "
-                   "hmar/bundled/hmar-tiny/README.md ('The corner speckle') says how to train it away")
 def test_no_fixed_position_artefact():
     # A decoder that smuggles a statistic past a normalisation in a spike at a fixed position (the
     # top-left corner here, which the convolutions' zero padding lets it find) leaves a speckle there

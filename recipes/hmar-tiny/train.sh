@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the bundled hmar-tiny model from nothing but this repository: the procedural 10-class
-# data set at 128 px, the tokenizer, its decoder fine-tuned with 8 GroupNorm groups, stage 1 and
+# data set at 128 px, the tokenizer, its decoder retrained with 8 GroupNorm groups, stage 1 and
 # stage 2 (float16 weight files, 28.5 MB in all).
 #
 #   bash recipes/hmar-tiny/train.sh [RUN_FOLDER]        # default runs/hmar-tiny
@@ -12,9 +12,9 @@
 # transformer was trained as
 #   STAGES=data bash recipes/hmar-tiny/train.sh out/tiny
 #   TOKENIZER=hmar/bundled/hmar-tiny STAGES="stage1 stage2" bash recipes/hmar-tiny/train.sh out/tiny
-# with the tokenizer before its decoder was fine-tuned (the fine-tune keeps every image's codes, so
-# the transformer did not change); the shipped tokenizer's decoder was fine-tuned from that one as
-#   IMAGES_PER_CLASS=1000 INIT_TOKENIZER=<the earlier bundled folder> STAGES="data decoder" bash recipes/hmar-tiny/train.sh out/tiny
+# with the tokenizer before its decoder was retrained (the decoder stage keeps every image's codes,
+# so the transformer did not change); the shipped tokenizer's decoder was trained from that one as
+#   IMAGES_PER_CLASS=1000 WORKERS=12 INIT_TOKENIZER=<the earlier bundled folder> STAGES="data decoder" bash recipes/hmar-tiny/train.sh out/tiny
 # (stage 1 stopped by SIGTERM once and continued with RESUME=1), and measured with
 #   python recipes/hmar-tiny/evaluate.py --model out/tiny/stage2/model
 set -euo pipefail
@@ -22,10 +22,11 @@ RUN=${1:-runs/hmar-tiny}
 RECIPE=$(cd "$(dirname "$0")" && pwd)
 STAGES=${STAGES:-"data tokenizer decoder stage1 stage2"}
 WORKERS=${WORKERS:-8}
-# The decoder stage starts from the tokenizer stage's output, or (INIT_TOKENIZER=folder) from an existing one;
-# FRESH_DECODER=1 keeps only its encoder and code book and trains the decoder from a new initialisation.
+# The decoder stage starts from the tokenizer stage's output, or (INIT_TOKENIZER=folder) from an existing one.
+# It keeps only that tokenizer's encoder and code book and trains the decoder from a new initialisation
+# (FRESH_DECODER=0 fine-tunes the existing decoder instead: that does not unlearn the corner spike).
 INIT_TOKENIZER=${INIT_TOKENIZER:-$RUN/tokenizer/tokenizer}
-FRESH_FLAG=$([ "${FRESH_DECODER:-0}" = 1 ] && echo --fresh-decoder || true)
+FRESH_FLAG=$([ "${FRESH_DECODER:-1}" = 1 ] && echo --fresh-decoder || true)
 # The frozen tokenizer of stages 1 and 2, exported with their model: the one the decoder stage wrote,
 # or (TOKENIZER=folder) an existing one such as the bundled model's, to retrain only the transformer.
 TOKENIZER=${TOKENIZER:-$RUN/decoder/tokenizer}
@@ -45,7 +46,7 @@ for stage in $STAGES; do
       # spike at a fixed position into every image; 8 groups need no spike. Only the decoder learns,
       # so every image keeps its token codes.
       hmar train tokenizer --data "$RUN/data" --out "$RUN/decoder" --init "$INIT_TOKENIZER" --train decoder $FRESH_FLAG \
-        --config "$RECIPE/tokenizer-decoder.json" --steps "${DECODER_STEPS:-3000}" --batch-size "${TOKENIZER_BATCH:-64}" --lr 3e-4 \
+        --config "$RECIPE/tokenizer-decoder.json" --steps "${DECODER_STEPS:-4500}" --batch-size "${TOKENIZER_BATCH:-64}" --lr 3e-4 \
         --warmup-steps 100 --export-dtype float16 --workers "$WORKERS" --checkpoint-every 500 --seed 0 $RESUME_FLAG ;;
     stage1)
       hmar train stage1 --data "$RUN/data" --out "$RUN/stage1" --tokenizer "$TOKENIZER" \
