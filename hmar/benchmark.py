@@ -130,8 +130,10 @@ def forward_flops(config: ModelConfig, batch: int) -> float:
     return batch * (depth * (linear + attention) + head)
 
 
-def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float, top_k: int, top_p: float) -> Workload:
-    """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths)."""
+def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float | None, top_k: int | None,
+              top_p: float | None) -> Workload:
+    """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths; a
+    setting left None is the model's default, else hmar's)."""
     config, device = pipe.config, pipe.device
     settings = pipe.settings(steps=steps if config.family == "hmar" else None, cfg=cfg, top_k=top_k, top_p=top_p, batch_size=batch_size)
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
@@ -184,13 +186,14 @@ def compare(task: str, workloads: dict[str, Workload], families: dict[str, str],
 
 def bench_sample(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
-    width: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, warmup: int = 2, iters: int = 5,
+    width: int | None = None, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, warmup: int = 2, iters: int = 5,
     profile: bool = False, compile: bool | None = None, models: Sequence[str] = (), cuda_graph: bool = True,
 ) -> list[BenchRow]:
     """HMAR vs VAR sampling: random models of `depth` (and `width`), or the named `models` (registry
     names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA);
     `cuda_graph`: replay batches as CUDA graphs on CUDA, as `Pipeline` does by default (the warm-up
-    takes the eager batch and the capture)."""
+    takes the eager batch and the capture); `steps`, `cfg`, `top_k`, `top_p`: None takes the model's
+    default, else hmar's, as `hmar generate` does."""
     compiled = compile_wanted(compile, device)
     options = dict(compile=compiled, cuda_graph=cuda_graph)
     if models:

@@ -26,14 +26,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 from hmar.errors import CheckpointError, ConfigError, InputError, ScheduleError
+from hmar.kernels.scales import PATCH_NUMS
 from hmar.schedule import resolve_schedule
-
-# Scale sizes (token-map side lengths) per image resolution, as VAR/HMAR use them (downsampling 16).
-PATCH_NUMS: dict[int, tuple[int, ...]] = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
-}
 
 FAMILIES = ("hmar", "var")
 TOP_LEVEL_KEYS = ("tokenizer", *FAMILIES, "files", "class_names", "sampling")

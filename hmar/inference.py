@@ -11,7 +11,7 @@
   than bf16: 3 more mantissa bits keep the pixels within a few levels of 255 of float32's, where
   bf16's stray several times further. Channels-last: cuDNN's half-precision convolutions are
   NHWC-native (NCHW maps are transposed around each of them), but PyTorch's GroupNorm turns
-  channels-last maps back into NCHW, which made channels-last slower; with the norms (and the SiLU
+  channels-last maps back into NCHW, which costs more than the convolutions gain; with the norms (and the SiLU
   after them) as Triton kernels that keep the layout, the convolutions' bias adds fused with the
   residual adds after them or into the norm after them, and each nearest 2× upsample with its 3×3
   convolution in sub-pixel form (four 2×2 convolutions over the small map, interleaved by one

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from hmar.config import DEFAULT_SAMPLING
 from hmar.errors import HmarError
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
@@ -210,9 +211,9 @@ def sample(
     labels: torch.Tensor,
     schedule: Sequence[Sequence[int]],
     *,
-    cfg: float = 1.5,
-    top_k: int = 900,
-    top_p: float = 0.96,
+    cfg: float = DEFAULT_SAMPLING["cfg"],
+    top_k: int = DEFAULT_SAMPLING["top_k"],
+    top_p: float = DEFAULT_SAMPLING["top_p"],
     generator: torch.Generator | None = None,
     mask_refinement: bool = True,
     edit: EditTarget | None = None,

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hmar.config import COMPILE_MODES, tokenizer_preset
+from hmar.config import COMPILE_MODES, PATCH_NUMS, tokenizer_preset
 from hmar.errors import InputError
+from hmar.schedule import DEFAULT_STEPS
 from hmar.images import check_writable
 from hmar_cli.charts import Group, write_chart
 
@@ -163,7 +164,7 @@ def train(
 @app.command("sample")
 def sample(
     depth: int = typer.Option(16, "--depth", min=1), resolution: int = typer.Option(256, "--resolution"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(14, "--steps", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1),
     width: Optional[int] = typer.Option(None, "--width", min=8), device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) instead of random HMAR and VAR ones of --depth."),
@@ -215,7 +216,7 @@ def _attention_chart_groups(rows: list[dict]) -> list[Group]:
 
 @app.command("attention")
 def attention(
-    resolution: Optional[list[int]] = typer.Option(None, "--resolution", help="256, 512 or 1024; repeat for several (default: all three on CUDA, 256 on the CPU)."),
+    resolution: Optional[list[int]] = typer.Option(None, "--resolution", help=f"{', '.join(map(str, sorted(PATCH_NUMS)))}; repeat for several (default: all on CUDA, the smallest on the CPU)."),
     patch_nums: Optional[str] = typer.Option(None, "--patch-nums", help="Custom scales instead of a resolution's, e.g. 1,2,3,4 (small shapes for the CPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 16 (4 at 1024 px)."),
     heads: int = typer.Option(16, "--heads", min=1), head_dim: int = typer.Option(64, "--head-dim", min=1),
@@ -235,8 +236,8 @@ def attention(
     from hmar.pipeline import resolve_device
 
     where = resolve_device(device)
-    resolutions = resolution or ([256, 512, 1024] if where.type == "cuda" else [256])
-    checks = {"--resolution": (resolutions, bench.PATCH_NUMS), "--pattern": (pattern or [], bench.PATTERNS),
+    resolutions = resolution or (sorted(PATCH_NUMS) if where.type == "cuda" else [min(PATCH_NUMS)])
+    checks = {"--resolution": (resolutions, PATCH_NUMS), "--pattern": (pattern or [], bench.PATTERNS),
               "--impl": (impl or [], bench.IMPLS), "--dtype": ([dtype], bench.DTYPES)}
     for option, (given, allowed) in checks.items():
         unknown = [str(value) for value in given if value not in allowed]

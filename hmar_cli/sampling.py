@@ -20,7 +20,7 @@ from hmar.classes import display_name, resolve_class
 from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
 from hmar.images import DEFAULT_QUALITY, save_image
-from hmar.schedule import format_schedule, resolve_schedule
+from hmar.schedule import DEFAULT_STEPS, format_schedule, resolve_schedule
 from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group
 
@@ -77,7 +77,7 @@ class SamplingOptions:
 def _sampling_options(
     model: Optional[str] = typer.Option(None, "--model", "-m", metavar="NAME|FOLDER", help="Registry name (see `hmar models ls`) or model folder (config.json + weights). "
                                         f"Default: the first of {', '.join(DEFAULT_MODELS)} that is downloaded."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps in all, from one per scale to one per token (default: the model's, else 14, the authors' choice); VAR models take exactly one per scale."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=f"Sampling steps in all, from one per scale to one per token (default: the model's, else {DEFAULT_STEPS}, the authors' choice); VAR models take exactly one per scale."),
     schedule: Optional[str] = typer.Option(None, "--schedule", metavar="SCHEDULE", help='Instead of --steps: tokens committed per step, scales separated by ";" and steps by "," '
                                    '(each scale\'s counts sum to its tokens), e.g. "1;1,3;1,1,2,5;16;25;36;64;100;169;256".'),
     cfg: Optional[float] = typer.Option(None, "--cfg", min=0.0, max=MAX_CFG, help=f"Classifier-free guidance strength, 0 to {MAX_CFG:g} (default: the model's, else {DEFAULT_SAMPLING['cfg']})."),

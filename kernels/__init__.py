@@ -13,4 +13,5 @@ of them, nor Triton):
 - ``devices``: where they all run (CUDA, or the CPU under Triton's interpreter).
 - ``launch``: launches a compiled kernel again without Triton's per-call dispatch.
 - ``reference`` and ``bench``: the PyTorch baselines and ``hmar bench attention``.
+- ``scales``: the scale sizes per resolution, plain Python, shared with the model configuration.
 """

@@ -33,12 +33,8 @@ import torch
 from . import devices
 from .block_sparse_attention import block_sparse_attention, picked_configs
 from .reference import PATTERNS, flex_attention_baseline, sdpa_masked, sdpa_per_scale, useful_pairs
+from .scales import PATCH_NUMS
 
-PATCH_NUMS = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
-}
 BATCH = {256: 16, 512: 16, 1024: 4}
 HEADS, HEAD_DIM = 16, 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -282,7 +278,7 @@ def print_table(rows: list[dict], env: dict | None = None, console=None) -> None
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hmar.kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--res", type=int, nargs="+", default=[256, 512, 1024], choices=sorted(PATCH_NUMS))
+    parser.add_argument("--res", type=int, nargs="+", default=sorted(PATCH_NUMS), choices=sorted(PATCH_NUMS))
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")

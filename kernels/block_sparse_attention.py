@@ -543,8 +543,8 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
 
     `kernel`, `tuned`: the plain and the autotuned kernel; `key`: (pass, N, head dim, pattern key,
     dtype), the autotuner's cache key here. After the autotuner has run once for a key, later calls
-    skip its Python dispatch and launch the chosen configuration directly (the per-call host cost
-    matters at 256 px, where a pass is ~50 us).
+    skip its Python dispatch and launch the chosen configuration directly (at 256 px a pass is short
+    enough for the per-call host cost to show).
     """
     if config is None and _autotune_enabled():
         config = _PICKED.get(key)

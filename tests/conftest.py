@@ -1,5 +1,5 @@
-"""Shared test fixtures: the conformance folder (HMAR_CONFORMANCE_DIR or ../shared/conformance) and
-model folders assembled from it."""
+"""Shared test fixtures: the conformance folder (HMAR_CONFORMANCE_DIR, else the tests/conformance folder
+of the checkout) and model folders assembled from it."""
 from __future__ import annotations
 
 import json
@@ -14,14 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def conformance_path() -> Path:
-    return Path(os.environ.get("HMAR_CONFORMANCE_DIR", ROOT.parent / "shared" / "conformance")).resolve()
+    """The fixture folder the conformance tests read: HMAR_CONFORMANCE_DIR when set and not empty (another
+    folder of the same form), else the frozen copy in the repository."""
+    return Path(os.environ.get("HMAR_CONFORMANCE_DIR") or ROOT / "tests" / "conformance").resolve()
 
 
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     path = conformance_path()
     if not (path / "config.json").is_file():
-        pytest.fail(f"conformance fixtures not found at {path} (set HMAR_CONFORMANCE_DIR)")
+        source = "HMAR_CONFORMANCE_DIR" if os.environ.get("HMAR_CONFORMANCE_DIR") else "the checkout's own copy"
+        pytest.fail(f"conformance fixtures not found at {path} ({source})")
     return path
 
 

@@ -38,6 +38,8 @@ from unittest import mock
 import pytest
 import torch
 
+from hmar.kernels.scales import PATCH_NUMS
+
 BOUNDS_CPU = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 GPU_REAL_BOUND = 3e-3
 BOUNDS_GPU = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -440,12 +442,6 @@ def test_layout_tables():
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-PATCH_NUMS = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
-}
 
 
 def _sdpa_f32(q, k, v, sizes, pattern, scale, do):

@@ -12,8 +12,10 @@ import textwrap
 
 import pytest
 
-# torch and OpenCV take seconds to import; Triton, the trainer and the benchmarks more on top
-COSTLY = ("torch", "cv2", "triton", "hmar.train", "hmar.benchmark", "hmar.pipeline", "hmar.kernels")
+# torch and OpenCV take seconds to import; Triton, the trainer and the benchmarks more on top. The
+# hmar.kernels package and its scale table are plain Python (hmar.config reads the table); every
+# kernel module imports torch or Triton, so the first two names catch those.
+COSTLY = ("torch", "cv2", "triton", "hmar.train", "hmar.benchmark", "hmar.pipeline")
 
 RUN_AND_LIST = textwrap.dedent("""
     import json, sys
@@ -60,6 +62,14 @@ def test_a_cpu_run_imports_no_triton(tmp_path, conformance_models):
     assert code == 0 and (tmp_path / "x.png").is_file()
     assert "torch" in loaded  # the check sees what a command imports
     assert "triton" not in loaded and "cv2" not in loaded and "hmar.train" not in loaded and "hmar.benchmark" not in loaded
+
+
+def test_the_kernels_package_and_its_scale_table_import_nothing_costly():
+    script = ("import json, sys; import hmar.kernels; from hmar.kernels.scales import PATCH_NUMS; "
+              f"print(json.dumps([name for name in {COSTLY!r} if name in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
 
 
 def test_hmar_does_not_import_torch_until_asked():

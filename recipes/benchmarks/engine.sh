@@ -11,8 +11,6 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_bench}; mkdir -p "$OUT/profiles"
 TASKS=${TASKS:-"tests sample train256 train512"}
 
-# The conformance fixtures (../shared/conformance beside a checkout) travel as a carried copy.
-[ -d .conformance ] && export HMAR_CONFORMANCE_DIR=$PWD/.conformance
 # The device image has torch, Triton, typer, rich, ... but not this package: install it in place.
 command -v hmar >/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { echo "install failed:"; tail -5 "$OUT/install.log"; exit 1; }

@@ -2,8 +2,9 @@
 
     python recipes/benchmarks/sampling_levers.py [--batch 64] [--json out.json]
 
-d16 HMAR (14-step schedule) and VAR at 256 px, random weights, cfg 1.5, top-k 900, top-p 0.96, bf16
-autocast for the transformer. Rows add one lever at a time to the one before; every row builds fresh
+d16 HMAR and VAR at 256 px, random weights, hmar's default sampling settings (steps, guidance and
+filtering: `hmar.schedule.DEFAULT_STEPS`, `hmar.config.DEFAULT_SAMPLING`), bf16 autocast for the
+transformer. Rows add one lever at a time to the one before; every row builds fresh
 models from the same weights. "before" is the sampler without any lever: F.interpolate's bicubic,
 float32 weights cast by autocast at every use, a float32 decoder, top-p sorting all rows at once.
 `--decoders` times decoder variants alone instead (dtypes, layouts, compiled or not, chunk sizes).
@@ -54,12 +55,11 @@ def build(family: str, levers: int, states: dict):
 
 
 def time_sampling(config, tokenizer, transformer, batch: int, iters: int, compiled: bool) -> dict:
-    schedule = resolve_schedule(config.patch_nums, steps=14 if config.family == "hmar" else None, family=config.family)
+    schedule = resolve_schedule(config.patch_nums, family=config.family)  # hmar's default steps; VAR one per scale
     labels = torch.randint(0, 1000, (batch,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
     def run():
-        return sample(tokenizer, transformer, labels, schedule, cfg=1.5, top_k=900, top_p=0.96,
-                      generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
+        return sample(tokenizer, transformer, labels, schedule, generator=make_generator(0, "cuda"), amp_dtype=torch.bfloat16)
 
     first_s = first_call_seconds(run)
     run()
