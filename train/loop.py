@@ -33,7 +33,7 @@ from hmar.train.images import save_grid
 from hmar.train.lr_schedule import build_scheduler, warmup_cosine
 from hmar.train.metrics import MetricsLog, ProgressBar, Throughput
 from hmar.train.options import TrainConfig
-from hmar.train.sharding import GATHERED, SCATTERED, Sharding, whole
+from hmar.train.sharding import GATHERED, SCATTERED, Sharding, keyed_by_name, whole
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -186,7 +186,8 @@ class _Run:
         state = load_checkpoint(config.out / CHECKPOINT)
         # the stored groups say how the checkpoint's run stepped (fused on CUDA, in a CUDA graph), not this one
         stepping = [{k: group[k] for k in ("fused", "capturable")} for group in optimizer.param_groups]
-        set_state_dict(self.objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=SCATTERED)
+        set_state_dict(self.objective, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=keyed_by_name(state["optimizer"], self.objective, optimizer), options=SCATTERED)
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
         for group, own, base in zip(optimizer.param_groups, stepping, scheduler.base_lrs):

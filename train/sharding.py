@@ -17,7 +17,7 @@ process both are the plain module.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,19 @@ from hmar.transformer import AdaLNBlock
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Loading: every process holds the whole (memory-mapped) checkpoint and keeps its own part of it.
 SCATTERED = StateDictOptions(full_state_dict=True)
+
+
+def keyed_by_name(state: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name, as `SCATTERED` loading reads it. `state` may
+    also be in torch's own layout (`Optimizer.state_dict()`), which numbers the parameters in the
+    optimizer's order instead."""
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+    def name(key: int | str) -> str:
+        return order[key] if isinstance(key, int) else key
+    return {"state": {name(k): v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [name(k) for k in group["params"]]} for group in state["param_groups"]]}
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
