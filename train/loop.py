@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict
 
 from hmar.compile import compile_blocks, eager, wanted as compile_wanted
 from hmar.cuda_graph import GraphedTrainStep
@@ -186,8 +186,9 @@ class _Run:
         state = load_checkpoint(config.out / CHECKPOINT)
         # the stored groups say how the checkpoint's run stepped (fused on CUDA, in a CUDA graph), not this one
         stepping = [{k: group[k] for k in ("fused", "capturable")} for group in optimizer.param_groups]
-        set_state_dict(self.objective, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=keyed_by_name(state["optimizer"], self.objective, optimizer), options=SCATTERED)
+        # one part at a time, popped: loading leaves device copies of the whole tensors in the dict it reads
+        set_model_state_dict(self.objective, state.pop("model"), options=SCATTERED)
+        set_optimizer_state_dict(self.objective, optimizer, keyed_by_name(state.pop("optimizer"), self.objective, optimizer), options=SCATTERED)
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
         for group, own, base in zip(optimizer.param_groups, stepping, scheduler.base_lrs):
@@ -195,7 +196,7 @@ class _Run:
             value = float(base) * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
             group["lr"] = torch.tensor(value, device=procs.device) if self.graphed else value
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state.pop("ema"))
         self.stage.load_extra_state(state["extra"])
         return int(state["step"])
 
