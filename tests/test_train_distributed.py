@@ -1,7 +1,7 @@
 """Two processes under torchrun (gloo, CPU) train like one process with their combined batch, with
 the model replicated (DDP) or sharded (FSDP2); sharded runs write the same checkpoints and model
-folders and resume exactly; two torchrun "nodes" joined by a c10d rendezvous train like one
-two-process torchrun."""
+folders and resume exactly; a checkpoint written by one process, DDP or FSDP resumes under any of
+them; two torchrun "nodes" joined by a c10d rendezvous train like one two-process torchrun."""
 from __future__ import annotations
 
 import json
@@ -183,6 +183,37 @@ def test_fsdp_stage2_resumed_after_a_crash_repeats_the_uninterrupted_run(workspa
     other = _torchrun({**base, "out": str(root / "s2_parts"), "resume": True, "sharding": "ddp"})
     assert other.returncode == 0, other.stderr[-3000:]
     assert _losses(root / "s2_parts") == pytest.approx(_losses(root / "s2_whole"), rel=1e-5)
+
+
+def _checkpoint(out: Path) -> dict:
+    return torch.load(out / CHECKPOINT, weights_only=True)
+
+
+def test_a_one_process_checkpoint_resumes_sharded_as_it_does_replicated(workspace, one_process):
+    """Two processes continue the one-process run by two steps: FSDP cuts its whole tensors (weights,
+    AdamW moments, EMA) into shards where DDP copies them whole, and the two continue alike."""
+    runs = {}
+    for sharding in ("ddp", "fsdp"):
+        out = runs[sharding] = workspace["root"] / f"one_to_{sharding}"
+        shutil.copytree(one_process, out)
+        done = _torchrun(_stage1_spec(workspace, out, batch_size=4, steps=STEPS + 2, sharding=sharding, resume=True))
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(runs["fsdp"])] == list(range(1, STEPS + 3))
+    assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), rel=1e-5)
+    # the last step changed the weights by the loaded moments, and the EMA by the loaded averages
+    _same_structure(_checkpoint(runs["fsdp"]), _checkpoint(runs["ddp"]))
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_as_a_ddp_one_does(workspace, ddp_stage1, fsdp_stage1):
+    runs = {}
+    for name, source in (("ddp", ddp_stage1), ("fsdp", fsdp_stage1)):
+        out = runs[name] = workspace["root"] / f"{name}_to_one"
+        shutil.copytree(source, out)
+        options = {**workspace["options"], "batch_size": 2, "steps": STEPS + 2, "resume": True}
+        run_stage1(Stage1Config(model=tiny_transformer_config(), out=out, **options))
+    assert [r["step"] for r in read_metrics(runs["fsdp"])] == list(range(1, STEPS + 3))
+    assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), rel=1e-4)
+    _same_structure(_checkpoint(runs["fsdp"]), _checkpoint(runs["ddp"]))
 
 
 def test_the_tokenizer_stage_refuses_fsdp(tmp_path):

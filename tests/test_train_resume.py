@@ -115,6 +115,22 @@ def _crash_at(step: int):
     return on_step
 
 
+def test_a_checkpoint_with_the_optimizer_state_in_torchs_own_layout_resumes_the_same(workspace, uninterrupted):
+    """Optimizer.state_dict() numbers the parameters in the optimizer's order instead of naming them."""
+    out = workspace["root"] / "positional"
+    options = _options(workspace, out)
+    with pytest.raises(_Crash):
+        run_stage1(Stage1Config(model=tiny_transformer_config(), **options), _crash_at(4))
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
+    position = {name: index for index, name in enumerate(names)}
+    state["optimizer"] = {"state": {position[name]: values for name, values in state["optimizer"]["state"].items()},
+                          "param_groups": [{**group, "params": [position[n] for n in group["params"]]} for group in state["optimizer"]["param_groups"]]}
+    torch.save(state, out / CHECKPOINT)
+    run_stage1(Stage1Config(model=tiny_transformer_config(), resume=True, **options))
+    assert _losses(out) == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+
 def test_stage2_resume_after_a_crash_repeats_random_masks(workspace, uninterrupted):
     """In process: a run that dies after its step-2 checkpoint, resumed, matches an uninterrupted one."""
     init = workspace["root"] / "whole" / "model"

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict
 
 from hmar.compile import compile_blocks, eager, wanted as compile_wanted
 from hmar.cuda_graph import GraphedTrainStep
@@ -32,7 +33,7 @@ from hmar.train.images import save_grid
 from hmar.train.lr_schedule import build_scheduler, warmup_cosine
 from hmar.train.metrics import MetricsLog, ProgressBar, Throughput
 from hmar.train.options import TrainConfig
-from hmar.train.sharding import Sharding, shard_optimizer_state, shard_state, whole
+from hmar.train.sharding import GATHERED, SCATTERED, Sharding, keyed_by_name, whole
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -183,16 +184,19 @@ class _Run:
         """Load the run folder's checkpoint into this run; returns the step it continues from."""
         config, procs, optimizer, scheduler = self.config, self.procs, self.optimizer, self.scheduler
         state = load_checkpoint(config.out / CHECKPOINT)
-        self.objective.load_state_dict(shard_state(state["model"], self.objective.state_dict()))
-        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
+        # the stored groups say how the checkpoint's run stepped (fused on CUDA, in a CUDA graph), not this one
+        stepping = [{k: group[k] for k in ("fused", "capturable")} for group in optimizer.param_groups]
+        # one part at a time, popped: loading leaves device copies of the whole tensors in the dict it reads
+        set_model_state_dict(self.objective, state.pop("model"), options=SCATTERED)
+        set_optimizer_state_dict(self.objective, optimizer, keyed_by_name(state.pop("optimizer"), self.objective, optimizer), options=SCATTERED)
         scheduler.load_state_dict(state["scheduler"])
         # the stored learning rate came from the old total; --resume may change `steps`
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        for group, own, base in zip(optimizer.param_groups, stepping, scheduler.base_lrs):
+            group.update(own)
             value = float(base) * warmup_cosine(scheduler.last_epoch, config.steps, config.warmup_steps, config.min_lr_ratio)
             group["lr"] = torch.tensor(value, device=procs.device) if self.graphed else value
-            group["capturable"] = self.graphed  # the stored groups say how the checkpoint's run stepped, not this one
         if self.ema is not None:
-            self.ema.load_state_dict(shard_state(state["ema"], self.ema.state_dict()))
+            self.ema.load_state_dict(state.pop("ema"))
         self.stage.load_extra_state(state["extra"])
         return int(state["step"])
 
@@ -216,12 +220,11 @@ class _Run:
         return result
 
     def checkpoint(self, step: int) -> None:
-        ema = self.ema
-        state = self.sharding.gather({"model": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                      "ema": ema.state_dict() if ema else {}})
+        model, optimizer = get_state_dict(self.objective, self.optimizer, options=GATHERED)
+        ema = self.ema.state_dict() if self.ema else {}
         if self.procs.is_main:
-            save_checkpoint(self.config.out / CHECKPOINT, {"step": step, "scheduler": self.scheduler.state_dict(),
-                                                           "extra": self.stage.extra_state(), **state})
+            save_checkpoint(self.config.out / CHECKPOINT, {"step": step, "model": model, "optimizer": optimizer, "ema": ema,
+                                                           "scheduler": self.scheduler.state_dict(), "extra": self.stage.extra_state()})
         self.procs.barrier()
 
     def write_samples(self, path: Path) -> None:
@@ -232,7 +235,9 @@ class _Run:
         """The final sample grid and the exported weights (the EMA's when there is one)."""
         out = self.config.out
         self.write_samples(out / SAMPLES / "final.png")
-        final = self.sharding.gather(self.ema.averaged_state(self.objective) if self.ema else self.objective.state_dict())
+        final = get_model_state_dict(self.objective, options=GATHERED)
+        if self.ema is not None:
+            final = self.ema.averaged_state(final)
         exported = self.stage.export(final) if self.procs.is_main else out
         self.procs.barrier()
         return RunResult(out, self.config.steps, exported, last)

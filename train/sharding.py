@@ -8,9 +8,11 @@ before, freed after), so the model a GPU can train grows with the number of GPUs
 the blocks' weights are gathered in bf16 and their gradients reduced in float32; the blocks' inputs
 keep their dtype, so the residual stream stays float32 as under plain autocast.
 
-Both write the same checkpoints: sharded tensors are gathered into whole ones on the main process
-before saving, and a loaded checkpoint is cut into this process's shards, so a run may be resumed
-with the other sharding. With one process both are the plain module.
+Both write the same checkpoints, through torch.distributed.checkpoint.state_dict: `GATHERED` gathers
+the shards into whole CPU tensors on the main process for saving, and `SCATTERED` cuts a loaded
+checkpoint's whole tensors into this process's shards, with the optimizer state keyed by parameter
+name, so a run may be resumed with the other sharding or with another number of processes. With one
+process both are the plain module.
 """
 from __future__ import annotations
 
@@ -19,41 +21,37 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from hmar.train.distributed import Processes
 from hmar.transformer import AdaLNBlock
 
 
+# Saving: whole tensors in CPU memory on the main process; the others get empty dicts.
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Loading: every process holds the whole (memory-mapped) checkpoint and keeps its own part of it.
+SCATTERED = StateDictOptions(full_state_dict=True)
+
+
+def keyed_by_name(state: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name, as `SCATTERED` loading reads it. `state` may
+    also be in torch's own layout (`Optimizer.state_dict()`), which numbers the parameters in the
+    optimizer's order instead."""
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+    def name(key: int | str) -> str:
+        return order[key] if isinstance(key, int) else key
+    return {"state": {name(k): v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [name(k) for k in group["params"]]} for group in state["param_groups"]]}
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a shard (a collective: every process must call it); others as they are."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def shard_as(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a whole tensor, placed like the DTensor `like`; unchanged when `like`
-    is an ordinary tensor. Every process holds `value`, so nothing is sent."""
-    if not isinstance(like, DTensor):
-        return value
-    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
-def shard_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A whole state dict (model or EMA) cut like `like`, the current one, for `load_state_dict`."""
-    return {k: shard_as(v, like[k]) if k in like else v for k, v in state.items()}
-
-
-def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A whole optimizer state dict cut like the optimizer's parameters: the per-element states
-    (AdamW's moments, shaped like their parameter) become shards, scalars such as `step` stay."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    per_param = {
-        index: {k: shard_as(v, params[index]) if torch.is_tensor(v) and v.shape == params[index].shape else v for k, v in values.items()}
-        for index, values in state["state"].items()
-    }
-    return {**state, "state": per_param}
 
 
 class Sharding:
@@ -82,18 +80,6 @@ class Sharding:
             fully_shard(block, mesh=mesh, mp_policy=blocks)
         fully_shard(module, mesh=mesh)
         return module
-
-    def gather(self, value: Any) -> Any:
-        """`value` (nested dicts / lists of tensors, e.g. a state dict) with its shards gathered into
-        whole CPU tensors on the main process (None on the others). Every process must call it."""
-        if isinstance(value, DTensor):
-            full = value.full_tensor()
-            return full.cpu() if self.procs.is_main else None
-        if isinstance(value, dict):
-            return {k: self.gather(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.gather(v) for v in value)
-        return value
 
     @contextlib.contextmanager
     def whole_model(self, module: nn.Module) -> Iterator[None]:
