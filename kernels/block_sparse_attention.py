@@ -32,8 +32,12 @@ output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk
 q/k normalisation, reshapes) and calls the operators, which launch the kernels. (They are not
 ``torch.library.triton_op``s, which Inductor would compile itself: torch's analysis of what each
 kernel writes fails on them.) The layout enters the operators as one int32
-tensor plus 10 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
-dispatcher's overhead.
+tensor plus 10 ints (see `Layout`).
+
+Eagerly, the wrapper launches the same kernels without the dispatcher, through a plain autograd
+Function (none where no input needs a gradient), and keeps a plan per input key (shapes, strides,
+dtypes, devices, block sizes, pattern, scale; see `_Plan`): a call with a known key skips the checks
+and repeats the launches an earlier call kept, with its own tensors (`launch.launch_and_keep`).
 """
 from __future__ import annotations
 
@@ -500,7 +504,8 @@ DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2),
 
 
 def default_config(pass_name: str, head_d: int, dtype: torch.dtype):
-    """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0) or under the interpreter."""
+    """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0, read whenever a pass is
+    launched through Triton: not by an eager call that repeats kept launches) or under the interpreter."""
     if devices.INTERPRETING:
         return (16, 16, 1, 1)  # small tiles so the CPU tests cross tile edges
     if dtype == torch.float32:
@@ -667,10 +672,15 @@ def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=N
     return dq, dk, dv
 
 
-def _new_out(q):
-    # (B, N, H, D) memory seen as (B, H, N, D): `out.transpose(1, 2).reshape(B, N, H*D)` is free.
+def _out_layout(q):
+    """(size, stride) of the output: (B, N, H, D) memory seen as (B, H, N, D), so that
+    `out.transpose(1, 2).reshape(B, N, H*D)` is free."""
     B, H, N, D = q.shape
-    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), device=q.device, dtype=q.dtype)
+    return (B, H, N, D), (N * H * D, D, H * D, 1)
+
+
+def _new_out(q):
+    return torch.empty_strided(*_out_layout(q), device=q.device, dtype=q.dtype)
 
 
 def _new_lse(q):
@@ -788,8 +798,7 @@ class _Plan:
         B, H, N, D = q.shape
         self.layout, self.scale, self.configs = layout, scale, configs or {}
         self.dtype, self.device = q.dtype, q.device
-        out = _new_out(q)
-        self.out_size, self.out_stride = out.shape, out.stride()
+        self.out_size, self.out_stride = _out_layout(q)
         self.lse_size = (B * H, N)
         self.fwd = None  # the forward's kept launches
         self.bwd = {}  # strides of the output's gradient -> the backward's kept launches
