@@ -21,9 +21,16 @@ model's transformer blocks with the kernel compile whole (fullgraph) and give th
 gradients; `torch.library.opcheck` passes for both operators; the fake implementations give the
 eager layouts.
 
+The eager wrapper's plans, with the three kernels stubbed (CPU, no interpreter): a second call with
+the same inputs' key runs no checks and launches the kept binaries with its own tensors and the first
+call's other arguments; inputs unlike a known call are checked (the same errors); tensor block sizes
+or scales, unaligned inputs and each layout of the incoming gradient take their own paths; calls
+without grad record no graph.
+
 GPU (marked `gpu`, skipped without CUDA): the issue's real sizes (256/512/1024 px patch_nums), bf16,
 rel. error <= 3e-3 against float32 SDPA on upcast inputs; every dtype and head dim; strided inputs;
-autocast; the autotuned path; compiled with Inductor (fullgraph, default configs and autotuned) against
+autocast; the eager wrapper called again and again (kept launches, unaligned inputs, a negative scale,
+two gradient layouts) against float32; the autotuned path; compiled with Inductor (fullgraph, default configs and autotuned) against
 eager, the operators called from Inductor's code; opcheck on CUDA; regionally
 compiled model blocks with the kernel: no graph break, eager logits and gradients.
 """
