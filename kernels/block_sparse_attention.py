@@ -32,8 +32,12 @@ output and the log-sum-exp) and ``torch.ops.hmar.block_sparse_attn_bwd`` (dq, dk
 q/k normalisation, reshapes) and calls the operators, which launch the kernels. (They are not
 ``torch.library.triton_op``s, which Inductor would compile itself: torch's analysis of what each
 kernel writes fails on them.) The layout enters the operators as one int32
-tensor plus 10 ints (see `Layout`); eagerly, the wrapper launches the same kernels without the
-dispatcher's overhead.
+tensor plus 10 ints (see `Layout`).
+
+Eagerly, the wrapper launches the same kernels without the dispatcher, through a plain autograd
+Function (none where no input needs a gradient), and keeps a plan per input key (shapes, strides,
+dtypes, devices, block sizes, pattern, scale; see `_Plan`): a call with a known key skips the checks
+and repeats the launches an earlier call kept, with its own tensors (`launch.launch_and_keep`).
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import devices
-from .launch import launch
+from .launch import launch, launch_and_keep
 from .reference import PATTERNS
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -500,7 +504,8 @@ DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2),
 
 
 def default_config(pass_name: str, head_d: int, dtype: torch.dtype):
-    """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0) or under the interpreter."""
+    """The configuration used when autotuning is off (HMAR_ATTN_AUTOTUNE=0, read whenever a pass is
+    launched through Triton: not by an eager call that repeats kept launches) or under the interpreter."""
     if devices.INTERPRETING:
         return (16, 16, 1, 1)  # small tiles so the CPU tests cross tile edges
     if dtype == torch.float32:
@@ -538,13 +543,15 @@ def picked_configs() -> dict:
     return dict(_PICKED)
 
 
-def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, key):
+def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, args, kwargs, key, keep=0):
     """Launch with an explicit config (`config` or the default), or through the autotuner.
 
     `kernel`, `tuned`: the plain and the autotuned kernel; `key`: (pass, N, head dim, pattern key,
     dtype), the autotuner's cache key here. After the autotuner has run once for a key, later calls
     skip its Python dispatch and launch the chosen configuration directly (at 256 px a pass is short
     enough for the per-call host cost to show).
+    `keep` > 0: return the launch again with new leading `keep` arguments
+    (`launch.launch_and_keep`), or None where this call autotuned.
     """
     if config is None and _autotune_enabled():
         config = _PICKED.get(key)
@@ -552,14 +559,18 @@ def _launch(kernel, tuned, grid_counts, row_key, inner_key, pass_name, config, a
             tuned[lambda meta: (grid_counts[meta[row_key]],)](*args, **kwargs)
             best = tuned.best_config
             _PICKED[key] = (best.kwargs[row_key], best.kwargs[inner_key], best.num_warps, best.num_stages)
-            return
+            return None
     if config is None:
         config = default_config(pass_name, kwargs["HEAD_D"], key[-1])
     rows, inner, warps, stages = config
     if rows not in TILE_SIZES:
         raise ValueError(f"row tile {rows} not in {TILE_SIZES}")
     compile_options = {} if devices.INTERPRETING else dict(num_warps=warps, num_stages=stages)
-    launch(kernel, (grid_counts[rows],), args, {**kwargs, row_key: rows, inner_key: inner, **compile_options})
+    kwargs = {**kwargs, row_key: rows, inner_key: inner, **compile_options}
+    if keep:
+        return launch_and_keep(kernel, (grid_counts[rows],), args, kwargs, keep)
+    launch(kernel, (grid_counts[rows],), args, kwargs)
+    return None
 
 
 def _strides(t):
@@ -574,43 +585,67 @@ def _counts(ntiles: Sequence[int], bh) -> dict:
     return {t: n * bh for t, n in zip(TILE_SIZES, ntiles)}
 
 
-def _forward(q, k, v, out, lse, tables, meta, scale, config):
+# The passes below launch, or (`kept`) repeat launches kept by an earlier call whose tensors had the
+# same shapes, strides, dtype, device and alignment (see `_Plan`): each kernel takes the tensors first
+# (a kept launch takes them anew), then what the layout and the shapes fix.
+_FWD_HEAD = 9  # q, k, v, out, lse, the row tiles, lo, hi, redo
+_BWD_HEAD = 8  # the dq pass: q, k, v, out, do, dq, lse, delta; the dK/dV pass: q, k, v, do, dk, dv, lse, delta
+
+
+def _forward(q, k, v, out, lse, tables, meta, scale, config, kept=None, keep=False):
+    """The forward's launches; with `keep`, returns them kept (None where this call autotuned)."""
     B, H, N, D = q.shape
-    lo, hi, _, _, row_tab, _ = tables
     if scale < 0:  # the kernel needs a positive scale: softmax(c·q·kᵀ) = softmax(|c|·(−q)·kᵀ), negation exact
         q, scale = -q, -scale
+    frozen = len(kept) > 1 if kept else meta[9] >= FROZEN_MIN_KEYS  # kept: the mode they were kept in
+    redo = torch.empty(max(meta[1:5]) * B * H, device=q.device, dtype=torch.int32) if frozen else lse
+    lo, hi, _, _, row_tab, _ = tables
+    if kept:
+        for again in kept:
+            again(q, k, v, out, lse, row_tab, lo, hi, redo)
+        return kept
     kernel, tuned = _attn_fwd, _attn_fwd_tuned
     upcast = devices.INTERPRETING and q.dtype == torch.bfloat16
     counts = _counts(meta[1:5], B * H)
-    frozen = meta[9] >= FROZEN_MIN_KEYS
-    redo = torch.empty(max(counts.values()), device=q.device, dtype=torch.int32) if frozen else lse
     args = (q, k, v, out, lse, row_tab, lo, hi, redo,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, N, scale * LOG2E, meta[0])
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
     key = ("fwd", N, D, meta[0], q.dtype)
-    _launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=int(frozen)), key)
+    head = _FWD_HEAD if keep else 0
+    launched = [_launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=int(frozen)),
+                        key, head)]
     if frozen:  # the tiles whose fixed reference did not hold, again (same configuration, so the same grid)
-        _launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=2), key)
+        launched.append(_launch(kernel, tuned, counts, "BLOCK_M", "BLOCK_N", "fwd", config, args, dict(kwargs, MODE=2),
+                                key, head))
+    return launched if keep and all(launched) else None
 
 
-def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config):
+def _backward(do, q, k, v, out, lse, dq, dk, dv, tables, meta, scale, dq_config, dkdv_config, kept=None, keep=False):
+    """The backward's launches (dQ with delta, then dK/dV); `kept`/`keep` as in `_forward`."""
     B, H, N, D = q.shape
+    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    if kept:
+        dq_again, dkdv_again = kept
+        dq_again(q, k, v, out, do, dq, lse, delta)
+        dkdv_again(q, k, v, do, dk, dv, lse, delta)
+        return kept
     lo, hi, clo, chi, row_tab, col_tab = tables
     dq_kernel, dq_tuned = _attn_bwd_dq, _attn_bwd_dq_tuned
     dkdv_kernel, dkdv_tuned = _attn_bwd_dkdv, _attn_bwd_dkdv_tuned
-    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
     upcast = devices.INTERPRETING and q.dtype == torch.bfloat16
     kwargs = dict(HEAD_D=D, PREC=_precision(q.dtype), UPCAST=upcast)
+    head = _BWD_HEAD if keep else 0
     args = (q, k, v, out, do, dq, lse, delta, row_tab, lo, hi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
             H, N, scale * LOG2E, scale, meta[0])
-    _launch(dq_kernel, dq_tuned, _counts(meta[1:5], B * H), "BLOCK_M", "BLOCK_N", "dq", dq_config, args, kwargs,
-            ("dq", N, D, meta[0], q.dtype))
+    launched = [_launch(dq_kernel, dq_tuned, _counts(meta[1:5], B * H), "BLOCK_M", "BLOCK_N", "dq", dq_config, args,
+                        kwargs, ("dq", N, D, meta[0], q.dtype), head)]
     args = (q, k, v, do, dk, dv, lse, delta, col_tab, clo, chi,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             H, N, scale * LOG2E, scale, meta[0])
-    _launch(dkdv_kernel, dkdv_tuned, _counts(meta[5:9], B * H), "BLOCK_N", "BLOCK_M", "dkdv", dkdv_config, args, kwargs,
-            ("dkdv", N, D, meta[0], q.dtype))
+    launched.append(_launch(dkdv_kernel, dkdv_tuned, _counts(meta[5:9], B * H), "BLOCK_N", "BLOCK_M", "dkdv",
+                            dkdv_config, args, kwargs, ("dkdv", N, D, meta[0], q.dtype), head))
+    return launched if keep and all(launched) else None
 
 
 def attention_forward(q, k, v, layout: Layout, scale: float, out=None, lse=None, config=None):
@@ -637,10 +672,15 @@ def attention_backward(do, q, k, v, out, lse, layout: Layout, scale: float, dq=N
     return dq, dk, dv
 
 
-def _new_out(q):
-    # (B, N, H, D) memory seen as (B, H, N, D): `out.transpose(1, 2).reshape(B, N, H*D)` is free.
+def _out_layout(q):
+    """(size, stride) of the output: (B, N, H, D) memory seen as (B, H, N, D), so that
+    `out.transpose(1, 2).reshape(B, N, H*D)` is free."""
     B, H, N, D = q.shape
-    return torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    return (B, H, N, D), (N * H * D, D, H * D, 1)
+
+
+def _new_out(q):
+    return torch.empty_strided(*_out_layout(q), device=q.device, dtype=q.dtype)
 
 
 def _new_lse(q):
@@ -740,21 +780,79 @@ attn_bwd_op = torch.ops.hmar.block_sparse_attn_bwd.default
 # The public function
 # --------------------------------------------------------------------------------------------
 
+class _Plan:
+    """What eager calls with the same inputs' key (`_plan_key`: shapes, strides, dtypes, devices, block
+    sizes, pattern, scale) share: the layout, the checked scale and the launches an earlier call kept.
+
+    A call that finds its plan skips the argument checks (its key equals that of a call that passed
+    them) and the building of the kernels' arguments: it allocates its outputs and repeats the kept
+    launches with its own tensors. The launches are kept by the first call whose tensors are all
+    16-byte aligned (Triton specialises on it; other calls launch through the keyed cache of
+    `launch.launch`), the backward's per strides of the incoming gradient.
+    """
+
+    __slots__ = ("layout", "scale", "configs", "dtype", "device", "out_size", "out_stride", "lse_size", "fwd", "bwd")
+    MAX_BWD = 8  # gradient strides kept per plan (a model gives one or two)
+
+    def __init__(self, q, layout: Layout, scale: float, configs=None):
+        B, H, N, D = q.shape
+        self.layout, self.scale, self.configs = layout, scale, configs or {}
+        self.dtype, self.device = q.dtype, q.device
+        self.out_size, self.out_stride = _out_layout(q)
+        self.lse_size = (B * H, N)
+        self.fwd = None  # the forward's kept launches
+        self.bwd = {}  # strides of the output's gradient -> the backward's kept launches
+
+    def forward(self, q, k, v):
+        """(out, lse, whether every tensor was 16-byte aligned)."""
+        out = torch.empty_strided(self.out_size, self.out_stride, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_size, dtype=torch.float32, device=self.device)
+        aligned = not (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr() | lse.data_ptr()) & 15
+        kept = _forward(q, k, v, out, lse, self.layout.tables, self.layout.meta, self.scale, self.configs.get("fwd"),
+                        self.fwd if aligned else None, aligned and self.fwd is None)
+        if aligned:
+            self.fwd = kept
+        return out, lse, aligned
+
+    def backward(self, do, q, k, v, out, lse, aligned: bool):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        aligned = aligned and not (do.data_ptr() | dq.data_ptr() | dk.data_ptr() | dv.data_ptr()) & 15
+        strides = do.stride()
+        kept = self.bwd.get(strides) if aligned else None
+        got = _backward(do, q, k, v, out, lse, dq, dk, dv, self.layout.tables, self.layout.meta, self.scale,
+                        self.configs.get("dq"), self.configs.get("dkdv"), kept, aligned and kept is None)
+        if got is not None and kept is None:
+            if len(self.bwd) >= self.MAX_BWD:
+                self.bwd.clear()
+            self.bwd[strides] = got
+        return dq, dk, dv
+
+
 class _BlockSparseAttention(torch.autograd.Function):
-    """The eager path: the operators' computation, launched directly."""
+    """The eager path: the operators' computation, launched directly (see `_Plan`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, configs):
-        out, lse = attention_forward(q, k, v, layout, scale, config=(configs or {}).get("fwd"))
+    def forward(ctx, q, k, v, plan):
+        out, lse, aligned = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.configs = layout, scale, configs
+        ctx.plan, ctx.aligned = plan, aligned
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.layout, ctx.scale, configs=ctx.configs)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ctx.plan.backward(do, q, k, v, out, lse, ctx.aligned)
+        return dq, dk, dv, None
+
+
+_PLANS: dict = {}  # _plan_key(...) -> _Plan
+_MAX_PLANS = 256  # distinct eager call shapes kept; cleared when full
+
+
+def _plan_key(q, k, v, block_sizes: tuple, pattern, scale):
+    """Everything `_check` and the dtype checks read, and everything the kept launches depend on."""
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, block_sizes, pattern, scale)
 
 
 def _autocast_dtype(device_type: str):
@@ -814,21 +912,52 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     layout for the block sizes enters the graph as a constant. Block sizes must be static: a compiled
     function specialises on them (one compilation per distinct block sizes).
     """
-    sizes, scale = _check(q, k, v, block_sizes, pattern, scale)
-    cast = _autocast_dtype(q.device.type)
-    if cast is not None and q.dtype in DTYPES:
-        q, k, v = q.to(cast), k.to(cast), v.to(cast)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"block_sparse_attention: dtype {q.dtype} is not supported; supported: fp16, bf16, fp32")
-    if q.numel() == 0:
-        return (q + k + v) * 0.0
-    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
-        # traced (torch.compile, export, fake or functional tensors): the operator
-        table, meta = _layout_args(sizes, pattern, q.device)
-        out, _ = attn_fwd_op(q, k, v, table, list(meta), scale, _encode_configs(_configs))
-        return out
-    # Eagerly the same kernels are launched without the dispatcher: the operator's Python dispatch
-    # would add about as much host time per forward+backward as the kernels take at 256 px.
-    return _BlockSparseAttention.apply(q, k, v, _layout_cached(sizes, pattern, q.device), scale, _configs)
+    plan = None
+    if _configs is None and type(q) is torch.Tensor and not torch.compiler.is_compiling():
+        # An eager call like an earlier one (same key) needs none of the checks below again.
+        try:
+            block_sizes = tuple(block_sizes)
+            plan = _PLANS.get(_plan_key(q, k, v, block_sizes, pattern, scale))
+        except (AttributeError, TypeError):  # not tensors, sizes not a sequence, unhashable: checked below
+            pass
+        if plan is not None and _autocast_dtype(plan.device.type) not in (None, plan.dtype):
+            plan = None
+    if plan is None:
+        sizes, checked_scale = _check(q, k, v, block_sizes, pattern, scale)
+        cast = _autocast_dtype(q.device.type)
+        if cast is not None and q.dtype in DTYPES:
+            q, k, v = q.to(cast), k.to(cast), v.to(cast)
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in DTYPES:
+            raise ValueError(f"block_sparse_attention: dtype {q.dtype} is not supported; supported: fp16, bf16, fp32")
+        if q.numel() == 0:
+            return (q + k + v) * 0.0
+        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+            # traced (torch.compile, export, fake or functional tensors): the operator
+            table, meta = _layout_args(sizes, pattern, q.device)
+            out, _ = attn_fwd_op(q, k, v, table, list(meta), checked_scale, _encode_configs(_configs))
+            return out
+        plan = _new_plan(q, k, v, block_sizes, sizes, pattern, scale, checked_scale, _configs)
+    # Eagerly the kernels are launched without the dispatcher: the operator's Python dispatch would
+    # add about as much host time per forward+backward as the kernels take at 256 px.
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseAttention.apply(q, k, v, plan)
+    return plan.forward(q, k, v)[0]
+
+
+def _new_plan(q, k, v, block_sizes, sizes: tuple[int, ...], pattern: str, scale, checked_scale: float, configs) -> _Plan:
+    """The plan of checked (and autocast) inputs: found under their key or built. Kept only under a key
+    of plain numbers: a tensor among the block sizes or as the scale would be hashed by identity, and
+    could change in place."""
+    plain = configs is None and isinstance(block_sizes, tuple) and all(type(b) is int for b in block_sizes) \
+        and (scale is None or type(scale) in (int, float))
+    key = _plan_key(q, k, v, block_sizes, pattern, scale) if plain else None
+    plan = _PLANS.get(key) if plain else None
+    if plan is None:
+        plan = _Plan(q, _layout_cached(sizes, pattern, q.device), checked_scale, configs)
+        if plain:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan

@@ -12,6 +12,11 @@ A later call with the same key calls the binary's own launcher (what Triton's di
 the same arguments: every parameter in order, constexprs included). A new key goes through Triton,
 which compiles when it must. Under the interpreter every call goes through Triton.
 
+`launch_and_keep` serves a caller that knows its next calls will have the same specialisation (a
+plan per input shape): it launches once through Triton and returns a function that launches that
+binary again with new values for the leading (tensor) arguments, every other argument bound, with
+no key to build or look up.
+
 The direct launch relies on Triton internals (`JITFunction.fn`, `CompiledKernel.__getitem__`, the
 launcher's argument order), which the pinned Triton range has; where they are missing every call goes
 through ``kernel[grid]`` (checked once per process, `direct_launch_supported`).
@@ -84,3 +89,28 @@ def launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     for name in names[len(args):]:
         bound.append(kwargs[name] if name in kwargs else defaults[name])
     binary[tuple(grid) + (1,) * (3 - len(grid))](*bound)
+
+
+def launch_and_keep(kernel, grid: tuple, args: tuple, kwargs: dict, head: int):
+    """``kernel[grid](*args, **kwargs)`` now; returns ``again(*new_head)``, the same launch with
+    `new_head` in place of ``args[:head]`` and every other argument as given.
+
+    The caller promises that each later head has what Triton specialised the first on: the same
+    dtypes and devices, and 16-byte alignment wherever the first head's tensors had it (plus its
+    exact int values, for ints in the head). Under the interpreter, or where this Triton lacks the
+    internals, `again` goes through ``kernel[grid]`` every time.
+    """
+    global _direct
+    if _direct is None:
+        _direct = direct_launch_supported()
+    tail = tuple(args[head:])
+    if devices.INTERPRETING or not _direct:
+        kernel[grid](*args, **kwargs)
+        return lambda *new_head: kernel[grid](*new_head, *tail, **kwargs)
+    binary = kernel[grid](*args, **kwargs)
+    if hasattr(binary, "result"):  # an asynchronous compilation's future
+        binary = binary.result()
+    names, defaults = _signature_of(kernel)
+    tail += tuple(kwargs[name] if name in kwargs else defaults[name] for name in names[len(args):])
+    runner = binary[tuple(grid) + (1,) * (3 - len(grid))]
+    return lambda *new_head: runner(*new_head, *tail)

@@ -6,7 +6,8 @@ of 1 token, blocks larger than the 16-row tile, packed small blocks), both patte
 three gradients are compared with a float64 masked-softmax reference computed on the same (rounded)
 inputs, by ||x - ref|| / ||ref||. Bounds: fp32 1e-5, fp16 2e-3, bf16 1.5e-2 (bf16 rounds the output,
 P and dS to 8 bits; measured about 4e-3 / 8e-3 at these sizes). Two cases pin an explicit forward
-configuration (32-key tiles) through the autograd wrapper. Every output buffer is filled with NaN
+configuration (32-key tiles) through the autograd wrapper; three call the wrapper a second time, which
+repeats the launches its first call kept. Every output buffer is filled with NaN
 before the kernel runs, and must come back finite. The "late-spike" cases give one query a key, past the
 forward's first key tile, that outscores that tile's maximum by far: the forward's fixed softmax
 reference overflows there, and the tile must be recomputed with a running maximum.
@@ -20,9 +21,16 @@ model's transformer blocks with the kernel compile whole (fullgraph) and give th
 gradients; `torch.library.opcheck` passes for both operators; the fake implementations give the
 eager layouts.
 
+The eager wrapper's plans, with the three kernels stubbed (CPU, no interpreter): a second call with
+the same inputs' key runs no checks and launches the kept binaries with its own tensors and the first
+call's other arguments; inputs unlike a known call are checked (the same errors); tensor block sizes
+or scales, unaligned inputs and each layout of the incoming gradient take their own paths; calls
+without grad record no graph.
+
 GPU (marked `gpu`, skipped without CUDA): the issue's real sizes (256/512/1024 px patch_nums), bf16,
 rel. error <= 3e-3 against float32 SDPA on upcast inputs; every dtype and head dim; strided inputs;
-autocast; the autotuned path; compiled with Inductor (fullgraph, default configs and autotuned) against
+autocast; the eager wrapper called again and again (kept launches, unaligned inputs, a negative scale,
+two gradient layouts) against float32; the autotuned path; compiled with Inductor (fullgraph, default configs and autotuned) against
 eager, the operators called from Inductor's code; opcheck on CUDA; regionally
 compiled model blocks with the kernel: no graph break, eager logits and gradients.
 """
@@ -63,6 +71,9 @@ CPU_CASES = [
 ]
 # forward configuration per case (row tile, key tile, warps, stages); default: the interpreter's (16, 16, 1, 1)
 CPU_FWD_CONFIG = {name: (16, 32, 1, 1) for name in ("diag-key-tile-32-bf16", "causal-key-tile-32-fp32")}
+# cases whose autograd wrapper is called twice: the second call repeats the launches the first kept
+# (one forward in each mode)
+CPU_KEPT = {"block_causal-bfloat16", "causal-d32-strided-default-scale", "diag-d32-strided-scale1"}
 # cases whose forward takes the fixed softmax reference (and its redo launch), which real sizes take
 # where a query sees FROZEN_MIN_KEYS keys or more; the others keep a running maximum throughout
 CPU_FROZEN = {"block_diagonal-float32", "block_causal-bfloat16", "block_diagonal-float16", "diag-one-block",
@@ -110,12 +121,15 @@ def _worker(cases):
             err = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
             res = {"finite": bool(all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))),
                    "out": err(out, ref), "dq": err(dq, qr.grad), "dk": err(dk, kr.grad), "dv": err(dv, vr.grad)}
-            # the autograd wrapper computes the same thing
-            q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-            o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale, _configs={"fwd": CPU_FWD_CONFIG.get(name)})
-            o2.backward(do)
-            res["autograd_same"] = bool(torch.equal(o2, out) and torch.equal(q2.grad, dq) and torch.equal(k2.grad, dk)
-                                        and torch.equal(v2.grad, dv))
+            # the autograd wrapper computes the same thing; called again (CPU_KEPT), it repeats the launches
+            # its first call kept, with the new call's tensors
+            configs = {"fwd": CPU_FWD_CONFIG[name]} if name in CPU_FWD_CONFIG else None
+            for key in ("autograd_same", "kept_same")[:1 + (name in CPU_KEPT)]:
+                q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                o2 = block_sparse_attention(q2, k2, v2, sizes, pattern, scale, _configs=configs)
+                o2.backward(do)
+                res[key] = bool(torch.equal(o2, out) and torch.equal(q2.grad, dq) and torch.equal(k2.grad, dk)
+                                and torch.equal(v2.grad, dv))
             results[name] = res
     return results
 
@@ -144,6 +158,8 @@ def test_interpreter_matches_float64_reference(interpreted, case):
     for key in ("out", "dq", "dk", "dv"):
         assert res[key] <= bound, f"{name}: {key} rel. error {res[key]:.2e} > {bound:.0e}"
     assert res["autograd_same"], f"{name}: autograd wrapper differs from the direct kernel calls"
+    if name in CPU_KEPT:
+        assert res["kept_same"], f"{name}: the wrapper's second call (kept launches) differs"
 
 
 # ------------------------------------------------------------------ torch.compile (interpreter worker)
@@ -417,6 +433,141 @@ def test_argument_errors_under_torch_compile():
     torch._dynamo.reset()
 
 
+# ------------------------------------------------------------------ the eager path's plans (kernels stubbed)
+
+class _Binary:
+    def __init__(self, launched):
+        self.launched = launched
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launched.append(args)
+
+
+class _StubKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` (Triton's dispatch) records its arguments
+    and returns a binary whose launcher records its own; `fn` is the real kernel's function, whose
+    parameters the direct launch reads."""
+
+    def __init__(self, real):
+        self.fn, self.dispatched, self.launched = real.fn, [], []
+
+    def __getitem__(self, grid):
+        def dispatch(*args, **kwargs):
+            self.dispatched.append(args)
+            return _Binary(self.launched)
+        return dispatch
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """The attention module on CPU tensors with its three kernels stubbed (nothing computes), the
+    direct launch on, default configurations, no known plans; counts the argument checks."""
+    bsa = importlib.import_module("hmar.kernels.block_sparse_attention")
+    launch = importlib.import_module("hmar.kernels.launch")
+    devices = importlib.import_module("hmar.kernels.devices")
+    monkeypatch.setattr(devices, "INTERPRETING", False)
+    monkeypatch.setattr(devices, "runs_on", lambda device: True)
+    monkeypatch.setattr(launch, "_direct", True)
+    monkeypatch.setattr(launch, "_binaries", {})
+    monkeypatch.setattr(bsa, "_PLANS", {})
+    monkeypatch.setenv("HMAR_ATTN_AUTOTUNE", "0")
+    kernels = {}
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        kernels[name] = _StubKernel(getattr(bsa, name))
+        monkeypatch.setattr(bsa, name, kernels[name])
+    checks, check = [], bsa._check
+    monkeypatch.setattr(bsa, "_check", lambda *args: checks.append(args) or check(*args))
+    return bsa, kernels, checks
+
+
+def _same(a, b):
+    return all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_known_eager_call_skips_the_checks_and_repeats_the_kept_launches(stubbed):
+    bsa, kernels, checks = stubbed
+    sizes = [1, 4, 9, 2]
+    calls = []
+    for _ in range(2):
+        q, k, v = (torch.randn(2, 3, 16, 16, requires_grad=True) for _ in range(3))
+        out = bsa.block_sparse_attention(q, k, v, sizes, "block_causal", 0.5)
+        out.backward(torch.ones_like(out))
+        calls.append((q, k, v, out))
+        assert out.transpose(1, 2).is_contiguous() and out.grad_fn is not None
+        assert all(x.grad.shape == x.shape for x in (q, k, v))
+    assert len(checks) == 1 and len(bsa._PLANS) == 1
+    (q, k, v, out) = calls[1]
+    heads = {"_attn_fwd": (q, k, v, out), "_attn_bwd_dq": (q, k, v, out), "_attn_bwd_dkdv": (q, k, v)}
+    for name, kernel in kernels.items():
+        # the first call went through Triton's dispatch, the second launched the kept binary ...
+        (first,), (again,) = kernel.dispatched, kernel.launched
+        # ... with its own tensors and what the first call computed for the rest
+        assert [t.data_ptr() for t in again[:len(heads[name])]] == [t.data_ptr() for t in heads[name]], name
+        assert _same(again[bsa._FWD_HEAD if name == "_attn_fwd" else bsa._BWD_HEAD:len(first)],
+                     first[bsa._FWD_HEAD if name == "_attn_fwd" else bsa._BWD_HEAD:]), name
+
+
+def test_inputs_unlike_a_known_call_are_checked(stubbed):
+    bsa, kernels, checks = stubbed
+    q = torch.randn(1, 2, 10, 16)
+    bsa.block_sparse_attention(q, q, q, [5, 5])  # known from now on
+    with pytest.raises(ValueError, match="dtypes differ"):
+        bsa.block_sparse_attention(q, q.double(), q, [5, 5])
+    with pytest.raises(ValueError, match="sum to 9"):
+        bsa.block_sparse_attention(q, q, q, [4, 5])
+    with pytest.raises(ValueError, match="pattern"):
+        bsa.block_sparse_attention(q, q, q, [5, 5], "diagonal")
+    with pytest.raises(ValueError, match="finite"):
+        bsa.block_sparse_attention(q, q, q, [5, 5], scale=float("nan"))
+    with pytest.raises(ValueError, match="shapes differ"):
+        bsa.block_sparse_attention(q, q[:, :1], q, [5, 5])
+    with pytest.raises(TypeError, match="block_sizes must be a sequence"):
+        bsa.block_sparse_attention(q, q, q, 10)
+    with pytest.raises(TypeError, match="k must be a tensor"):
+        bsa.block_sparse_attention(q, "k", q, [5, 5])
+    bsa.block_sparse_attention(q, q, q, (s for s in (5, 5)))  # a generator is read once: the known call
+    assert len(checks) == 8 and len(kernels["_attn_fwd"].launched) == 1
+
+
+def test_block_sizes_or_a_scale_that_are_tensors_are_checked_every_call(stubbed):
+    bsa, kernels, checks = stubbed
+    q = torch.randn(1, 2, 10, 16)
+    for _ in range(2):
+        bsa.block_sparse_attention(q, q, q, torch.tensor([5, 5]))
+        bsa.block_sparse_attention(q, q, q, [5, 5], scale=torch.tensor(0.5))
+    assert len(checks) == 4 and not bsa._PLANS
+
+
+def test_unaligned_inputs_launch_through_the_keyed_cache(stubbed):
+    bsa, kernels, _ = stubbed
+    q = torch.randn(1, 2, 10, 17)[..., 1:]  # 4 bytes past a 16-byte boundary
+    for _ in range(2):
+        bsa.block_sparse_attention(q, q, q, [10])
+    (plan,) = bsa._PLANS.values()
+    assert plan.fwd is None  # nothing kept: the direct launch's own cache launched the second call
+    assert len(kernels["_attn_fwd"].dispatched) == 1 and len(kernels["_attn_fwd"].launched) == 1
+
+
+def test_each_incoming_gradient_layout_keeps_its_backward(stubbed):
+    bsa, kernels, _ = stubbed
+    q = torch.randn(2, 3, 10, 16, requires_grad=True)
+    grads = [torch.randn(2, 3, 10, 16), torch.randn(2, 10, 3, 16).transpose(1, 2), torch.randn(2, 3, 10, 16)]
+    for do in grads:
+        bsa.block_sparse_attention(q, q, q, [4, 6]).backward(do)
+    (plan,) = bsa._PLANS.values()
+    assert sorted(plan.bwd) == sorted({do.stride() for do in grads})
+    assert len(kernels["_attn_bwd_dq"].dispatched) == 2 and len(kernels["_attn_bwd_dq"].launched) == 1
+
+
+def test_without_grad_no_graph_is_recorded(stubbed):
+    bsa, _, _ = stubbed
+    q = torch.randn(1, 2, 10, 16, requires_grad=True)
+    with torch.no_grad():
+        assert bsa.block_sparse_attention(q, q, q, [10]).grad_fn is None
+    assert bsa.block_sparse_attention(q.detach(), q.detach(), q.detach(), [10]).grad_fn is None
+    assert bsa.block_sparse_attention(q, q, q, [10]).grad_fn is not None
+
+
 def test_layout_tables():
     """Tiles never straddle a block except to pack whole small blocks; ranges are exact."""
     import importlib
@@ -544,6 +695,44 @@ def test_gpu_autocast_and_grads(no_autotune):
     assert _rel(out, ref) < 1e-2 and _rel(q.grad, gq) < 2e-2
     with pytest.raises(ValueError, match="dtypes differ"):
         block_sparse_attention(q.half(), k, v, sizes)
+
+
+@gpu
+@needs_cuda
+def test_gpu_eager_calls_repeat_the_kept_launches(no_autotune):
+    """The eager wrapper called as a model calls it, again and again: the first call with some inputs
+    launches through Triton and keeps the launches, later ones repeat them. Repeated inputs give the
+    same bits; unaligned inputs, a negative scale and another layout of the incoming gradient take
+    their own launches; every call's output and gradients against float32 (explicit softmax)."""
+    import importlib
+
+    from hmar.kernels.reference import reference_attention
+
+    bsa = importlib.import_module("hmar.kernels.block_sparse_attention")
+    sizes = [p * p for p in PATCH_NUMS[256]]
+    B, H, N, D = 2, 4, sum(sizes), 64
+    torch.manual_seed(5)
+    raw = torch.randn(3, B, H, N, D + 1, device="cuda", dtype=torch.bfloat16)
+    do_bhnd = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    do_bnhd = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    results = []
+    for pattern, scale, offset, do in [("block_diagonal", None, 0, do_bhnd), ("block_diagonal", None, 0, do_bhnd),
+                                       ("block_diagonal", None, 0, do_bnhd), ("block_causal", -0.2, 0, do_bhnd),
+                                       ("block_causal", -0.2, 0, do_bhnd), ("block_causal", None, 1, do_bnhd),
+                                       ("block_causal", None, 1, do_bnhd)]:
+        q, k, v = (raw[i, ..., offset:offset + D].detach().requires_grad_() for i in range(3))  # offset 1: 2 bytes off
+        out = bsa.block_sparse_attention(q, k, v, sizes, pattern, scale)
+        out.backward(do)
+        got = [out.detach(), q.grad, k.grad, v.grad]
+        qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+        ref = reference_attention(qf, kf, vf, sizes, pattern, scale, dtype=torch.float32)
+        ref.backward(do.float())
+        errs = [_rel(a, b) for a, b in zip(got, [ref.detach(), qf.grad, kf.grad, vf.grad])]
+        assert max(errs) <= 1e-2, f"{pattern}, scale {scale}, offset {offset}: rel. errors (out, dq, dk, dv) {errs}"
+        results.append(got)
+    for first, again in ((0, 1), (3, 4), (5, 6)):  # the same inputs again: the same bits
+        assert all(torch.equal(a, b) for a, b in zip(results[first], results[again]))
+    assert sum(plan.fwd is not None for plan in bsa._PLANS.values()) >= 2  # the aligned calls kept their launches
 
 
 @gpu

@@ -113,3 +113,36 @@ def test_without_tritons_internals_every_call_goes_through_triton(launching, mon
         launching(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16})
     assert module._direct is False and not module._binaries
     assert len(kernel.compiled) == 3 and all(not binary.launches for *_, binary in kernel.compiled)
+
+
+@pytest.fixture
+def keeping(launching):
+    return importlib.import_module("hmar.kernels.launch").launch_and_keep
+
+
+def test_a_kept_launch_replaces_the_head_and_binds_the_rest(keeping):
+    kernel, x = _Kernel(), torch.zeros(64)
+    again = keeping(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16, "num_warps": 4}, 1)
+    ((grid, args, kwargs, binary),) = kernel.compiled  # launched once now, through Triton
+    assert grid == (4,) and args == (x, 32, 0.5) and kwargs == {"BLOCK": 16, "num_warps": 4} and not binary.launches
+    y = torch.ones(64)
+    again(y)
+    again(x)
+    assert len(kernel.compiled) == 1  # no dispatch again
+    # the binary's launcher: the new head, the bound scalars, constexprs and defaults in order, no options
+    assert [(g, a[0] is t, a[1:]) for (g, a), t in zip(binary.launches, (y, x))] == [((4, 1, 1), True, (32, 0.5, 16, 0))] * 2
+
+
+@pytest.mark.parametrize("why", ["interpreter", "no internals"])
+def test_a_kept_launch_goes_through_triton_where_the_direct_launch_cannot(keeping, monkeypatch, why):
+    module = importlib.import_module("hmar.kernels.launch")
+    if why == "interpreter":
+        monkeypatch.setattr(importlib.import_module("hmar.kernels.devices"), "INTERPRETING", True)
+    else:
+        monkeypatch.setattr(module, "_direct", False)
+    kernel, x, y = _Kernel(), torch.zeros(64), torch.ones(64)
+    again = keeping(kernel, (4,), (x, 32, 0.5), {"BLOCK": 16}, 1)
+    again(y)
+    assert [(g, a[0] is t, a[1:], kw) for (g, a, kw, _), t in zip(kernel.compiled, (x, y))] == \
+        [((4,), True, (32, 0.5), {"BLOCK": 16})] * 2
+    assert not any(binary.launches for *_, binary in kernel.compiled)
