@@ -5,7 +5,7 @@ metadata and notes the CLI writes and prints.
 An edit is a request (`EditRequest`: the picture the model works on, what to regenerate, how the
 result is blended in), planned into the model's square views (`plan_request`, through
 `hmar.edit_window.plan_edit`), sampled view by view (`sample_views`) and put back at the image's
-size with the input's nature (`PlannedEdit.finish`). `run_edit` does all of it for one image, which
+size with the input's nature (`PlannedEdit.finish`). `edit_image` does all of it for one image, which
 is what `Pipeline.inpaint`, `Pipeline.outpaint` and `Pipeline.edit_region` are; the CLI uses the
 same pieces so that the views of many images share batches.
 """
@@ -16,7 +16,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np  # torch and cv2 are imported where used: the CLI imports this module to start
 from PIL import Image, ImageOps
@@ -382,20 +382,22 @@ def made_by(image: ImageLike, model: str | None) -> bool:
     return isinstance(image, Image.Image) and image.info.get("hmar:model") == model
 
 
-def check_num(num: Any) -> int:
-    if isinstance(num, bool) or not is_integer(num) or num < 1:
-        raise InputError(f"num must be a whole number of variants >= 1, got {num!r}")
-    return int(num)
-
-
-def run_edit(pipe: Pipeline, command: str, image: ImageLike, request: EditRequest, *, label: int | str | None, num: int,
-             context: Context, progress: ProgressCallback | None = None, **options) -> EditResult:
-    """One image's edit on `pipe`, `num` variants: views sampled `batch_size` at a time (default:
-    all of them in one batch) from one random stream seeded with `seed` (None: a fresh one, stored in
-    the metadata), as the CLI samples one image."""
+def edit_image(pipe: Pipeline, command: str, image: ImageLike, prepare: Callable[[], EditRequest], *, label: int | str | None,
+               num: int, context: Context | str | int | float | None, progress: ProgressCallback | None,
+               options: dict[str, Any]) -> EditResult:
+    """One image's edit on `pipe` (`prepare` makes its request), `num` variants, as the CLI edits
+    one image: its views sampled `batch_size` at a time (default: all of them in one batch) from one
+    random stream seeded with `seed` (None: a fresh one, stored in the metadata). The arguments are
+    checked before the image is read, the request before anything is sampled."""
+    from hmar.pipeline import _check_options
     from hmar.sampler import make_generator
 
+    _check_options(options)
+    if isinstance(num, bool) or not is_integer(num) or num < 1:
+        raise InputError(f"num must be a whole number of variants >= 1, got {num!r}")
+    context = read_context(context)
     index = None if label is None else pipe.check_labels([label])[0]
+    request = prepare()
     planned = plan_request(request, pipe.resolution, context, num)
     width, height = request.picture.size
     held = num * width * height * 4  # the variants at the image's size (RGBA at most), all returned together
@@ -404,7 +406,8 @@ def run_edit(pipe: Pipeline, command: str, image: ImageLike, request: EditReques
                          f"memory budget: ask for fewer at a time")
     if options.get("seed") is None:  # an unrepeatable draw would be no use: pick a seed, so that the metadata can repeat it
         options["seed"] = secrets.randbelow(2**31)
-    options["batch_size"] = options.get("batch_size") or planned.items
+    if options.get("batch_size") is None:
+        options["batch_size"] = planned.items
     settings = pipe.settings(count=planned.items, **options)
     pipe._check_memory(min(settings.batch_size, planned.items), results=planned.items)
     generator = make_generator(settings.seed, pipe.device)
