@@ -4,14 +4,13 @@ metadata and notes the CLI writes and prints.
 
 An edit is a request (`EditRequest`: the picture the model works on, what to regenerate, how the
 result is blended in), planned into the model's square views (`plan_request`, through
-`hmar.edit_window.plan_edit`), sampled view by view (`sample_views`) and put back at the image's
+`hmar.edit_window.plan_edit`), sampled in batches of views (`sample_views`) and put back at the image's
 size with the input's nature (`PlannedEdit.finish`). `edit_image` does all of it for one image, which
 is what `Pipeline.inpaint`, `Pipeline.outpaint` and `Pipeline.edit_region` are; the CLI uses the
 same pieces so that the views of many images share batches.
 """
 from __future__ import annotations
 
-import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -210,7 +209,7 @@ def read_context(context: Context | str | int | float | None) -> Context:
     if is_integer(context):
         return parse_context(str(int(context)))
     if isinstance(context, float):
-        return parse_context(repr(context) if math.isfinite(context) and context >= 0 else "nan")
+        return parse_context(repr(context))
     if isinstance(context, str):
         return parse_context(context)
     raise InputError(f"context must be pixels (int), a fraction (float) or 'full', got {type(context).__name__}")

@@ -1,14 +1,15 @@
 """The public API: a loaded model that generates and edits images.
 
     from hmar import Pipeline
-    pipe = Pipeline.from_folder("path/to/model")          # or Pipeline.from_pretrained("hmar-d16")
-    result = pipe.generate([207, 281], steps=14, seed=0)   # result.images: (2, 3, H, W) in [0, 1]
-    edited = pipe.edit(images, keep_pixels, labels=None)   # zero-shot inpainting / outpainting
+    pipe = Pipeline.from_pretrained("hmar-d16")            # a registry name or a model folder
+    result = pipe.generate([207, 281], steps=14, seed=0)   # result.images: (2, 3, H, W) in [0, 1]; result.to_pil()
+    fixed = pipe.inpaint(photo, box=(40, 40, 200, 220))    # any size and mode, as `hmar inpaint`
+    edited = pipe.edit(images, keep_pixels, labels=None)   # zero-shot editing at the model's resolution
 
-Images here are tensors at the model's resolution; cropping, compositing and files are the caller's
-(see `hmar.images` and the CLI). Labels are class indices (ints or an integer tensor) or class
-names; images are float tensors (N, 3, H, W) in [0, 1]. Anything else is an `InputError` naming the
-problem. Images are sampled in batches of `default_batch_size` (16 at 256 px) unless `batch_size`
+`generate` and `edit` work on tensors at the model's resolution: labels are class indices (ints or an
+integer tensor) or class names; images are float tensors (N, 3, H, W) in [0, 1]. `inpaint`,
+`outpaint` and `edit_region` take images of any size and mode and return PIL images with their
+metadata (`hmar.edit_api`). Anything else is an `InputError` naming the problem. Images are sampled in batches of `default_batch_size` (16 at 256 px) unless `batch_size`
 says otherwise, and a batch that would exceed the memory budget (`hmar.config.check_memory`) is
 refused before it starts.
 """
