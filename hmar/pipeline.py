@@ -9,9 +9,9 @@
 `generate` and `edit` work on tensors at the model's resolution: labels are class indices (ints or an
 integer tensor) or class names; images are float tensors (N, 3, H, W) in [0, 1]. `inpaint`,
 `outpaint` and `edit_region` take images of any size and mode and return PIL images with their
-metadata (`hmar.edit_api`). Anything else is an `InputError` naming the problem. Images are sampled in batches of `default_batch_size` (16 at 256 px) unless `batch_size`
-says otherwise, and a batch that would exceed the memory budget (`hmar.config.check_memory`) is
-refused before it starts.
+metadata (`hmar.edit_api`). Anything else is an `InputError` naming the problem. Images are sampled
+in batches of `default_batch_size` (16 at 256 px) unless `batch_size` says otherwise, and a batch
+that would exceed the memory budget (`hmar.config.check_memory`) is refused before it starts.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Generation:
     settings: SamplingSettings
     tokens: list[torch.Tensor] = field(default_factory=list)  # per scale (N, pn²), on the CPU
 
-    def to_pil(self) -> list["Image.Image"]:
+    def to_pil(self) -> list[Image.Image]:
         """The images as 8-bit RGB PIL images (each pixel rounded to the nearest level)."""
         from hmar.images import image_from_array
 
@@ -246,7 +246,7 @@ class Pipeline:
 
     def inpaint(self, image, mask=None, *, box=None, label: int | str | None = None, num: int = 1, context=None, dilate: int = 0,
                 feather: int | None = None, match_colours: bool = True, progress: ProgressCallback | None = None,
-                **options) -> "EditResult":
+                **options) -> EditResult:
         """Regenerate a region of `image`, of any size and mode (a PIL image, a file, an array or a
         tensor: `hmar.edit_api.ImageLike`), given by `mask` (a mask image or file, or an (H, W) array
         or tensor: `MaskLike`) or `box` (x0, y0, x1, y1), unconditionally or as `label`, `num`
@@ -263,7 +263,7 @@ class Pipeline:
 
     def edit_region(self, image, box=None, label: int | str | None = None, *, mask=None, num: int = 1, context=None,
                     dilate: int = 0, feather: int | None = None, match_colours: bool = True,
-                    progress: ProgressCallback | None = None, **options) -> "EditResult":
+                    progress: ProgressCallback | None = None, **options) -> EditResult:
         """Regenerate the `box` (x0, y0, x1, y1) or `mask` of `image` as class `label` (required),
         as `hmar edit` does; otherwise as `inpaint`."""
         from hmar import edit_api
@@ -276,7 +276,7 @@ class Pipeline:
 
     def outpaint(self, image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, expand: float | None = None,
                  to=None, label: int | str | None = None, num: int = 1, context=None, match_colours: bool = True,
-                 progress: ProgressCallback | None = None, **options) -> "EditResult":
+                 progress: ProgressCallback | None = None, **options) -> EditResult:
         """Extend `image`'s canvas by sides (pixels), by a factor `expand` (centred) or to a size `to`
         ((W, H) or "WxH", centred) and generate the new area, the original pixels kept as they are;
         as `hmar outpaint` does. Other arguments as `inpaint`."""
