@@ -83,7 +83,11 @@ class Nature:
 
 def load_picture(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Nature]:
     """`load_image` (transparency on white) and the input's `Nature`, from one decoding."""
-    image = _decode(Path(path), "image", max_pixels)
+    return picture_from_image(_decode(Path(path), "image", max_pixels))
+
+
+def picture_from_image(image: Image.Image) -> tuple[Image.Image, Nature]:
+    """A decoded image of any mode as 8-bit RGB (transparency on white) and its `Nature`."""
     alpha = _alpha(image)
     colour = None if alpha is None else np.asarray(_to_rgb(image, None))
     deep = image.mode in _SIXTEEN_BIT_MODES or image.mode == "F"
@@ -128,21 +132,25 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int], *, max_pixels: int
     aspect ratio is stretched, and the note says so). A mask that selects nothing is refused with
     what was seen in it."""
     path = Path(path)
-    image = _decode(path, "mask", max_pixels)
+    return mask_from_image(_decode(path, "mask", max_pixels), size, path.name)
+
+
+def mask_from_image(image: Image.Image, size: tuple[int, int], name: str) -> Mask:
+    """`load_mask` of a decoded image; `name` says which mask in the notes and errors."""
     alpha = _alpha(image)
     by_alpha = alpha is not None and bool((alpha <= 127).any())
     values = alpha if by_alpha else np.asarray(_to_rgb(image, BLACK).convert("L"))
-    _check_mask_selects(path.name, values, by_alpha, "")
+    _check_mask_selects(name, values, by_alpha, "")
     notes = []
     if values.shape != (size[1], size[0]):
-        notes.append(_resize_note(path.name, (values.shape[1], values.shape[0]), size))
+        notes.append(_resize_note(name, (values.shape[1], values.shape[0]), size))
         original = values.shape
         values = np.asarray(Image.fromarray(values, mode="L").resize(tuple(size), Image.Resampling.BILINEAR))
-        _check_mask_selects(path.name, values, by_alpha, f" once resized from {original[1]}x{original[0]} to the image's "
+        _check_mask_selects(name, values, by_alpha, f" once resized from {original[1]}x{original[0]} to the image's "
                             f"{size[0]}x{size[1]} (what it marks is too thin at that scale)")
     regenerate = values > 127
     if by_alpha:
-        notes.append(f"mask {path.name} has transparency, so its alpha decides: its opaque pixels ({_share(regenerate)} of "
+        notes.append(f"mask {name} has transparency, so its alpha decides: its opaque pixels ({_share(regenerate)} of "
                      f"the image) are regenerated, its transparent ones kept")
     return Mask(regenerate, tuple(notes))
 

@@ -1,22 +1,23 @@
 """The public API: a loaded model that generates and edits images.
 
     from hmar import Pipeline
-    pipe = Pipeline.from_folder("path/to/model")          # or Pipeline.from_pretrained("hmar-d16")
-    result = pipe.generate([207, 281], steps=14, seed=0)   # result.images: (2, 3, H, W) in [0, 1]
-    edited = pipe.edit(images, keep_pixels, labels=None)   # zero-shot inpainting / outpainting
+    pipe = Pipeline.from_pretrained("hmar-d16")            # a registry name or a model folder
+    result = pipe.generate([207, 281], steps=14, seed=0)   # result.images: (2, 3, H, W) in [0, 1]; result.to_pil()
+    fixed = pipe.inpaint(photo, box=(40, 40, 200, 220))    # any size and mode, as `hmar inpaint`
+    edited = pipe.edit(images, keep_pixels, labels=None)   # zero-shot editing at the model's resolution
 
-Images here are tensors at the model's resolution; cropping, compositing and files are the caller's
-(see `hmar.images` and the CLI). Labels are class indices (ints or an integer tensor) or class
-names; images are float tensors (N, 3, H, W) in [0, 1]. Anything else is an `InputError` naming the
-problem. Images are sampled in batches of `default_batch_size` (16 at 256 px) unless `batch_size`
-says otherwise, and a batch that would exceed the memory budget (`hmar.config.check_memory`) is
-refused before it starts.
+`generate` and `edit` work on tensors at the model's resolution: labels are class indices (ints or an
+integer tensor) or class names; images are float tensors (N, 3, H, W) in [0, 1]. `inpaint`,
+`outpaint` and `edit_region` take images of any size and mode and return PIL images with their
+metadata (`hmar.edit_api`). Anything else is an `InputError` naming the problem. Images are sampled
+in batches of `default_batch_size` (16 at 256 px) unless `batch_size` says otherwise, and a batch
+that would exceed the memory budget (`hmar.config.check_memory`) is refused before it starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -29,6 +30,11 @@ from hmar.errors import DeviceError, InputError
 from hmar.inference import prepare_for_sampling
 from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
 from hmar.schedule import Schedule, resolve_schedule
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from hmar.edit_api import EditResult
 
 OPTIONS = ("steps", "schedule", "cfg", "top_k", "top_p", "seed", "batch_size")
 DEFAULT_BATCH_PIXELS = 16 * 256 * 256  # a default batch holds this many output pixels: 16 images at 256 px
@@ -74,6 +80,12 @@ class Generation:
     settings: SamplingSettings
     tokens: list[torch.Tensor] = field(default_factory=list)  # per scale (N, pn²), on the CPU
 
+    def to_pil(self) -> list[Image.Image]:
+        """The images as 8-bit RGB PIL images (each pixel rounded to the nearest level)."""
+        from hmar.images import image_from_array
+
+        return [image_from_array(image.permute(1, 2, 0).numpy()) for image in self.images]
+
 
 class Pipeline:
     """A model on a device, ready to sample. On CUDA: the transformer in bf16 (autocast, Linear weights
@@ -101,7 +113,10 @@ class Pipeline:
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "auto", name: str | None = None, compile: bool = False,
                     cuda_graph: bool = True) -> "Pipeline":
+        """A model folder (config.json + weights); registry names are `from_pretrained`'s."""
         folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            _refuse_folder(folder)
         config = ModelConfig.load(folder / "config.json")
         device = resolve_device(device)
         tokenizer, transformer = load_models(config, folder)
@@ -214,11 +229,13 @@ class Pipeline:
         generator: torch.Generator | None = None,
         **options,
     ) -> Generation:
-        """Regenerate what `keep_pixels` (N, H, W) bool leaves out of `images` (N, 3, H, W) float in
-        [0, 1] at the model resolution. No labels: the null class (unconditional), as VAR edits.
+        """Regenerate what `keep_pixels` (N, H, W) or (N, 1, H, W) bool leaves out of `images`
+        (N, 3, H, W) float in [0, 1] at the model resolution (images of other sizes: `inpaint`). No labels: the null class (unconditional), as VAR edits.
         `generator` (on the device) continues a random stream across calls instead of starting one
         from the seed."""
         _check_options(options)
+        if isinstance(keep_pixels, torch.Tensor) and keep_pixels.dim() == 4 and keep_pixels.shape[1] == 1:
+            keep_pixels = keep_pixels[:, 0]  # (N, 1, H, W), the channel axis of a mask batch
         count = self.check_edit_inputs(images, keep_pixels)
         labels = [self.num_classes] * count if labels is None else self.check_labels(labels)
         if len(labels) != count:
@@ -226,6 +243,48 @@ class Pipeline:
         settings = self.settings(count=count, **options)
         self._check_memory(min(settings.batch_size, count), results=count)
         return _joined(list(self._batches(labels, settings, (images, keep_pixels), progress, generator)), labels, settings)
+
+    def inpaint(self, image, mask=None, *, box=None, label: int | str | None = None, num: int = 1, context=None, dilate: int = 0,
+                feather: int | None = None, match_colours: bool = True, progress: ProgressCallback | None = None,
+                **options) -> EditResult:
+        """Regenerate a region of `image`, of any size and mode (a PIL image, a file, an array or a
+        tensor: `hmar.edit_api.ImageLike`), given by `mask` (a mask image or file, or an (H, W) array
+        or tensor: `MaskLike`) or `box` (x0, y0, x1, y1), unconditionally or as `label`, `num`
+        variants; as `hmar inpaint` does, with its defaults. `context`: how much around the region
+        the model sees (pixels, a fraction of the region or "full"); `dilate`, `feather` (None: a
+        quarter of the narrowest region's width, at most 32) and `match_colours` as the CLI's options.
+        Options: steps | schedule, cfg, top_k, top_p, seed (None: a fresh one, in the metadata),
+        batch_size (views per forward pass; default all)."""
+        from hmar import edit_api
+
+        return edit_api.edit_image(self, "inpaint", image, lambda: edit_api.region_request(
+            image, mask=mask, box=box, dilate=dilate, feather=feather, match_colours=match_colours),
+            label=label, num=num, context=context, progress=progress, options=options)
+
+    def edit_region(self, image, box=None, label: int | str | None = None, *, mask=None, num: int = 1, context=None,
+                    dilate: int = 0, feather: int | None = None, match_colours: bool = True,
+                    progress: ProgressCallback | None = None, **options) -> EditResult:
+        """Regenerate the `box` (x0, y0, x1, y1) or `mask` of `image` as class `label` (required),
+        as `hmar edit` does; otherwise as `inpaint`."""
+        from hmar import edit_api
+
+        if label is None:
+            raise InputError("edit_region needs a label, the class the region becomes (inpaint regenerates without one)")
+        return edit_api.edit_image(self, "edit", image, lambda: edit_api.region_request(
+            image, mask=mask, box=box, dilate=dilate, feather=feather, match_colours=match_colours),
+            label=label, num=num, context=context, progress=progress, options=options)
+
+    def outpaint(self, image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, expand: float | None = None,
+                 to=None, label: int | str | None = None, num: int = 1, context=None, match_colours: bool = True,
+                 progress: ProgressCallback | None = None, **options) -> EditResult:
+        """Extend `image`'s canvas by sides (pixels), by a factor `expand` (centred) or to a size `to`
+        ((W, H) or "WxH", centred) and generate the new area, the original pixels kept as they are;
+        as `hmar outpaint` does. Other arguments as `inpaint`."""
+        from hmar import edit_api
+
+        return edit_api.edit_image(self, "outpaint", image, lambda: edit_api.outpaint_request(
+            image, left=left, right=right, top=top, bottom=bottom, expand=expand, to=to, match_colours=match_colours),
+            label=label, num=num, context=context, progress=progress, options=options)
 
     def check_edit_inputs(self, images: Any, keep_pixels: Any) -> int:
         """The number of images of an edit request, after checking that `images` are N float
@@ -235,7 +294,9 @@ class Pipeline:
         if not isinstance(images, torch.Tensor):
             raise InputError(f"images must be {wanted}, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size) or images.shape[0] == 0:
-            raise InputError(f"images must be {wanted}, got shape {tuple(images.shape)}")
+            other_size = images.dim() >= 2 and tuple(images.shape[-2:]) != (size, size)
+            raise InputError(f"images must be {wanted}, got shape {tuple(images.shape)}"
+                             f"{' (images of any size: Pipeline.inpaint)' if other_size else ''}")
         if not images.is_floating_point():
             hint = " (8-bit pixels: divide by 255)" if images.dtype == torch.uint8 else ""
             raise InputError(f"images must be {wanted}, got {images.dtype}{hint}")
@@ -249,7 +310,7 @@ class Pipeline:
             got = keep_pixels.dtype if isinstance(keep_pixels, torch.Tensor) else type(keep_pixels).__name__
             raise InputError(f"keep_pixels must be a bool tensor (N, {size}, {size}), True where the image is kept, got {got}")
         if keep_pixels.dim() != 3 or tuple(keep_pixels.shape[-2:]) != (size, size):
-            raise InputError(f"keep_pixels must have shape (N, {size}, {size}), got {tuple(keep_pixels.shape)}")
+            raise InputError(f"keep_pixels must have shape (N, {size}, {size}) or (N, 1, {size}, {size}), got {tuple(keep_pixels.shape)}")
         if keep_pixels.shape[0] != images.shape[0]:
             raise InputError(f"edit got {images.shape[0]} images but {keep_pixels.shape[0]} keep_pixels masks; give one mask per image")
         return images.shape[0]
@@ -276,6 +337,21 @@ class Pipeline:
         if self.graphed is not None and target is None:
             return self.graphed(labels, settings.schedule, **options)
         return sample(self.tokenizer, self.transformer, labels, settings.schedule, edit=target, amp_dtype=self.amp_dtype, **options)
+
+
+def _refuse_folder(folder: Path) -> None:
+    """A folder without config.json: a registry name given as a folder gets pointed to
+    `from_pretrained`."""
+    from hmar.hub import ModelNotFoundError, registry_entry
+
+    try:
+        name = registry_entry(str(folder)).name
+    except ModelNotFoundError:
+        name = None
+    if name is not None and not folder.exists():
+        raise ModelNotFoundError(f"{str(folder)!r} is a registry name, not a folder: use Pipeline.from_pretrained({name!r})")
+    where = "no such folder" if not folder.exists() else "no config.json in it"
+    raise ModelNotFoundError(f"no model folder at {folder} ({where}); Pipeline.from_pretrained takes a folder or a registry name")
 
 
 def _joined(parts: list[Generation], labels: list[int], settings: SamplingSettings) -> Generation:

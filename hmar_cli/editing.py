@@ -1,15 +1,10 @@
 """`hmar inpaint`, `hmar outpaint` and `hmar edit`: zero-shot editing of image files.
 
-The images may have any size and mode (`hmar.images.load_picture`: a grayscale input gives a grayscale
-output, one with alpha keeps it outside the region, `restore_nature`); one command edits one image or many
-(paths, folders, globs), loading the model once. What to regenerate comes from a mask file (or a
-folder of masks matched by name), a box, or (outpainting) the canvas added around the image.
-`hmar.edit_window.plan_edit` picks the square windows of the image the model sees (one per group of
-regions, grown by --context) and resizes them to the model's resolution; the model keeps the tokens
-of the kept pixels and generates the others, all windows of all images in shared batches; each result
-is resized back, its colours matched to the kept pixels at the region's edge (unless
---no-match-colours), and blended in only inside the (dilated, feathered) region, so that every other
-output pixel is the input's, bit for bit.
+A layer over `hmar.edit_api`, which does the editing (images of any size and mode, masks, boxes,
+outpainting margins, context windows, colour matching, feathering, the input's nature and the
+outputs' metadata): this module reads the options and the files, plans each image's edit, shares
+batches between the views of many images (paths, folders, globs, one model load and one random
+stream for all), writes the outputs and prints the notes, the progress and the closing report.
 """
 from __future__ import annotations
 
@@ -23,17 +18,17 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import typer
-from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, EditPlan, parse_context, plan_edit
+from hmar.edit_api import (EditRequest, PlannedEdit, edit_metadata, made_by, outpaint_request, plan_request, region_request, sample_views,
+                           tiny_model_note)
+from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, parse_context
 from hmar.errors import HmarError, InputError
-from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option,
-                         check_region, check_writable, clip_box, default_feather, extend_canvas, image_from_array, load_mask,
-                         load_picture, output_paths, outpaint_margins, parse_box, parse_size, read_metadata, restore_nature)
+from hmar.images import (FEATHER_RULE, MASK_RULE, MAX_PIXELS, Box, Nature, check_outpaint_options, check_pixels_option, check_writable,
+                         output_paths, parse_box, parse_size)
+from hmar.metadata import settings_metadata
 from hmar_cli.options import option_group
-from hmar_cli.sampling import (MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, settings_metadata,
-                               with_sampling_options)
+from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, with_sampling_options
 
 CLASS_HELP = "Class index or name to generate as (default: unconditional, the null class)."
 IMAGES_HELP = ("The images to edit (any size and mode): files, folders (their image files) or quoted globs ('shots/*.jpg'); "
@@ -50,22 +45,6 @@ CONTEXT_HELP = ("How much around each region the model sees: pixels on each side
 DEFAULT_OUT_SUFFIX = {"inpaint": "inpainted", "outpaint": "outpainted", "edit": "edited"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 EDIT_BATCH = 16  # model views per forward pass when editing several images without --batch-size
-
-
-@dataclass
-class EditRequest:
-    """One image to edit: the picture the model works on (the input, or outpainting's larger
-    canvas), what to regenerate in it, and how the request reads in the outputs' metadata."""
-
-    picture: Image.Image
-    regenerate: np.ndarray  # (H, W) bool, True where pixels are generated
-    metadata: dict[str, str]
-    notes: tuple[str, ...]
-    dilate: int = 0
-    feather: int = 0
-    match_colours: bool = True
-    origin: tuple[int, int] = (0, 0)  # where the input image's pixel (0, 0) is in `picture`
-    nature: Nature = Nature(gray=False)  # what of the input the outputs keep (grayscale, alpha)
 
 
 MATCH_COLOURS_HELP = ("Shift the generated pixels' colours smoothly so that they meet the kept ones at the region's edge "
@@ -174,13 +153,8 @@ def outpaint(
     check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
 
     def prepare(source: Path) -> EditRequest:
-        original, nature = load_picture(source)
-        margins = outpaint_margins(original.size, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size)
-        canvas, regenerate = extend_canvas(original, margins)
-        details = {"hmar:margins": f"{margins.left},{margins.top},{margins.right},{margins.bottom}",
-                   "hmar:source_size": f"{original.width}x{original.height}", "hmar:match_colours": str(match_colours).lower()}
-        return EditRequest(canvas, regenerate, details, (), match_colours=match_colours,
-                           origin=(margins.left, margins.top), nature=nature)
+        return outpaint_request(source, left=left, right=right, top=top, bottom=bottom, expand=expand, to=target_size,
+                                match_colours=match_colours)
 
     _run("outpaint", images, prepare, view, label, num, out, options)
 
@@ -191,22 +165,9 @@ def _edit_region(command: str, images: list[Path], region: RegionOptions, contex
     masks = MaskFolder(region.mask) if region.mask is not None and region.mask.is_dir() else None
 
     def prepare(source: Path) -> EditRequest:
-        picture, nature = load_picture(source)
-        if region.box is not None:
-            box, notes = clip_box(region.box, picture.size)
-            regenerate = box_mask(box, picture.size)
-            details = {"hmar:box": f"{box.x0},{box.y0},{box.x1},{box.y1}"}
-        else:
-            path = masks.mask_for(source) if masks is not None else region.mask
-            loaded = load_mask(path, picture.size)
-            regenerate, notes = loaded.regenerate, loaded.notes
-            details = {"hmar:mask": path.name}
-        # an empty region, or one whose model window would be too large, fails here: before the model loads
-        check_region(regenerate, dilate_pixels=region.dilate, feather_pixels=region.feather or 0)
-        feather = default_feather(regenerate, region.dilate) if region.feather is None else region.feather
-        details.update({"hmar:dilate": str(region.dilate), "hmar:feather": str(feather),
-                        "hmar:match_colours": str(region.match_colours).lower()})
-        return EditRequest(picture, regenerate, details, notes, region.dilate, feather, region.match_colours, nature=nature)
+        mask = None if region.mask is None else masks.mask_for(source) if masks is not None else region.mask
+        return region_request(source, mask=mask, box=region.box, dilate=region.dilate, feather=region.feather,
+                              match_colours=region.match_colours)
 
     _run(command, images, prepare, context, label, num, out, options)
 
@@ -284,21 +245,17 @@ def planned_outputs(sources: list[Path], command: str, out: str | None, num: int
 # ---- the run ----------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """An image between planning and writing (its views are generated `num` times each): what the
-    outputs need of its `EditRequest`, without the picture, which the plan holds."""
+    """An image between planning and writing: its planned edit (views generated `num` times each),
+    where its outputs go, and the views generated so far."""
 
     source: Path
-    metadata: dict[str, str]
-    origin: tuple[int, int]
-    plan: EditPlan
+    planned: PlannedEdit
     paths: list[Path]
-    notes: list[str]
-    nature: Nature
     generated: dict[int, np.ndarray] = field(default_factory=dict)  # item (variant * views + view) → (S, S, 3) uint8
 
     @property
-    def items(self) -> int:
-        return len(self.paths) * len(self.plan.views)
+    def notes(self) -> list[str]:
+        return self.planned.notes
 
 
 def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequest], context: Context, label: str | None,
@@ -315,22 +272,21 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
     config = options.checked_config()  # the class and steps are checked before the weights load
     index = None if label is None else class_index(label, config)
     run = _Run(command, options, index, num, batch_mode, context)
-    tiny_note = _tiny_note(options.model, config)
+    tiny_note = tiny_model_note(options.model, config)
     with _images_progress(len(sources), quiet=options.as_json) as progress:
         run.progress = progress
         for source in sources:
             try:
                 request = first if first is not None else prepare(source)
-                plan = plan_edit(request.picture, request.regenerate, config.tokenizer.image_size, dilate_pixels=request.dilate,
-                                 feather_pixels=request.feather, colour_matching=request.match_colours, context=context)
+                planned = plan_request(request, config.tokenizer.image_size, context, num)
             except HmarError as exc:
                 run.fail(source, exc)
                 continue
-            if tiny_note and not _made_by(source, options.model):
+            if tiny_note and not made_by(source, options.model):
                 note(tiny_note)  # once: it is about the model, not this image
                 tiny_note = None
-            notes = [*request.notes, *plan.notes, *_output_notes(request.nature, outputs[source])]
-            run.add(Job(source, request.metadata, request.origin, plan, outputs[source], notes, request.nature))
+            planned.notes += _output_notes(request.nature, outputs[source])
+            run.add(Job(source, planned, outputs[source]))
         run.flush()
     run.finish()
 
@@ -362,12 +318,12 @@ class _Run:
             from hmar.sampler import make_generator
 
             self.pipe = self.options.load_pipeline()
-            self.batch = self.batch or (job.items if not self.batch_mode else EDIT_BATCH)
+            self.batch = self.batch or (job.planned.items if not self.batch_mode else EDIT_BATCH)
             self.settings = self.pipe.settings(**{**self.options.sampler_options(), "batch_size": self.batch})
             self.generator = make_generator(self.settings.seed, self.pipe.device)
         for line in job.notes:
             note(f"{job.source.name}: {line}" if self.batch_mode else line)
-        self.queue += [(job, item) for item in range(job.items)]
+        self.queue += [(job, item) for item in range(job.planned.items)]
         while len(self.queue) >= self.batch:
             self._sample(self.queue[:self.batch])
             del self.queue[:self.batch]
@@ -379,31 +335,23 @@ class _Run:
 
     def _sample(self, items: list[tuple[Job, int]]) -> None:
         """One batch of views (of one or several images); images whose views are all done are written."""
-        import torch
-
-        views = [job.plan.views[item % len(job.plan.views)] for job, item in items]
-        pixels = torch.from_numpy(np.stack([view.image for view in views])).permute(0, 3, 1, 2).float().div(255)
-        keep = torch.from_numpy(np.stack([view.keep for view in views]))
-        labels = None if self.index is None else [self.index] * len(items)
-        result = self.pipe.edit(pixels, keep, labels, progress=self.progress.step, generator=self.generator,
-                                **{**self.options.sampler_options(), "batch_size": self.batch})
-        for (job, item), image in zip(items, result.images):
-            job.generated[item] = np.asarray(image_from_array(image.permute(1, 2, 0).numpy()))
-            if len(job.generated) == job.items:
+        generated = sample_views(self.pipe, [job.planned.view(item) for job, item in items], self.index, self.generator,
+                                 self.progress.step, **{**self.options.sampler_options(), "batch_size": self.batch})
+        for (job, item), image in zip(items, generated):
+            job.generated[item] = image
+            if len(job.generated) == job.planned.items:
                 self._write(job)
 
     def _write(self, job: Job) -> None:
-        plan, views = job.plan, len(job.plan.views)
+        planned = job.planned
         try:
-            edited = [restore_nature(plan.composite([job.generated[v * views + g] for g in range(views)]), job.nature, plan.alpha > 0,
-                                     job.origin) for v in range(self.num)]
-            metadata = {**settings_metadata(self.pipe, self.settings, [self.index] * self.num), "hmar:command": self.command,
-                        "hmar:source": job.source.name, "hmar:context": str(self.context), **job.metadata}
-            windows, enlargement = _window_fields(plan, job.origin)
-            stored = {**metadata, "hmar:window": ";".join(",".join(map(str, w)) for w in windows),
-                      "hmar:enlargement": ";".join(f"{e:g}" for e in enlargement)}
+            edited = planned.finish([job.generated[item] for item in range(planned.items)])
+            stored = edit_metadata(self.pipe, self.settings, self.index, self.command, self.context, planned, job.source.name)
+            windows, enlargement = planned.window_fields()
             records = save_images(self.pipe, edited, [self.index] * self.num, job.paths, stored, self.options.overwrite,
                                   self.options.quality)
+            # the JSON summary has the windows as lists of their own
+            metadata = {key: value for key, value in stored.items() if key not in ("hmar:window", "hmar:enlargement")}
         except HmarError as exc:
             self.fail(job.source, exc)
             return
@@ -438,45 +386,12 @@ class _Run:
             typer.echo(f"edited {done} of {total} images", err=True)
 
 
-def _tiny_note(model: str, config) -> str | None:
-    """The bundled demonstration model knows a few drawn shapes, nothing of photos: said once when
-    it edits an image it did not make."""
-    from hmar import hub  # only this note needs the registry here
-
-    try:
-        folder = hub.resolve_model(model)
-    except HmarError:
-        return None
-    if folder.parent.resolve() != hub.BUNDLED_DIR.resolve():
-        return None
-    names = ", ".join(map(str, config.class_names or ()))
-    return (f"{folder.name} is a demonstration model that knows only {config.transformer.num_classes} procedural shape classes "
-            f"({names}), not photos: `hmar models download hmar-d16` gives the real model (then --model hmar-d16)")
-
-
-def _made_by(source: Path, model: str) -> bool:
-    """Whether `source` is an output of `model` (its metadata names it)."""
-    try:
-        return read_metadata(source).get("hmar:model") == model
-    except HmarError:
-        return False
-
-
 def _output_notes(nature: Nature, paths: list[Path]) -> list[str]:
-    """What an output cannot keep of its input: more than 8 bits a channel; transparency in JPEG."""
-    notes = ["the image has more than 8 bits a channel: the output has 8 (the kept pixels are its 8-bit reading)"] if nature.deep else []
+    """What an output file cannot keep of its input: transparency in JPEG."""
     flattened = [path.name for path in paths if nature.alpha is not None and path.suffix.lower() in (".jpg", ".jpeg")]
-    if flattened:
-        notes.append(f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)")
-    return notes
-
-
-def _window_fields(plan: EditPlan, origin: tuple[int, int]) -> tuple[list[list[int]], list[float]]:
-    """Each view's window as x0, y0, x1, y1 in the input image's pixels (outpainting: negative or past
-    its size in the new area), and how much each view is enlarged from the model's resolution."""
-    dx, dy = origin
-    windows = [[x0 - dx, y0 - dy, x1 - dx, y1 - dy] for x0, y0, x1, y1 in (view.window.bounds for view in plan.views)]
-    return windows, [round(view.enlargement, 2) for view in plan.views]
+    if not flattened:
+        return []
+    return [f"JPEG has no transparency: {', '.join(flattened)} shows the image on white (write .png or .webp to keep it)"]
 
 
 class _ImagesProgress:

@@ -7,7 +7,8 @@ import typer
 
 from hmar.errors import InputError
 from hmar.images import check_writable, grid, image_from_array, output_paths, save_image
-from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, settings_metadata, with_sampling_options
+from hmar.metadata import settings_metadata
+from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, with_sampling_options
 
 
 @with_sampling_options

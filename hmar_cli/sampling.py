@@ -15,12 +15,12 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-import hmar
-from hmar.classes import display_name, resolve_class
+from hmar.classes import resolve_class
 from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
 from hmar.images import DEFAULT_QUALITY, save_image
-from hmar.schedule import DEFAULT_STEPS, format_schedule, resolve_schedule
+from hmar.metadata import image_metadata
+from hmar.schedule import DEFAULT_STEPS, resolve_schedule
 from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group
 
@@ -129,20 +129,6 @@ def class_index(value: str, config: ModelConfig) -> int:
     return resolve_class(value, config.transformer.num_classes, config.class_names)
 
 
-def settings_metadata(pipe: Pipeline, settings: SamplingSettings, labels: Sequence[int | None]) -> dict[str, str]:
-    """PNG text metadata: everything besides the image's own class that decides the pixels. One
-    random stream runs through all images of a command, so an image depends on the classes drawn
-    with it: `hmar:classes` lists them all, in order (none: the null class), and repeating them
-    with the same settings on the same kind of device repeats every image."""
-    return {
-        "Software": f"hmar {hmar.__version__}", "hmar:model": pipe.name, "hmar:seed": str(settings.seed),
-        "hmar:cfg": str(settings.cfg), "hmar:top_k": str(settings.top_k), "hmar:top_p": str(settings.top_p),
-        "hmar:schedule": format_schedule(settings.schedule), "hmar:batch_size": str(settings.batch_size),
-        "hmar:classes": ",".join("none" if label is None else str(label) for label in labels),
-        "hmar:device": pipe.device.type,
-    }
-
-
 #: metadata values that are numbers in the --json summary (the rest stay text)
 _NUMBERS = {"seed": int, "cfg": float, "top_k": int, "top_p": float, "batch_size": int, "dilate": int, "feather": int}
 
@@ -159,10 +145,9 @@ def save_images(pipe: Pipeline, images: Sequence[Image.Image], labels: Sequence[
     null class); one record each."""
     records = []
     for index, (image, label, path) in enumerate(zip(images, labels, paths)):
-        name = display_name(pipe.num_classes if label is None else label, pipe.num_classes, pipe.config.class_names)
-        own = {"hmar:class": "none" if label is None else str(label), "hmar:class_name": name, "hmar:index": str(index)}
+        own = image_metadata(pipe, label, index)
         save_image(image, path, {**metadata, **own}, overwrite, quality)
-        records.append({"path": str(path), "class": label, "class_name": name})
+        records.append({"path": str(path), "class": label, "class_name": own["hmar:class_name"]})
     return records
 
 

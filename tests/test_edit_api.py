@@ -1,0 +1,243 @@
+"""The library edits as the CLI does: `Pipeline.inpaint`, `outpaint` and `edit_region` on images of
+any size and mode give the same pixels, metadata and notes as `hmar inpaint|outpaint|edit` with the
+same seed (the bundled hmar-tiny on the CPU, at a size that is not the model's); bad input is an
+`InputError` of one line; `from_pretrained` takes a registry name or a folder; generations and the
+README's Python example give PIL images."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from hmar import hub
+from hmar.edit_api import EditResult
+from hmar.errors import InputError
+from hmar.hub import ModelNotFoundError
+from hmar.images import image_from_array, read_metadata
+from hmar.pipeline import Pipeline
+from hmar_cli import sampling
+from hmar_cli.app import app
+from tests.test_images import random_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+SIZE = (200, 150)  # W, H: neither the model's 128 px nor square
+STEPS = "10"  # one step per scale: the fewest hmar-tiny takes
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.from_pretrained("hmar-tiny", device="cpu")
+
+
+@pytest.fixture
+def cli_pipe(pipe, monkeypatch):
+    """The CLI loads the same pipeline as the library's (loading is what this does not test)."""
+    monkeypatch.setattr(sampling.SamplingOptions, "load_pipeline", lambda self: pipe)
+    return pipe
+
+
+def photo(mode: str = "RGB") -> Image.Image:
+    """A 200x150 picture with smooth areas and edges, in `mode`."""
+    base = np.asarray(random_rgb(20, 15, seed=3).resize(SIZE, Image.Resampling.BICUBIC))
+    image = Image.fromarray(base, mode="RGB")
+    if mode == "L":
+        return image.convert("L")
+    if mode == "RGBA":
+        alpha = np.full(base.shape[:2], 255, dtype=np.uint8)
+        alpha[:, :60] = 80  # a translucent band the edit does not touch
+        return Image.fromarray(np.dstack([base, alpha]), mode="RGBA")
+    return image
+
+
+def cli(tmp_path: Path, command: str, image: Image.Image, *args: str) -> tuple[list[Image.Image], list[dict], list[str]]:
+    """Run `hmar COMMAND` on `image` (saved as PNG), return its outputs, their metadata and its notes."""
+    source = tmp_path / "in.png"
+    image.save(source)
+    out = tmp_path / "out-{i}.png"
+    result = runner.invoke(app, [command, str(source), *args, "--model", "hmar-tiny", "--device", "cpu", "--steps", STEPS,
+                                 "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output + result.stderr
+    paths = sorted(tmp_path.glob("out-*.png"))
+    images = []
+    for path in paths:
+        with Image.open(path) as opened:
+            opened.load()
+            images.append(opened.copy())
+    notes = [line.removeprefix("note: ") for line in result.stderr.splitlines() if line.startswith("note: ")]
+    return images, [read_metadata(path) for path in paths], notes
+
+
+def assert_same(result: EditResult, images: list[Image.Image], metadata: list[dict], notes: list[str], source: bool) -> None:
+    assert len(result.images) == len(images)
+    for i, (ours, theirs) in enumerate(zip(result.images, images)):
+        assert ours.mode == theirs.mode and ours.size == theirs.size
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), f"variant {i}: the library's pixels differ from the CLI's"
+        expected = dict(metadata[i])
+        if not source:  # an image given in memory has no file name
+            del expected["hmar:source"]
+        assert result.metadata_of(i) == expected
+    assert result.notes == notes
+
+
+def test_inpaint_box_like_the_cli(pipe, cli_pipe, tmp_path):
+    image = photo()
+    images, metadata, notes = cli(tmp_path, "inpaint", image, "--box", "60,40,150,120", "--seed", "5", "--num", "2")
+    result = pipe.inpaint(image, box=(60, 40, 150, 120), seed=5, num=2, steps=10)
+    assert_same(result, images, metadata, notes, source=False)
+    assert result.images[0].size == SIZE and not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
+    outside = np.ones(SIZE[::-1], dtype=bool)
+    outside[40 - 1:120 + 1, 60 - 1:150 + 1] = False
+    assert np.array_equal(np.asarray(result.images[0])[outside], np.asarray(image)[outside])  # bit for bit outside the box
+    assert result.metadata["hmar:feather"] == metadata[0]["hmar:feather"] != "0"  # the one default feather
+
+
+def test_inpaint_mask_file_like_the_cli(pipe, cli_pipe, tmp_path):
+    mask = Image.new("L", (100, 75))  # another size than the image: resized, with a note, by both
+    mask.paste(255, (10, 10, 45, 40))
+    mask.paste(255, (70, 50, 95, 70))
+    mask_path = tmp_path / "mask.png"
+    mask.save(mask_path)
+    image = photo()
+    images, metadata, notes = cli(tmp_path, "inpaint", image, "--mask", str(mask_path), "--seed", "1", "--context", "24")
+    source = tmp_path / "in.png"  # the file the CLI read: given as a path, the metadata names it too
+    assert_same(pipe.inpaint(source, mask_path, seed=1, context=24, steps=10), images, metadata, notes, source=True)
+    with Image.open(mask_path) as opened:  # a mask image read from that file: the same, named by its file
+        assert_same(pipe.inpaint(image, opened, seed=1, context="24", steps=10), images, metadata, notes, source=False)
+    assert any("resized" in line for line in notes)
+
+
+def test_outpaint_like_the_cli(pipe, cli_pipe, tmp_path):
+    image = photo()
+    images, metadata, notes = cli(tmp_path, "outpaint", image, "--right", "40", "--top", "20", "--class", "star", "--seed", "2")
+    result = pipe.outpaint(image, right=40, top=20, label="star", seed=2, steps=10)
+    assert_same(result, images, metadata, notes, source=False)
+    assert result.images[0].size == (240, 170)
+    assert np.array_equal(np.asarray(result.images[0])[20:, :200], np.asarray(image))  # the input, at its offset, bit for bit
+
+
+def test_edit_region_like_the_cli(pipe, cli_pipe, tmp_path):
+    image = photo()
+    images, metadata, notes = cli(tmp_path, "edit", image, "--box", "20,30,90,110", "--class", "circle", "--seed", "3",
+                                  "--feather", "4", "--dilate", "2", "--no-match-colours", "--context", "full")
+    result = pipe.edit_region(image, (20, 30, 90, 110), "circle", seed=3, feather=4, dilate=2, match_colours=False,
+                              context="full", steps=10)
+    assert_same(result, images, metadata, notes, source=False)
+    assert result.labels == [1] and result.metadata["hmar:command"] == "edit"
+
+
+def test_grayscale_and_alpha_kept_like_the_cli(pipe, cli_pipe, tmp_path):
+    gray = photo("L")
+    images, metadata, notes = cli(tmp_path, "inpaint", gray, "--box", "80,20,180,100", "--seed", "4")
+    result = pipe.inpaint(gray, box=(80, 20, 180, 100), seed=4, steps=10)
+    assert_same(result, images, metadata, notes, source=False)
+    assert result.images[0].mode == "L"
+
+    rgba = photo("RGBA")
+    images, metadata, notes = cli(tmp_path, "outpaint", rgba, "--left", "30", "--seed", "4")
+    result = pipe.outpaint(rgba, left=30, seed=4, steps=10)
+    assert_same(result, images, metadata, notes, source=False)
+    out = np.asarray(result.images[0])
+    assert result.images[0].mode == "RGBA" and out.shape == (150, 230, 4)
+    assert np.array_equal(out[:, 30:], np.asarray(rgba))  # its alpha and the colours under it, outside the new strip
+    assert (out[:, :30, 3] == 255).all()  # the generated strip is opaque
+
+
+def test_arrays_and_tensors_are_images_too(pipe):
+    image = photo()
+    pixels = np.array(image)
+    reference = pipe.inpaint(image, box="60,40,150,120", seed=0, steps=10).images[0]
+    as_floats = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    mask = np.zeros(SIZE[::-1], dtype=bool)
+    mask[40:120, 60:150] = True
+    for given, region in ((pixels, {"mask": mask.astype(np.uint8) * 255}), (as_floats[None], {"mask": torch.from_numpy(mask)[None, None]})):
+        result = pipe.inpaint(given, **region, seed=0, steps=10)
+        assert np.array_equal(np.asarray(result.images[0]), np.asarray(reference))
+
+
+def one_line_input_error(call) -> str:
+    with pytest.raises(InputError) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda p: p.inpaint(photo(), np.zeros((10, 10), dtype=bool)), r"mask is 10x10 but the image is 200x150"),
+    (lambda p: p.inpaint(photo(), torch.ones(2, 1, 150, 200, dtype=torch.bool)), r"2 masks: one image takes one"),
+    (lambda p: p.inpaint(photo(), np.zeros((150, 200), dtype=bool)), r"selects nothing"),
+    (lambda p: p.inpaint(photo(), Image.new("L", (200, 150))), r"selects nothing"),
+    (lambda p: p.inpaint(photo(), np.full((150, 200), 0.5, dtype=np.float64) * 3), r"floats must be in \[0, 1\]"),
+    (lambda p: p.inpaint(photo(), np.ones((150, 200), dtype=np.int32)), r"uint8 .* or float"),
+    (lambda p: p.inpaint(photo(), box=(300, 200, 400, 300)), r"wholly outside the 200x150 image"),
+    (lambda p: p.inpaint(photo(), box=(10, 10, 5, 50)), r"is empty"),
+    (lambda p: p.inpaint(photo(), box=(1.5, 2, 3, 4)), r"four whole numbers"),
+    (lambda p: p.inpaint(photo()), r"either a mask or a box"),
+    (lambda p: p.inpaint(photo(), np.ones((150, 200), dtype=bool), box=(0, 0, 5, 5)), r"either a mask or a box"),
+    (lambda p: p.edit_region(photo(), (0, 0, 50, 50)), r"needs a label"),
+    (lambda p: p.edit_region(photo(), (0, 0, 50, 50), "tabby cat"), r"tabby cat"),
+    (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), num=0), r"num must be"),
+    (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), strength=0.5), r"unknown sampling option strength"),
+    (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), context="wide"), r"context must be"),
+    (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), feather=-1), r"feather must be"),
+    (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), steps=0), r"steps"),
+    (lambda p: p.inpaint(torch.rand(2, 3, 150, 200), box=(0, 0, 50, 50)), r"a batch of 2"),
+    (lambda p: p.inpaint(np.full((150, 200, 3), 2.0), box=(0, 0, 50, 50)), r"divide by 255"),
+    (lambda p: p.inpaint(np.zeros((150, 200, 2), dtype=np.uint8), box=(0, 0, 50, 50)), r"got shape \(150, 200, 2\)"),
+    (lambda p: p.inpaint([[0, 1]], box=(0, 0, 50, 50)), r"got list"),
+    (lambda p: p.inpaint("missing.png", box=(0, 0, 50, 50)), r"image not found: missing.png"),
+    (lambda p: p.outpaint(photo()), r"exactly one of"),
+    (lambda p: p.outpaint(photo(), to=(100, 100)), r"does not enlarge"),
+    (lambda p: p.outpaint(photo(), right=10**6), r"more than"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_bad_input_is_a_one_line_input_error(pipe, call, expected):
+    assert re.search(expected, one_line_input_error(lambda: call(pipe)))
+
+
+def test_edit_takes_masks_with_a_channel_axis(pipe):
+    """`Pipeline.edit` at the model's size: (N, 1, H, W) keep masks are (N, H, W) ones."""
+    size = pipe.resolution
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(1, size, size, dtype=torch.bool)
+    keep[:, 32:96, 32:96] = False
+    flat = pipe.edit(images, keep, seed=0, steps=10).images
+    assert torch.equal(pipe.edit(images, keep[:, None], seed=0, steps=10).images, flat)
+    message = one_line_input_error(lambda: pipe.edit(images, keep[:, None].expand(1, 3, size, size), seed=0))
+    assert "(N, 1, 128, 128)" in message
+    message = one_line_input_error(lambda: pipe.edit(images[:, :, :100], keep[:, :100], seed=0))
+    assert "Pipeline.inpaint" in message
+
+
+def test_from_pretrained_takes_a_name_or_a_folder(pipe):
+    folder = hub.resolve_model("hmar-tiny")
+    by_folder = Pipeline.from_pretrained(str(folder), device="cpu")
+    assert by_folder.config == pipe.config and pipe.name == "hmar-tiny" and by_folder.name == str(folder)
+    theirs = by_folder.transformer.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in pipe.transformer.state_dict().items())
+    with pytest.raises(ModelNotFoundError, match=r"registry name, not a folder: use Pipeline.from_pretrained\('hmar-tiny'\)"):
+        Pipeline.from_folder("hmar-tiny")
+    with pytest.raises(ModelNotFoundError, match=r"no model folder at nowhere/model \(no such folder\)"):
+        Pipeline.from_folder("nowhere/model")
+
+
+def test_generation_to_pil(pipe):
+    generation = pipe.generate(["star"], seed=0, steps=10)
+    pictures = generation.to_pil()
+    assert len(pictures) == 1 and pictures[0].size == (128, 128) and pictures[0].mode == "RGB"
+    assert np.array_equal(np.asarray(pictures[0]), np.asarray(image_from_array(generation.images[0].permute(1, 2, 0).numpy())))
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """README's Python example (the block that uses hmar-tiny) runs as printed."""
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+              if 'from_pretrained("hmar-tiny")' in block]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert read_metadata(tmp_path / "inpainted.png")["hmar:command"] == "inpaint"
