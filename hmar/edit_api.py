@@ -23,10 +23,10 @@ from PIL import Image, ImageOps
 from hmar.config import ModelConfig, format_size, is_integer, memory_budget
 from hmar.edit_window import DEFAULT_CONTEXT, Context, EditPlan, View, parse_context, plan_edit
 from hmar.errors import HmarError, InputError
-from hmar.images import (MAX_PIXELS, Box, Nature, box_mask, check_outpaint_options, check_pixels_option, check_region, clip_box,
-                         default_feather, extend_canvas, image_from_array, load_mask, load_picture, mask_from_image,
-                         outpaint_margins, parse_box, parse_size, picture_from_image, restore_nature)
+from hmar.images import MAX_PIXELS, Nature, image_from_array, load_mask, load_picture, mask_from_image, picture_from_image, restore_nature
 from hmar.metadata import image_metadata, settings_metadata
+from hmar.regions import (Box, box_mask, check_outpaint_options, check_pixels_option, check_region, clip_box, default_feather,
+                          extend_canvas, outpaint_margins, parse_box, parse_size)
 
 if TYPE_CHECKING:
     import torch
@@ -220,7 +220,7 @@ def region_request(image: ImageLike, *, mask: MaskLike = None, box: Any = None, 
                    match_colours: bool = True) -> EditRequest:
     """inpaint and edit: regenerate the region of `mask` or `box` (exactly one; a box reaching past
     the image is clipped to it, with a note), grown by `dilate` pixels and blended in over `feather`
-    (None: `hmar.images.default_feather`)."""
+    (None: `hmar.regions.default_feather`)."""
     if (mask is None) == (box is None):
         raise InputError("give the region to regenerate as either a mask or a box (one of them)")
     check_pixels_option("dilate", dilate)
@@ -371,7 +371,7 @@ def tiny_model_note(model: str | None, config: ModelConfig) -> str | None:
 def made_by(image: ImageLike, model: str | None) -> bool:
     """Whether `image` (a file or a PIL image read from one) is an output of `model`: its metadata
     names it."""
-    from hmar.images import read_metadata
+    from hmar.outputs import read_metadata
 
     if isinstance(image, (str, os.PathLike)):
         try:

@@ -11,7 +11,7 @@ them all. `Context()` (`--context full`) is the whole-image view instead: the la
 moved to contain the region and grown to fit it (`square_window`).
 
 Every window is resized to the model's resolution (`plan_edit`). The model's outputs are resized back,
-their colours optionally matched to the kept pixels (`hmar.images.match_colours`), and blended in only
+their colours optionally matched to the kept pixels (`hmar.colour_match.match_colours`), and blended in only
 where the (dilated, feathered) region is, so that every other output pixel is the input's, bit for bit.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ from typing import Sequence
 import numpy as np  # cv2 is imported in the functions that use it: the CLI imports this module to start
 from PIL import Image
 
+from hmar.colour_match import MATCH_RING, match_colours
 from hmar.errors import InputError
-from hmar.images import MATCH_RING, MAX_PIXELS, dilate, feather, mask_notes, match_colours
+from hmar.images import MAX_PIXELS
+from hmar.regions import dilate, feather, mask_notes
 
 MIN_CONTEXT = 0.125  # of the region's larger side, on each side: the least surroundings a window shows
 MAX_FRACTION = 100.0  # a context fraction beyond this is a typo (the window is capped by the image anyway)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from hmar.images import save_image
+from hmar.outputs import save_image
 
 Bar = tuple[str, float]
 Group = tuple[str, Sequence[Bar]]

@@ -6,7 +6,8 @@ from pathlib import Path
 import typer
 
 from hmar.errors import InputError
-from hmar.images import check_writable, grid, image_from_array, output_paths, save_image
+from hmar.images import image_from_array
+from hmar.outputs import check_writable, grid, output_paths, save_image
 from hmar.metadata import settings_metadata
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, with_sampling_options
 

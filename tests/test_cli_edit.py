@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from hmar import images
+from hmar import images, regions
 from hmar.schedule import format_schedule, one_step_per_scale
 from hmar_cli.app import app
 from tests.test_images import _bad_files, _png_header_only, random_rgb
@@ -53,7 +53,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def box_region(size: tuple[int, int], box=BOX) -> np.ndarray:
-    return images.box_mask(images.Box(*box), size)
+    return regions.box_mask(regions.Box(*box), size)
 
 
 # ---- the input's pixels survive -------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_dilate_and_feather_leave_everything_beyond_the_grown_region(tmp_path, c
     out = tmp_path / "out.png"
     succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", "20,15,30,25", "--dilate", "3", "--feather", "4",
                      "--seed", "0", "--out", str(out)))
-    grown = images.dilate(box_region((64, 48), (20, 15, 30, 25)), 3)
+    grown = regions.dilate(box_region((64, 48), (20, 15, 30, 25)), 3)
     before, after = pixels(photo), pixels(out)
     assert np.array_equal(after[~grown], before[~grown]) and (after[grown] != before[grown]).any()
     with Image.open(out) as written:

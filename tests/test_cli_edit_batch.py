@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from hmar import images
+from hmar import images, regions
 from hmar_cli import editing
 from tests.test_cli_edit import invoke, pixels, succeeded
 from tests.test_images import random_rgb
@@ -84,7 +84,7 @@ def test_a_mask_folder_is_matched_by_name_and_several_regions_get_their_own_wind
     windows = [tuple(map(int, w.split(","))) for w in text["hmar:window"].split(";")]
     assert len(windows) == 2 and len(text["hmar:enlargement"].split(";")) == 2
     assert windows[0][0] <= 10 and windows[1][2] >= 230 and windows[0][2] <= windows[1][0]  # apart, each around its region
-    grown = images.dilate(two, 2)
+    grown = regions.dilate(two, 2)
     before, after = np.asarray(images.load_image(shots / "wide.png")), pixels(tmp_path / "wide-new.png")
     assert np.array_equal(after[~grown], before[~grown])
     assert (after[10:40, 10:40] != before[10:40, 10:40]).any() and (after[130:170, 190:230] != before[130:170, 190:230]).any()

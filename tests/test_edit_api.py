@@ -18,7 +18,8 @@ from hmar import hub
 from hmar.edit_api import EditResult
 from hmar.errors import InputError
 from hmar.hub import ModelNotFoundError
-from hmar.images import image_from_array, read_metadata
+from hmar.images import image_from_array
+from hmar.outputs import read_metadata
 from hmar.pipeline import Pipeline
 from hmar_cli import sampling
 from hmar_cli.app import app

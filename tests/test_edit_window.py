@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hmar import edit_window, images
+from hmar import edit_window, regions
 from hmar.edit_window import DEFAULT_CONTEXT, Context, Window, context_window, parse_context, plan_edit, region_windows
 from hmar.errors import InputError
-from hmar.images import Box
+from hmar.regions import Box
 from tests.test_images import random_rgb
 
 RESOLUTION = 80
@@ -110,15 +110,15 @@ def test_square_window_contains_the_region_and_is_centred_otherwise():
 # ---- outpainting strips -----------------------------------------------------------------------------
 def test_outpaint_strips_get_windows_with_the_nearest_known_pixels():
     original = random_rgb(256, 192)
-    canvas, regenerate = images.extend_canvas(original, images.outpaint_margins(original.size, left=96, right=96))
+    canvas, regenerate = regions.extend_canvas(original, regions.outpaint_margins(original.size, left=96, right=96))
     grouped = region_windows(regenerate, RESOLUTION)
     assert grouped.windows == [Window(0, 0, 192), Window(256, 0, 192)]  # one per strip, each half known pixels
     for g, window in enumerate(grouped.windows):
         known = ~regenerate[:, max(window.x0, 0):window.x0 + window.side]
         assert known.any() and (grouped.groups[regenerate] > 0).all()
-    bottom = region_windows(images.extend_canvas(original, images.outpaint_margins(original.size, bottom=40))[1], RESOLUTION)
+    bottom = region_windows(regions.extend_canvas(original, regions.outpaint_margins(original.size, bottom=40))[1], RESOLUTION)
     assert bottom.windows == [Window(0, -12, 256)]  # the strip's width, centred on the canvas: 192 known rows of 256
-    band = region_windows(images.extend_canvas(original, images.outpaint_margins(original.size, expand=1.5))[1], RESOLUTION)
+    band = region_windows(regions.extend_canvas(original, regions.outpaint_margins(original.size, expand=1.5))[1], RESOLUTION)
     assert band.windows == [Window(0, -48, 384)]  # one band around the image: the whole canvas, as --context full
 
 
@@ -185,7 +185,7 @@ def test_too_many_groups_become_one_window_with_a_note():
 ])
 def test_composite_keeps_every_pixel_outside_every_region_bit_for_bit(size, boxes, dilate, feather, colour_matching):
     original = random_rgb(*size, seed=1)
-    regenerate = np.any([images.box_mask(box, size) for box in boxes], axis=0)
+    regenerate = np.any([regions.box_mask(box, size) for box in boxes], axis=0)
     plan = plan_edit(original, regenerate, RESOLUTION, dilate_pixels=dilate, feather_pixels=feather, colour_matching=colour_matching)
     assert plan.model_images.shape == (len(plan.views), RESOLUTION, RESOLUTION, 3)
     assert plan.model_keeps.shape == (len(plan.views), RESOLUTION, RESOLUTION)
@@ -215,7 +215,7 @@ def test_each_group_is_generated_at_its_own_scale():
 
 def test_model_keep_matches_the_region_on_the_model_grid():
     original = random_rgb(160, 160)
-    region = images.box_mask(Box(0, 0, 80, 160), (160, 160))
+    region = regions.box_mask(Box(0, 0, 80, 160), (160, 160))
     plan = plan_edit(original, region, 80)
     assert [view.window for view in plan.views] == [Window(0, 0, 160)]
     keep = plan.views[0].keep

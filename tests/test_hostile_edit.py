@@ -282,7 +282,7 @@ def test_a_mask_selecting_nothing_says_so_in_the_library_too(workspace):
 # ---- the same rules in the library ----------------------------------------------------------------
 def test_boxes_are_clipped_or_refused():
     from hmar.errors import InputError
-    from hmar.images import Box, clip_box
+    from hmar.regions import Box, clip_box
 
     assert clip_box(Box(2, 3, 10, 12), (64, 48)) == (Box(2, 3, 10, 12), ())
     clipped, notes = clip_box(Box(-5, 40, 70, 2**63), (64, 48))
@@ -301,7 +301,7 @@ def test_boxes_are_clipped_or_refused():
 ])
 def test_the_window_over_new_strips_is_checked_at_their_extent(margins, extent):
     from hmar.errors import InputError
-    from hmar.images import outpaint_margins
+    from hmar.regions import outpaint_margins
 
     side = max(extent)
     outpaint_margins((64, 48), **margins, max_pixels=side * side)  # exactly fits
@@ -313,7 +313,7 @@ def test_the_window_over_new_strips_is_checked_at_their_extent(margins, extent):
 
 
 def test_dilation_is_a_round_brush_of_any_radius_at_fixed_cost():
-    from hmar.images import dilate
+    from hmar.regions import dilate
 
     region = np.zeros((41, 61), dtype=bool)
     region[20, 30] = True

@@ -1,5 +1,6 @@
-"""hmar.images: reading any image (and every way it can be bad), masks and boxes, colour matching,
-outpaint canvases, atomic PNG writing (the model's view of an edit: tests/test_edit_window.py)."""
+"""hmar.images, hmar.regions, hmar.colour_match and hmar.outputs: reading any image (and every way it
+can be bad), masks and boxes, colour matching, outpaint canvases, atomic PNG writing (the model's view
+of an edit: tests/test_edit_window.py)."""
 from __future__ import annotations
 
 import io
@@ -13,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hmar import edit_window, images
+from hmar import colour_match, edit_window, images, outputs, regions
 from hmar.errors import HmarError, InputError
-from hmar.images import Box, Margins, OutputError
+from hmar.outputs import OutputError
+from hmar.regions import Box, Margins
 
 
 def random_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -173,9 +175,9 @@ def test_unreadable_mask_is_an_input_error(tmp_path):
 
 def test_empty_mask_refused_full_mask_noted():
     with pytest.raises(InputError, match="nothing to do"):
-        images.mask_notes(np.zeros((4, 4), dtype=bool))
-    assert "same as generating" in images.mask_notes(np.ones((4, 4), dtype=bool))[0]
-    assert images.mask_notes(np.eye(4, dtype=bool)) == ()
+        regions.mask_notes(np.zeros((4, 4), dtype=bool))
+    assert "same as generating" in regions.mask_notes(np.ones((4, 4), dtype=bool))[0]
+    assert regions.mask_notes(np.eye(4, dtype=bool)) == ()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -184,35 +186,35 @@ def test_empty_mask_refused_full_mask_noted():
 ])
 def test_bad_boxes(text, message):
     with pytest.raises(InputError, match=message):
-        images.parse_box(text)
+        regions.parse_box(text)
 
 
 def test_box_mask_and_boxes_outside_the_image():
-    assert images.parse_box(" 1, 2,3 ,4") == Box(1, 2, 3, 4)
-    mask = images.box_mask(Box(1, 2, 3, 4), (5, 6))
+    assert regions.parse_box(" 1, 2,3 ,4") == Box(1, 2, 3, 4)
+    mask = regions.box_mask(Box(1, 2, 3, 4), (5, 6))
     assert mask.shape == (6, 5) and mask.sum() == 4 and mask[2:4, 1:3].all()
-    assert images.box_mask(Box(0, 0, 5, 6), (5, 6)).all()
+    assert regions.box_mask(Box(0, 0, 5, 6), (5, 6)).all()
     for box in (Box(-1, 0, 3, 3), Box(0, 0, 6, 3), Box(0, 0, 3, 7)):
         with pytest.raises(InputError, match="reaches outside the 5x6 image"):
-            images.box_mask(box, (5, 6))
+            regions.box_mask(box, (5, 6))
 
 
 def test_dilate_and_feather():
     region = np.zeros((21, 21), dtype=bool)
     region[10, 10] = True
-    grown = images.dilate(region, 3)
+    grown = regions.dilate(region, 3)
     assert grown.sum() > 9 and grown[10, 7] and grown[7, 10] and not grown[10, 6] and not grown[7, 7]
-    assert (images.dilate(region, 0) == region).all()
+    assert (regions.dilate(region, 0) == region).all()
 
     block = np.zeros((30, 30), dtype=bool)
     block[5:25, 5:25] = True
-    alpha = images.feather(block, 4)
+    alpha = regions.feather(block, 4)
     assert alpha.dtype == np.float32
     assert (alpha[~block] == 0).all() and (alpha[block] > 0).all()
     assert alpha[15, 15] == 1.0 and 0 < alpha[5, 15] < 1 and alpha[5, 15] < alpha[7, 15]
-    assert (images.feather(block, 0) == block).all()
+    assert (regions.feather(block, 0) == block).all()
     with pytest.raises(InputError, match="--dilate must be"):
-        images.dilate(block, -1)
+        regions.dilate(block, -1)
 
 
 # ---- colour matching ----------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def test_match_colours_removes_a_cast_and_keeps_the_generated_content():
     generated = original.copy()
     generated[region] += np.array([25, -15, 10], np.float32)  # the cast
     generated[40:56, 56:72] += 60  # content drawn inside
-    matched = images.match_colours(generated, original, region, ~region)
+    matched = colour_match.match_colours(generated, original, region, ~region)
     error = np.abs(matched - original)
     assert np.array_equal(matched[~region], generated[~region])
     background = region.copy()
@@ -245,7 +247,7 @@ def test_match_colours_at_a_larger_scale_works_on_a_smaller_copy():
     region[96:288, 128:384] = True
     generated = original.copy()
     generated[region] += np.array([25, -15, 10], np.float32)
-    matched = images.match_colours(generated, original, region, ~region, ring=4 * images.MATCH_RING)
+    matched = colour_match.match_colours(generated, original, region, ~region, ring=4 * colour_match.MATCH_RING)
     assert np.array_equal(matched[~region], generated[~region])
     assert np.abs(matched - original)[region].mean() <= 1.5
 
@@ -257,7 +259,7 @@ def test_match_colours_where_the_region_meets_the_image_border():
     region[:, 64:] = True
     generated = original.copy()
     generated[region] += np.array([-20, 20, 20], np.float32)
-    matched = images.match_colours(generated, original, region, ~region)
+    matched = colour_match.match_colours(generated, original, region, ~region)
     assert np.abs(matched - original)[region].max() <= 6
 
 
@@ -270,7 +272,7 @@ def test_match_colours_ignores_content_cut_by_the_edge():
     region[24:72, 24:72] = True
     generated = _gradient(96, 96)
     generated[region] += 20  # a cast, and no bar inside
-    matched = images.match_colours(generated, original, region, ~region)
+    matched = colour_match.match_colours(generated, original, region, ~region)
     expected = _gradient(96, 96)
     assert np.abs(matched - expected)[region].mean() <= 1.5 and np.abs(matched - expected)[region].max() <= 12
 
@@ -278,16 +280,16 @@ def test_match_colours_ignores_content_cut_by_the_edge():
 def test_match_colours_leaves_an_image_alone_without_known_pixels_or_region():
     generated = _gradient(16, 16)
     everything, nothing = np.ones((16, 16), bool), np.zeros((16, 16), bool)
-    assert images.match_colours(generated, generated + 5, everything, nothing) is generated
-    assert images.match_colours(generated, generated + 5, nothing, everything) is generated
+    assert colour_match.match_colours(generated, generated + 5, everything, nothing) is generated
+    assert colour_match.match_colours(generated, generated + 5, nothing, everything) is generated
 
 
 # ---- outpainting ------------------------------------------------------------------------------
 def test_outpaint_margins_three_ways():
-    assert images.outpaint_margins((100, 50), left=10, bottom=5) == Margins(10, 0, 0, 5)
-    assert images.outpaint_margins((100, 50), expand=1.5) == Margins(25, 12, 25, 13)
-    assert images.outpaint_margins((100, 50), to=(101, 80)) == Margins(0, 15, 1, 15)
-    assert images.parse_size("512x384") == (512, 384) and images.parse_size("64×64") == (64, 64)
+    assert regions.outpaint_margins((100, 50), left=10, bottom=5) == Margins(10, 0, 0, 5)
+    assert regions.outpaint_margins((100, 50), expand=1.5) == Margins(25, 12, 25, 13)
+    assert regions.outpaint_margins((100, 50), to=(101, 80)) == Margins(0, 15, 1, 15)
+    assert regions.parse_size("512x384") == (512, 384) and regions.parse_size("64×64") == (64, 64)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -301,19 +303,19 @@ def test_outpaint_margins_three_ways():
 ])
 def test_bad_outpaint_options(options, message):
     with pytest.raises(InputError, match=message):
-        images.outpaint_margins((100, 50), **options)
+        regions.outpaint_margins((100, 50), **options)
 
 
 @pytest.mark.parametrize("text", ["512", "512x", "ax4", "0x10", "10x0"])
 def test_bad_sizes(text):
     with pytest.raises(InputError, match="WIDTHxHEIGHT"):
-        images.parse_size(text)
+        regions.parse_size(text)
 
 
 def test_outpaint_keeps_the_original_pixels_bit_for_bit():
     original = random_rgb(120, 90, seed=3)
-    margins = images.outpaint_margins(original.size, left=30, top=10, right=5)
-    canvas, regenerate = images.extend_canvas(original, margins)
+    margins = regions.outpaint_margins(original.size, left=30, top=10, right=5)
+    canvas, regenerate = regions.extend_canvas(original, margins)
     assert canvas.size == (155, 100) and regenerate.sum() == 155 * 100 - 120 * 90
     inside = (slice(10, 100), slice(30, 150))
     assert np.array_equal(np.asarray(canvas)[inside], np.asarray(original)) and not regenerate[inside].any()
@@ -331,26 +333,26 @@ def test_image_from_array_rounds_like_the_tensor_path():
 
 
 def test_output_paths():
-    assert images.output_paths("out.png", 1) == [Path("out.png")]
-    assert images.output_paths("dir/out.png", 2) == [Path("dir/out-0.png"), Path("dir/out-1.png")]
-    assert images.output_paths("s{i}.png", 2) == [Path("s0.png"), Path("s1.png")]
-    assert images.output_paths("out.jpg", 2) == [Path("out-0.jpg"), Path("out-1.jpg")]
+    assert outputs.output_paths("out.png", 1) == [Path("out.png")]
+    assert outputs.output_paths("dir/out.png", 2) == [Path("dir/out-0.png"), Path("dir/out-1.png")]
+    assert outputs.output_paths("s{i}.png", 2) == [Path("s0.png"), Path("s1.png")]
+    assert outputs.output_paths("out.jpg", 2) == [Path("out-0.jpg"), Path("out-1.jpg")]
     with pytest.raises(InputError, match="must be a .png, .jpg, .jpeg or .webp file"):
-        images.output_paths("out.gif", 1)
+        outputs.output_paths("out.gif", 1)
 
 
 def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
     path = tmp_path / "x.png"
     first = random_rgb(8, 8, seed=1)
-    images.save_image(first, path, {"hmar:seed": "3", "Software": "hmar 0.1.0"})
+    outputs.save_image(first, path, {"hmar:seed": "3", "Software": "hmar 0.1.0"})
     with Image.open(path) as written:
         assert written.text == {"hmar:seed": "3", "Software": "hmar 0.1.0"}
         assert np.array_equal(np.asarray(written), np.asarray(first))
     before = path.read_bytes()
     with pytest.raises(OutputError, match="exists; pass --overwrite") as caught:
-        images.save_image(random_rgb(8, 8, seed=2), path, {})
+        outputs.save_image(random_rgb(8, 8, seed=2), path, {})
     assert caught.value.exit_code == 2 and path.read_bytes() == before
-    images.save_image(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
+    outputs.save_image(random_rgb(8, 8, seed=2), path, {}, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
@@ -365,7 +367,7 @@ def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", save_and_race)
     with pytest.raises(OutputError, match="exists"):
-        images.save_image(random_rgb(4, 4), path, {})
+        outputs.save_image(random_rgb(4, 4), path, {})
     assert path.read_bytes() == b"someone else's" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
@@ -375,31 +377,31 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
-    with pytest.raises(images.OutputError, match="cannot write .*x.png: disk full"):
-        images.save_image(random_rgb(4, 4), tmp_path / "x.png", {})
+    with pytest.raises(outputs.OutputError, match="cannot write .*x.png: disk full"):
+        outputs.save_image(random_rgb(4, 4), tmp_path / "x.png", {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_check_writable(tmp_path):
     (tmp_path / "taken.png").write_bytes(b"x")
-    images.check_writable([tmp_path / "free.png"], overwrite=False)
-    images.check_writable([tmp_path / "taken.png"], overwrite=True)
+    outputs.check_writable([tmp_path / "free.png"], overwrite=False)
+    outputs.check_writable([tmp_path / "taken.png"], overwrite=True)
     with pytest.raises(OutputError, match="exists"):
-        images.check_writable([tmp_path / "taken.png"], overwrite=False)
-    images.check_writable([tmp_path / "no" / "x.png"], overwrite=False)  # made when written
+        outputs.check_writable([tmp_path / "taken.png"], overwrite=False)
+    outputs.check_writable([tmp_path / "no" / "x.png"], overwrite=False)  # made when written
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(OutputError, match="is a file"):
-        images.check_writable([tmp_path / "file" / "x.png"], overwrite=False)
+        outputs.check_writable([tmp_path / "file" / "x.png"], overwrite=False)
     with pytest.raises(OutputError, match="cannot write"):
-        images.save_image(random_rgb(2, 2), tmp_path / "file" / "x.png", {})
+        outputs.save_image(random_rgb(2, 2), tmp_path / "file" / "x.png", {})
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(OutputError, match="folder.png is a folder"):
-        images.check_writable([tmp_path / "folder.png"], overwrite=True)
+        outputs.check_writable([tmp_path / "folder.png"], overwrite=True)
 
 
 def test_grid_layout():
     tiles = [random_rgb(10, 6, seed=i) for i in range(5)]
-    sheet = images.grid(tiles, columns=2)
+    sheet = outputs.grid(tiles, columns=2)
     assert sheet.size == (20, 18)
     assert np.array_equal(np.asarray(sheet)[6:12, 10:20], np.asarray(tiles[3]))
     assert (np.asarray(sheet)[12:, 10:] == 255).all()
@@ -410,7 +412,7 @@ def test_written_pngs_get_an_ordinary_file_mode(tmp_path):
     # the temporary file is private to its owner; the finished output must not stay that way
     old = os.umask(0o022)
     try:
-        images.save_image(Image.new("RGB", (4, 4)), tmp_path / "out.png", {})
+        outputs.save_image(Image.new("RGB", (4, 4)), tmp_path / "out.png", {})
     finally:
         os.umask(old)
     assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644

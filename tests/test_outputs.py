@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from hmar import images
+from hmar import images, outputs, regions
 from hmar.errors import InputError
 from hmar_cli.app import app
 from tests.test_images import random_rgb
@@ -37,49 +37,49 @@ def photo(tmp_path):
 def test_each_format_keeps_the_metadata_its_own_way(tmp_path, suffix, kind):
     path = tmp_path / f"x{suffix}"
     metadata = {"Software": "hmar 0.1.0", "hmar:seed": "3", "hmar:class_name": "tabby, tabby cat"}
-    images.save_image(random_rgb(32, 24, seed=1), path, metadata)
+    outputs.save_image(random_rgb(32, 24, seed=1), path, metadata)
     with Image.open(path) as written:
         assert written.format == kind and written.size == (32, 24)
         if kind == "PNG":
             assert written.text == metadata
         else:
             assert written.getexif()[0x0131] == "hmar 0.1.0"  # EXIF's own Software tag too
-    assert images.read_metadata(path) == metadata
+    assert outputs.read_metadata(path) == metadata
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_quality_trades_size_for_fidelity(tmp_path):
     picture = random_rgb(64, 64, seed=2)
     for quality in (30, 95):
-        images.save_image(picture, tmp_path / f"q{quality}.jpg", {}, quality=quality)
+        outputs.save_image(picture, tmp_path / f"q{quality}.jpg", {}, quality=quality)
     assert (tmp_path / "q30.jpg").stat().st_size < (tmp_path / "q95.jpg").stat().st_size
     with pytest.raises(InputError, match="--quality must be a whole number from 1 to 100, got 0"):
-        images.save_image(picture, tmp_path / "bad.jpg", {}, quality=0)
+        outputs.save_image(picture, tmp_path / "bad.jpg", {}, quality=0)
     assert not (tmp_path / "bad.jpg").exists()
 
 
 def test_jpeg_of_a_transparent_image_is_written_on_white(tmp_path):
     clear = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
-    images.save_image(clear, tmp_path / "x.jpg", {})
+    outputs.save_image(clear, tmp_path / "x.jpg", {})
     with Image.open(tmp_path / "x.jpg") as written:
         assert written.mode == "RGB" and np.asarray(written).min() >= 250
 
 
 def test_a_missing_folder_is_made_when_the_image_is_written(tmp_path):
     path = tmp_path / "new" / "deeper" / "x.webp"
-    images.check_writable([path], overwrite=False)
+    outputs.check_writable([path], overwrite=False)
     assert not (tmp_path / "new").exists()  # nothing is made before the work is done
-    images.save_image(random_rgb(4, 4), path, {"hmar:seed": "1"})
-    assert images.read_metadata(path) == {"hmar:seed": "1"}
+    outputs.save_image(random_rgb(4, 4), path, {"hmar:seed": "1"})
+    assert outputs.read_metadata(path) == {"hmar:seed": "1"}
 
 
 def test_unknown_suffixes_and_existing_outputs_are_usage_errors(tmp_path):
     for name in ("x.gif", "x.tiff", "x", "x.png.bak"):
         with pytest.raises(InputError, match=r"output must be a \.png, \.jpg, \.jpeg or \.webp file"):
-            images.output_paths(str(tmp_path / name), 1)
+            outputs.output_paths(str(tmp_path / name), 1)
     (tmp_path / "taken.jpg").write_bytes(b"mine")
-    with pytest.raises(images.OutputError, match="exists; pass --overwrite") as caught:
-        images.check_writable([tmp_path / "taken.jpg"], overwrite=False)
+    with pytest.raises(outputs.OutputError, match="exists; pass --overwrite") as caught:
+        outputs.check_writable([tmp_path / "taken.jpg"], overwrite=False)
     assert caught.value.exit_code == 2 and (tmp_path / "taken.jpg").read_bytes() == b"mine"
 
 
@@ -90,7 +90,7 @@ def test_generate_writes_jpeg_and_webp_with_their_settings(tmp_path, conformance
         succeeded(runner.invoke(app, ["generate", "--model", str(conformance_models["hmar"]), "--device", "cpu", "--class", label,
                                       "--seed", "4", "--quality", "90", "--grid", "--out", str(tmp_path / "made" / f"x.{suffix}")]))
     for suffix in ("png", "jpg", "webp"):
-        stored = images.read_metadata(tmp_path / "made" / f"x.{suffix}")
+        stored = outputs.read_metadata(tmp_path / "made" / f"x.{suffix}")
         assert stored["hmar:seed"] == "4" and stored["hmar:class"] == label and stored["Software"].startswith("hmar ")
         assert (tmp_path / "made" / f"x-grid.{suffix}").is_file()
     with Image.open(tmp_path / "made" / "x.png") as png, Image.open(tmp_path / "made" / "x.jpg") as jpeg:
@@ -108,7 +108,7 @@ def test_an_unknown_suffix_fails_before_the_model_loads(tmp_path, photo):
 def test_an_edit_into_a_new_folder_as_jpeg(tmp_path, conformance_models, photo):
     out = tmp_path / "edits" / "{name}.jpg"
     succeeded(invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", BOX, "--seed", "1", "--out", str(out)))
-    stored = images.read_metadata(tmp_path / "edits" / "photo.jpg")
+    stored = outputs.read_metadata(tmp_path / "edits" / "photo.jpg")
     assert stored["hmar:command"] == "inpaint" and stored["hmar:box"] == BOX and stored["hmar:seed"] == "1"
     again = invoke(conformance_models["hmar"], "inpaint", str(photo), "--box", BOX, "--out", str(out))
     assert again.exit_code == 2 and again.stderr.strip().endswith("exists; pass --overwrite to replace it")
@@ -116,7 +116,7 @@ def test_an_edit_into_a_new_folder_as_jpeg(tmp_path, conformance_models, photo):
 
 # ---- the input's nature --------------------------------------------------------------------------
 def _box(size):
-    return images.box_mask(images.Box(*map(int, BOX.split(","))), size)
+    return regions.box_mask(regions.Box(*map(int, BOX.split(","))), size)
 
 
 def test_a_grayscale_input_gives_a_grayscale_output(tmp_path, conformance_models):
@@ -183,30 +183,30 @@ def test_an_unknown_class_on_a_model_of_few_classes_lists_them_all():
 # ---- soft edges by default -----------------------------------------------------------------------
 def test_default_feather_is_a_share_of_the_narrowest_region():
     size = (64, 48)
-    assert images.default_feather(_box(size)) == 5  # 28x20: a quarter of 20
-    assert images.default_feather(_box(size), dilate_pixels=3) == 6  # 34x26 once grown
-    big = images.box_mask(images.Box(100, 100, 1100, 900), (1600, 1200))
-    assert images.default_feather(big) == images.FEATHER_LIMIT
+    assert regions.default_feather(_box(size)) == 5  # 28x20: a quarter of 20
+    assert regions.default_feather(_box(size), dilate_pixels=3) == 6  # 34x26 once grown
+    big = regions.box_mask(regions.Box(100, 100, 1100, 900), (1600, 1200))
+    assert regions.default_feather(big) == regions.FEATHER_LIMIT
     two = np.zeros((200, 200), dtype=bool)
     two[10:150, 10:150] = True
     two[180:188, 10:190] = True  # a stroke 8 px wide: its middle must still be wholly generated
-    assert images.default_feather(two) == 2
-    assert images.default_feather(np.ones((1, 1), dtype=bool)) == 1
+    assert regions.default_feather(two) == 2
+    assert regions.default_feather(np.ones((1, 1), dtype=bool)) == 1
 
 
 def test_edits_have_soft_edges_unless_asked(tmp_path, conformance_models, photo):
     model = conformance_models["hmar"]
     succeeded(invoke(model, "inpaint", str(photo), "--box", BOX, "--seed", "0", "--out", str(tmp_path / "soft.png")))
     succeeded(invoke(model, "inpaint", str(photo), "--box", BOX, "--seed", "0", "--feather", "0", "--out", str(tmp_path / "hard.png")))
-    assert images.read_metadata(tmp_path / "soft.png")["hmar:feather"] == "5"
-    assert images.read_metadata(tmp_path / "hard.png")["hmar:feather"] == "0"
+    assert outputs.read_metadata(tmp_path / "soft.png")["hmar:feather"] == "5"
+    assert outputs.read_metadata(tmp_path / "hard.png")["hmar:feather"] == "0"
     region = _box((64, 48))
     soft, hard, before = (np.asarray(images.load_image(p)).astype(int) for p in (tmp_path / "soft.png", tmp_path / "hard.png", photo))
     assert np.array_equal(soft[~region], before[~region]) and np.array_equal(hard[~region], before[~region])
-    ring = region & ~images.dilate(~region, 1)  # the region's outermost pixels: blended, so nearer the input
+    ring = region & ~regions.dilate(~region, 1)  # the region's outermost pixels: blended, so nearer the input
     assert np.abs(soft[ring] - before[ring]).mean() < np.abs(hard[ring] - before[ring]).mean()
     shown = runner.invoke(app, ["inpaint", "--help"]).output.replace("│", " ")  # the help's words, out of rich's table
-    assert images.FEATHER_RULE in " ".join(shown.split())
+    assert regions.FEATHER_RULE in " ".join(shown.split())
 
 
 # ---- hmar-tiny and photos ------------------------------------------------------------------------

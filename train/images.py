@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from hmar.atomic import atomic_write
-from hmar.images import grid, image_from_array
+from hmar.images import image_from_array
+from hmar.outputs import grid
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hmar.edit_window import Context, plan_edit
-from hmar.images import Box, box_mask
+from hmar.regions import Box, box_mask
 from hmar.pipeline import Pipeline
 from hmar.train.synthetic import CLASSES, background, render
 

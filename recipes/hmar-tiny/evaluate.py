@@ -48,7 +48,8 @@ from torch import nn
 
 from hmar.errors import HmarError
 from hmar.hub import resolve_model
-from hmar.images import grid, image_from_array
+from hmar.images import image_from_array
+from hmar.outputs import grid
 from hmar.pipeline import Generation, Pipeline, SamplingSettings
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.synthetic import CLASSES, render
