@@ -14,8 +14,8 @@ from rich.table import Table
 
 from hmar.config import COMPILE_MODES, PATCH_NUMS, tokenizer_preset
 from hmar.errors import InputError
-from hmar.schedule import DEFAULT_STEPS
 from hmar.outputs import check_writable
+from hmar.schedule import DEFAULT_STEPS
 from hmar_cli.charts import Group, write_chart
 
 if TYPE_CHECKING:  # torch and the benchmark code are imported by the commands that run them, not by --help

@@ -25,9 +25,9 @@ from hmar.edit_api import (EditRequest, PlannedEdit, edit_metadata, made_by, out
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, parse_context
 from hmar.errors import HmarError, InputError
 from hmar.images import MASK_RULE, MAX_PIXELS, Nature
+from hmar.metadata import settings_metadata
 from hmar.outputs import check_writable, output_paths
 from hmar.regions import FEATHER_RULE, Box, check_outpaint_options, check_pixels_option, parse_box, parse_size
-from hmar.metadata import settings_metadata
 from hmar_cli.options import option_group
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, with_sampling_options
 

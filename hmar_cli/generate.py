@@ -7,8 +7,8 @@ import typer
 
 from hmar.errors import InputError
 from hmar.images import image_from_array
-from hmar.outputs import check_writable, grid, output_paths, save_image
 from hmar.metadata import settings_metadata
+from hmar.outputs import check_writable, grid, output_paths, save_image
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, report, sampling_progress, save_images, with_sampling_options
 
 

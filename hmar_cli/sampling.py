@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hmar.classes import resolve_class
 from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig
 from hmar.errors import InputError
-from hmar.outputs import DEFAULT_QUALITY, save_image
 from hmar.metadata import image_metadata
+from hmar.outputs import DEFAULT_QUALITY, save_image
 from hmar.schedule import DEFAULT_STEPS, resolve_schedule
 from hmar_cli.downloads import DEFAULT_MODELS, default_model, model_config, model_folder
 from hmar_cli.options import option_group

@@ -36,8 +36,8 @@ from PIL import Image
 from hmar.edit_window import DEFAULT_CONTEXT, parse_context, plan_edit
 from hmar.images import image_from_array, load_image
 from hmar.outputs import save_image
-from hmar.regions import Box, box_mask, parse_box
 from hmar.pipeline import Pipeline
+from hmar.regions import Box, box_mask, parse_box
 from hmar.train.synthetic import CLASSES, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from hmar.edit_window import Context, plan_edit
-from hmar.regions import Box, box_mask
 from hmar.pipeline import Pipeline
+from hmar.regions import Box, box_mask
 from hmar.train.synthetic import CLASSES, background, render
 
 BOXES = {"centre": (32, 32, 96, 96), "corner": (0, 80, 48, 128)}  # at 128 px
