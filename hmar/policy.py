@@ -74,9 +74,9 @@ class KernelPolicy:
         `compile`: None compiles for training on CUDA, where fusion pays over a long run, and samples
         eagerly (compiling takes tens of seconds per process, and the eager kernels leave it little to
         gain). `cuda_graph`: None replays on CUDA (in training only with one process); sampling never
-        replays off CUDA. `attention`: "auto" is the
-        Triton kernel on CUDA, per-scale SDPA elsewhere. `precision` (training): "auto" is bf16 autocast
-        on CUDA. On the CPU the defaults give `reference()`."""
+        replays off CUDA. `attention`: "auto" is the Triton kernel on CUDA, per-scale SDPA elsewhere.
+        `precision` (training): "auto" is bf16 autocast on CUDA. On the CPU the defaults give
+        `reference()`."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         cuda = torch.device(device).type == "cuda"
@@ -86,9 +86,8 @@ class KernelPolicy:
             attention = "block_sparse" if triton else "per_scale_sdpa"
         bf16 = precision == "bf16" or (precision == "auto" and cuda)
         if training:
-            # The kernels have backward passes that beat Inductor's fusion of the same ops, so they
-            # stay on when compiled. No GELU epilogue (its backward is PyTorch's) and no decoder
-            # kernels (forward only): the tokenizer trains on PyTorch's modules.
+            # The block kernels' backward passes beat Inductor's fusion of the same ops, so they stay
+            # on when compiled. No GELU epilogue and no decoder kernels: they have no backward.
             return cls(attention=attention, fused_adaln=triton, fused_cosine_qkv=triton, amp_dtype=torch.bfloat16 if bf16 else None,
                        compile=compiled, cuda_graph=(cuda and world_size == 1) if cuda_graph is None else bool(cuda_graph))
         # Sampling eagerly, PyTorch runs each element-wise op as its own kernel, which the fused ones

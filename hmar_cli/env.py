@@ -42,6 +42,18 @@ def _policies(device: str) -> dict:
     return {"sampling": KernelPolicy.choose(device, training=False), "training": KernelPolicy.choose(device, training=True)}
 
 
+def _triton() -> dict:
+    """Whether the Triton kernels import here, and whether they launch without Triton's per-call
+    dispatch (`hmar.kernels.launch`)."""
+    from hmar.policy import triton_available
+
+    if not triton_available():
+        return {"kernels": False, "direct_launch": None}
+    from hmar.kernels.launch import direct_launch_supported
+
+    return {"kernels": True, "direct_launch": direct_launch_supported()}
+
+
 def environment() -> dict:
     devices = _devices()
     return {
@@ -51,6 +63,7 @@ def environment() -> dict:
         "packages": {name: _version(name) for name in PACKAGES},
         "device": devices,
         "kernels": {mode: policy.as_dict() for mode, policy in _policies(devices["default"]).items()},
+        "triton": _triton(),
         "cache": {key: str(path) for key, path in hub.cache_dirs().items()},
         "offline": hub.is_offline(),
         "bundled_models": list(hub.bundled_models()),
@@ -69,6 +82,9 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print machine-readab
     device = info["device"]
     gpus = ", ".join(device["gpus"]) or "none"
     console.print(f"[bold]device[/bold]: default {device['default']}; CUDA {device['cuda_version'] or '-'}; GPUs: {gpus}")
+    triton = info["triton"]
+    launch = "" if not triton["kernels"] else ", launched directly" if triton["direct_launch"] else ", launched through Triton's dispatch"
+    console.print(f"[bold]Triton kernels[/bold]: {'importable' + launch if triton['kernels'] else 'not importable here'}", highlight=False)
     for mode, policy in _policies(device["default"]).items():
         text = "reference (PyTorch's float32 ops, eager)" if policy.is_reference else policy.compact().replace(",", ", ")
         console.print(f"[bold]kernels ({mode})[/bold]: {text}", highlight=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hmar.attention import IMPLEMENTATIONS, masked_sdpa
-from hmar.policy import triton_available
+from hmar.policy import KernelPolicy, triton_available
 from hmar.checkpoints import build_models, load_weights
 from hmar.config import PATCH_NUMS, ModelConfig, model_preset
 from hmar.pipeline import Pipeline
@@ -84,6 +84,7 @@ def test_training_forward_with_the_kernel_matches_the_reference_path(family):
     config = bench_config(family, 4, 256, tokenizer_preset(256))
     _, transformer = build_models(config)
     transformer = transformer.cuda().eval()  # eval: no label dropout, so both runs see the same labels
+    transformer.set_policy(KernelPolicy.choose("cuda", training=True))  # the trainer's block kernels in both runs
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     labels = torch.randint(0, 1000, (4,), device="cuda")
     teacher = torch.randn(4, L - first, config.tokenizer.z_channels, device="cuda")

@@ -228,13 +228,15 @@ def test_a_pipeline_samples_with_the_policy_it_is_given(fake_kernels):
 
 
 # ---- shown where a user looks ----------------------------------------------------------------------
-def test_env_prints_the_policies(monkeypatch):
+def test_env_prints_the_policies():
     info = json.loads(runner.invoke(app, ["env", "--json"]).stdout)
     assert set(info["kernels"]) == {"sampling", "training"}
     for mode, values in info["kernels"].items():
         assert KernelPolicy.from_dict(values) == KernelPolicy.choose(info["device"]["default"], training=mode == "training")
+    assert info["triton"]["kernels"] == hmar.policy.triton_available() and info["triton"]["direct_launch"] in (True, False, None)
     text = runner.invoke(app, ["env"], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "kernels (sampling)" in text.stdout and "kernels (training)" in text.stdout
+    assert "Triton kernels" in text.stdout
 
 
 def test_generated_images_record_the_policy_and_reference_can_be_asked_for(tmp_path, conformance_models):
