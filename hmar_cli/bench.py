@@ -61,7 +61,7 @@ def _write_profiles(rows: list[BenchRow], files: dict[str, tuple[Path, Path]], s
             continue
         table_path, breakdown_path = files[row.model]
         table_path.write_text(row.profile.table)
-        record = {"environment": _environment(device), "shape": shape, "family": row.family, "model": row.model,
+        record = {"environment": _environment(device), "shape": shape, "kernels": row.kernels, "family": row.family, "model": row.model,
                   "median_ms": row.median_ms, **row.profile.breakdown}
         breakdown_path.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -107,7 +107,7 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
         shape_text = ", ".join(f"{k} {v}" for k, v in shape.items())
         groups: list[Group] = [(f"{title}: {shape_text}", [(_label(r), r.median_ms) for r in rows])]
         write_chart(chart, f"{title}, median ms: {env['device']}, torch {env['torch']}", groups,
-                    {"environment": json.dumps(env), "shape": json.dumps(shape)}, overwrite)
+                    {"environment": json.dumps(env), "shape": json.dumps(shape), "kernels": json.dumps(rows[0].kernels)}, overwrite)
     if as_json:
         print(json.dumps({"environment": env, "shape": shape, "kernels": rows[0].kernels, "rows": [r.as_dict() for r in rows]}))
         return

@@ -260,12 +260,13 @@ def test_bad_kernels_options_are_usage_errors(tmp_path, extra, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_bench_json_records_the_policy(monkeypatch):
+def test_bench_json_and_charts_record_the_policy(monkeypatch, tmp_path):
     import hmar_cli.bench
 
     monkeypatch.setattr(hmar_cli.bench, "tokenizer_preset", lambda resolution: tiny_tokenizer_config())
     for task in ("train", "sample"):
-        args = ["bench", task, "--depth", "1", "--width", "32", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu", "--json"]
+        args = ["bench", task, "--depth", "1", "--width", "32", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu", "--json",
+                "--chart", str(tmp_path / f"{task}.png")]
         if task == "sample":
             args += ["--steps", "4"]
         result = runner.invoke(app, args)
@@ -273,6 +274,7 @@ def test_bench_json_records_the_policy(monkeypatch):
         report = json.loads(result.stdout)
         assert report["kernels"] == KernelPolicy.reference().as_dict()
         assert all(row["kernels"] == report["kernels"] for row in report["rows"])
+        assert json.loads(read_metadata(tmp_path / f"{task}.png")["kernels"]) == report["kernels"]
     attention = runner.invoke(app, ["bench", "attention", "--patch-nums", "1,2", "--batch-size", "1", "--heads", "1", "--head-dim", "16",
                                     "--dtype", "fp32", "--device", "cpu", "--warmup", "0", "--rep", "1", "--impl", "sdpa-per-scale", "--json"])
     assert attention.exit_code == 0, attention.output
