@@ -209,7 +209,7 @@ class MultiScaleVQVAE(nn.Module):
         """Store the decoder (and the convolution before it) in `dtype`; `decode` then takes f̂ in it.
         `channels_last`: also store and run them channels-last, with the decoder's norms, bias adds and
         upsamples as the channels-last Triton kernels (for half precision on CUDA, where cuDNN's
-        convolutions are NHWC-native)."""
+        convolutions are NHWC-native; Triton must import, `hmar.policy.triton_available`)."""
         self.decoder_memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for module in (self.decoder, self.post_quant_conv):
             module.to(dtype=dtype, memory_format=self.decoder_memory_format)

@@ -258,6 +258,8 @@ def test_bad_kernels_options_are_usage_errors(tmp_path, extra, message):
     result = runner.invoke(app, ["generate", "--class", "1", "--device", "cpu", "--out", str(tmp_path / "x.png"), *extra])
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}"
     assert not (tmp_path / "x.png").exists()
+    bench = runner.invoke(app, ["bench", "train", "--device", "cpu", *extra, "--cuda-graph"])
+    assert bench.exit_code == 2 and bench.stderr.strip().startswith(f"error: {message.removesuffix('--compile')}")
 
 
 def test_bench_json_and_charts_record_the_policy(monkeypatch, tmp_path):
