@@ -20,12 +20,13 @@
 - `compile_for_sampling`: regional `torch.compile` of the blocks and heads with dynamic token counts
   (one graph for scale 0's single token, one for all the others), fusing the element-wise work.
   Since eagerly the blocks run their norms, residual adds and attention inputs as our kernels on
-  CUDA (`hmar.transformer`), compiling gains little and is optional.
-
-Which of these run is the kernel policy's choice (`hmar.policy.KernelPolicy`). The channels-last decoder stays
+  CUDA (`hmar.transformer`), compiling gains little and is optional. The channels-last decoder stays
   eager: its norms and bias adds are already fused, and Inductor would replace them with its own.
 
-Models prepared this way are for sampling only (their Linear weights are no longer float32).
+Which of these run is the kernel policy's choice (`hmar.policy.KernelPolicy`).
+
+Models prepared this way are for sampling only (their Linear weights are no longer float32, and the
+GELU epilogue and the decoder's kernels have no backward).
 """
 from __future__ import annotations
 
