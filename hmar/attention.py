@@ -9,6 +9,8 @@ sizes are the per-scale token counts (1, 4, 9, …). Every implementation here c
 - `block_sparse_kernel`: the Triton kernel in `hmar.kernels` (CUDA): skips masked tiles; a custom
   operator, so torch.compile traces through it.
 
+Which one runs is the kernel policy's choice (`hmar.policy.KernelPolicy.attention`).
+
 An attention function takes q, k, v of shape (B, H, N, D), the block sizes, the pattern and the
 softmax scale, and returns (B, H, N, D).
 """
@@ -45,23 +47,3 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "per_scale_sdpa": per_scale_sdpa,
     "block_sparse": block_sparse_kernel,
 }
-
-
-def kernel_available() -> bool:
-    try:
-        import hmar.kernels.block_sparse_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_attention(name: str = "auto", device: torch.device | str = "cpu") -> AttentionFn:
-    """`auto`: the Triton kernel on CUDA when it is importable, the per-scale reference elsewhere."""
-    if name == "auto":
-        if torch.device(device).type == "cuda" and kernel_available():
-            return block_sparse_kernel
-        return per_scale_sdpa
-    try:
-        return IMPLEMENTATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention implementation {name!r}; expected auto or one of {sorted(IMPLEMENTATIONS)}") from None

@@ -17,9 +17,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from hmar.compile import wanted as compile_wanted
 from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
 from hmar.pipeline import Pipeline
+from hmar.policy import KernelPolicy
 from hmar.profiling import StepProfile, profile_steps
 from hmar.sampler import make_generator
 
@@ -45,6 +45,7 @@ class BenchRow:
     cuda_graph: bool = False  # sampling batches replayed as CUDA graphs (hmar.cuda_graph)
     profile: StepProfile | None = None
     model: str = ""  # the family for random models, else the model's registry name or folder
+    kernels: dict | None = None  # the kernel policy the step ran with (KernelPolicy.as_dict)
 
     def as_dict(self) -> dict:
         """JSON-ready: the profile as its category breakdown (its table goes to a file)."""
@@ -153,12 +154,12 @@ def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float | N
 
 
 def compare(task: str, workloads: dict[str, Workload], families: dict[str, str], batch_size: int, device, warmup: int,
-             iters: int, flops: dict[str, float], compiled: bool = False, profile: bool = False,
-             cuda_graph: bool = False) -> list[BenchRow]:
+             iters: int, flops: dict[str, float], policy: KernelPolicy, profile: bool = False) -> list[BenchRow]:
     """Time `workloads` round by round (each round steps every model once), after `warmup` rounds;
     rows in the workloads' order with medians, peaks, TFLOP/s where `flops` has the step's FLOPs,
     speed relative to the VAR row, and profiles when `profile`. `workloads` and `families` are keyed
-    by the rows' model names."""
+    by the rows' model names; `policy`: the kernel policy every workload runs with."""
+    compiled, cuda_graph = policy.compile, policy.cuda_graph
     # alternate the models round by round so that all see the same machine state
     samples: dict[str, list[float]] = {name: [] for name in workloads}
     peaks: dict[str, float | None] = {}
@@ -177,7 +178,7 @@ def compare(task: str, workloads: dict[str, Workload], families: dict[str, str],
         # profiled after timing, so that the profiler's overhead never enters the medians
         profiled = profile_steps(work.step, device) if profile else None
         rows.append(BenchRow(families[name], task, ms, batch_size / (ms / 1e3), peaks[name], tflops, compiled=compiled,
-                             cuda_graph=cuda_graph, profile=profiled, model=name))
+                             cuda_graph=cuda_graph, profile=profiled, model=name, kernels=policy.as_dict()))
     var_ms = next((r.median_ms for r in rows if r.family == "var"), None)
     for row in rows:
         row.ratio_vs_var = var_ms / row.median_ms if var_ms else None
@@ -188,14 +189,18 @@ def bench_sample(
     tokenizer: TokenizerConfig, depth: int, batch_size: int, device: torch.device, steps: int | None = None,
     width: int | None = None, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, warmup: int = 2, iters: int = 5,
     profile: bool = False, compile: bool | None = None, models: Sequence[str] = (), cuda_graph: bool = True,
+    kernels: KernelPolicy | None = None,
 ) -> list[BenchRow]:
     """HMAR vs VAR sampling: random models of `depth` (and `width`), or the named `models` (registry
     names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA);
     `cuda_graph`: replay batches as CUDA graphs on CUDA, as `Pipeline` does by default (the warm-up
     takes the eager batch and the capture); `steps`, `cfg`, `top_k`, `top_p`: None takes the model's
-    default, else hmar's, as `hmar generate` does."""
-    compiled = compile_wanted(compile, device)
-    options = dict(compile=compiled, cuda_graph=cuda_graph)
+    default, else hmar's, as `hmar generate` does; `kernels`: a kernel policy instead of the one these
+    flags choose (`KernelPolicy.choose`)."""
+    if kernels is None:
+        compile = device.type == "cuda" if compile is None else compile  # batches repeat here: compiling pays
+        kernels = KernelPolicy.choose(device, training=False, compile=compile, cuda_graph=cuda_graph)
+    options = dict(kernels=kernels)
     if models:
         pipes = {str(name): Pipeline.from_pretrained(str(name), device, **options) for name in models}
     else:
@@ -203,8 +208,5 @@ def bench_sample(
     workloads = {name: sample_fn(pipe, batch_size, steps, cfg, top_k, top_p) for name, pipe in pipes.items()}
     families = {name: pipe.config.family for name, pipe in pipes.items()}
     graphed = any(pipe.graphed is not None for pipe in pipes.values())
-    rows = compare("sample", workloads, families, batch_size, device, max(warmup, GRAPHED_WARMUP) if graphed else warmup, iters, {},
-                    compiled, profile)
-    for row in rows:
-        row.cuda_graph = pipes[row.model].graphed is not None
-    return rows
+    return compare("sample", workloads, families, batch_size, device, max(warmup, GRAPHED_WARMUP) if graphed else warmup, iters, {},
+                   kernels, profile)

@@ -27,11 +27,6 @@ def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | N
     return len(regions)
 
 
-def wanted(setting: bool | None, device: torch.device) -> bool:
-    """None means: compile on CUDA (where fusion pays), run eagerly elsewhere."""
-    return device.type == "cuda" if setting is None else setting
-
-
 def eager():
     """Run compiled blocks eagerly inside this context: for one-off shapes (preview sampling) that
     would otherwise each trigger a recompilation."""

@@ -19,11 +19,14 @@
   (`hmar.kernels.channels_last`).
 - `compile_for_sampling`: regional `torch.compile` of the blocks and heads with dynamic token counts
   (one graph for scale 0's single token, one for all the others), fusing the element-wise work.
-  Since the blocks run their norms, residual adds and attention inputs as our kernels on CUDA
-  (`hmar.transformer`), compiling gains little and is optional. The channels-last decoder stays
+  Since eagerly the blocks run their norms, residual adds and attention inputs as our kernels on
+  CUDA (`hmar.transformer`), compiling gains little and is optional. The channels-last decoder stays
   eager: its norms and bias adds are already fused, and Inductor would replace them with its own.
 
-Models prepared this way are for sampling only (their Linear weights are no longer float32).
+Which of these run is the kernel policy's choice (`hmar.policy.KernelPolicy`).
+
+Models prepared this way are for sampling only (their Linear weights are no longer float32, and the
+GELU epilogue and the decoder's kernels have no backward).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from hmar.compile import compile_blocks
+from hmar.policy import KernelPolicy
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.transformer import ScaleTransformer
 
@@ -55,13 +59,13 @@ def compile_for_sampling(tokenizer: MultiScaleVQVAE, transformer: ScaleTransform
     return regions
 
 
-def prepare_for_sampling(tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer, amp_dtype: torch.dtype | None,
-                         compile: bool = False) -> None:
-    """The fast paths above for models already on their device: on CUDA (`amp_dtype` given) the
-    casts and the channels-last decoder; on any device `compile`. The CPU's default keeps the float32
-    reference numerics."""
-    if amp_dtype is not None:
-        cast_linears(transformer, amp_dtype)
-        tokenizer.cast_decoder(torch.float16, channels_last=True)
-    if compile:
+def prepare_for_sampling(tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer, policy: KernelPolicy) -> None:
+    """The fast paths above that `policy` takes, for models already on their device: the Linear
+    weights in its autocast dtype, the decoder's dtype and layout, the blocks' kernels, compilation.
+    The reference policy (the CPU's default) keeps the float32 reference numerics."""
+    if policy.amp_dtype is not None:
+        cast_linears(transformer, policy.amp_dtype)
+    tokenizer.set_policy(policy)
+    transformer.set_policy(policy)
+    if policy.compile:
         compile_for_sampling(tokenizer, transformer)

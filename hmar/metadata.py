@@ -16,13 +16,13 @@ def settings_metadata(pipe: Pipeline, settings: SamplingSettings, labels: Sequen
     """Everything besides the image's own class that decides the pixels. One random stream runs
     through all images of a request, so an image depends on the classes drawn with it:
     `hmar:classes` lists them all, in order (none: the null class), and repeating them with the
-    same settings on the same kind of device repeats every image."""
+    same settings on the same kind of device and kernels repeats every image."""
     return {
         "Software": f"hmar {hmar.__version__}", "hmar:model": pipe.name, "hmar:seed": str(settings.seed),
         "hmar:cfg": str(settings.cfg), "hmar:top_k": str(settings.top_k), "hmar:top_p": str(settings.top_p),
         "hmar:schedule": format_schedule(settings.schedule), "hmar:batch_size": str(settings.batch_size),
         "hmar:classes": ",".join("none" if label is None else str(label) for label in labels),
-        "hmar:device": pipe.device.type,
+        "hmar:device": pipe.device.type, "hmar:kernels": pipe.policy.compact(),
     }
 
 

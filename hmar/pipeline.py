@@ -28,6 +28,7 @@ from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
 from hmar.errors import DeviceError, InputError
 from hmar.inference import prepare_for_sampling
+from hmar.policy import KernelPolicy
 from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
 from hmar.schedule import Schedule, resolve_schedule
 
@@ -95,24 +96,28 @@ class Pipeline:
     Inductor's on-disk cache; then faster sampling); `cuda_graph`
     replays generation batches as CUDA graphs from the second batch of the same settings on
     (`hmar.cuda_graph`; same images, memory held while the pipeline lives). On the CPU: float32
-    throughout, the reference numerics."""
+    throughout, the reference numerics. These choices are made once, here, as `policy`
+    (`hmar.policy.KernelPolicy`)."""
 
     def __init__(self, config: ModelConfig, tokenizer, transformer, device: str | torch.device = "auto", name: str | None = None,
-                 compile: bool = False, cuda_graph: bool = True):
+                 compile: bool = False, cuda_graph: bool = True, kernels: KernelPolicy | None = None):
+        """`kernels`: the kernel policy to sample with; None chooses this device's for sampling, with
+        `compile` and `cuda_graph` (`KernelPolicy.choose`); `KernelPolicy.reference()` runs the
+        CPU's float32 reference path on any device."""
         self.config, self.name = config, name
         self.device = resolve_device(device)
+        self.policy = KernelPolicy.choose(self.device, training=False, compile=compile, cuda_graph=cuda_graph) if kernels is None else kernels
         self.tokenizer = tokenizer.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.compiled = compile
-        prepare_for_sampling(self.tokenizer, self.transformer, self.amp_dtype, compile=compile)
-        use_graph = cuda_graph and self.device.type == "cuda"
-        self.graphed = GraphedSampler(self.tokenizer, self.transformer, self.amp_dtype) if use_graph else None
+        self.amp_dtype, self.compiled = self.policy.amp_dtype, self.policy.compile
+        prepare_for_sampling(self.tokenizer, self.transformer, self.policy)
+        graphed = self.policy.cuda_graph and self.device.type == "cuda"
+        self.graphed = GraphedSampler(self.tokenizer, self.transformer, self.amp_dtype) if graphed else None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "auto", name: str | None = None, compile: bool = False,
-                    cuda_graph: bool = True) -> "Pipeline":
+                    cuda_graph: bool = True, kernels: KernelPolicy | None = None) -> "Pipeline":
         """A model folder (config.json + weights); registry names are `from_pretrained`'s."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
@@ -120,23 +125,23 @@ class Pipeline:
         config = ModelConfig.load(folder / "config.json")
         device = resolve_device(device)
         tokenizer, transformer = load_models(config, folder)
-        return cls(config, tokenizer, transformer, device, name or folder.name, compile=compile, cuda_graph=cuda_graph)
+        return cls(config, tokenizer, transformer, device, name or folder.name, compile=compile, cuda_graph=cuda_graph, kernels=kernels)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "auto", download: bool = False,
-                        compile: bool = False, cuda_graph: bool = True) -> "Pipeline":
+                        compile: bool = False, cuda_graph: bool = True, kernels: KernelPolicy | None = None) -> "Pipeline":
         """A registry name (hmar-d16, var-d30, hmar-tiny, …) or a model folder."""
         from hmar.hub import resolve_model
 
         return cls.from_folder(resolve_model(name_or_path, download=download), device, name=str(name_or_path), compile=compile,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, kernels=kernels)
 
     @classmethod
     def random(cls, config: ModelConfig, device: str | torch.device = "auto", seed: int = 0, compile: bool = False,
-               cuda_graph: bool = True) -> "Pipeline":
+               cuda_graph: bool = True, kernels: KernelPolicy | None = None) -> "Pipeline":
         """Randomly initialised weights (benchmarks, tests)."""
         torch.manual_seed(seed)
-        return cls(config, *build_models(config), device=device, name="random", compile=compile, cuda_graph=cuda_graph)
+        return cls(config, *build_models(config), device=device, name="random", compile=compile, cuda_graph=cuda_graph, kernels=kernels)
 
     # ---- settings -----------------------------------------------------------------------------
     @property
@@ -174,7 +179,8 @@ class Pipeline:
         """`check_memory` for a batch on this pipeline's device (half-precision activations and no
         attention score matrix on CUDA), and `results` images held together on the CPU."""
         cuda = self.device.type == "cuda"
-        check_memory(self.config, batch, element_bytes=2 if cuda else 4, dense_attention=not cuda, results=results)
+        half = self.policy.amp_dtype is not None
+        check_memory(self.config, batch, element_bytes=2 if half else 4, dense_attention=not cuda, results=results)
 
     def check_labels(self, labels: Any) -> list[int]:
         """Class indices from ints, an integer tensor or class names (as `--class` takes them);

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from hmar.config import TokenizerConfig
 from hmar.errors import ConfigError, InputError
+from hmar.policy import KernelPolicy
 from hmar.tokenizer_modules import Decoder, Encoder
 
 
@@ -200,13 +201,19 @@ class MultiScaleVQVAE(nn.Module):
                 rest = rest - self.scale_residual(tokens[-1], k)
         return tokens
 
+    def set_policy(self, policy: KernelPolicy) -> None:
+        """Store and run the decoder as the kernel policy says (`decoder_dtype`, `channels_last_decoder`)."""
+        self.cast_decoder(policy.decoder_dtype, channels_last=policy.channels_last_decoder)
+
     def cast_decoder(self, dtype: torch.dtype, channels_last: bool = False) -> None:
         """Store the decoder (and the convolution before it) in `dtype`; `decode` then takes f̂ in it.
-        `channels_last`: also store and run them channels-last (for half precision on CUDA, where
-        cuDNN's convolutions are NHWC-native and the norms run as a fused kernel keeping the layout)."""
+        `channels_last`: also store and run them channels-last, with the decoder's norms, bias adds and
+        upsamples as the channels-last Triton kernels (for half precision on CUDA, where cuDNN's
+        convolutions are NHWC-native; Triton must import, `hmar.policy.triton_available`)."""
         self.decoder_memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for module in (self.decoder, self.post_quant_conv):
             module.to(dtype=dtype, memory_format=self.decoder_memory_format)
+        self.decoder.set_fused(channels_last)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] of a cumulative reconstruction f̂, in the decoder's dtype and memory format."""
@@ -222,7 +229,7 @@ class MultiScaleVQVAE(nn.Module):
         `torch.backends.cudnn.deterministic`. The chosen kernels, and so the last bits of a pixel,
         may differ between processes."""
         previous = torch.backends.cudnn.benchmark
-        if self.decoder_memory_format == torch.channels_last and self.post_quant_conv.weight.is_cuda:
+        if self.decoder_memory_format == torch.channels_last:  # (no effect off CUDA)
             torch.backends.cudnn.benchmark = True
         try:
             yield

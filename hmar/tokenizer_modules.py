@@ -5,12 +5,13 @@ decoder's count is a config field), swish, residual blocks, single-head self-att
 downsampling and nearest-neighbour upsampling. Submodule names follow the published checkpoint
 (`encoder.down.0.block.0.norm1.weight`, …) so that it loads strictly.
 
-Layout: the modules run in whatever memory format their input has. A half-precision decoder for
-sampling on CUDA runs channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are
-NHWC-native, its norms (with the SiLU after them) run as one Triton kernel that keeps the layout,
-and so do its convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`);
-a convolution followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), and
-each upsample runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
+Layout: the modules run in whatever memory format their input has. Where the kernel policy says so
+(`KernelPolicy.channels_last_decoder`: half precision on CUDA), the decoder is stored and run
+channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are NHWC-native, its norms
+(with the SiLU after them) run as one Triton kernel that keeps the layout, and so do its
+convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`); a convolution
+followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), and each upsample
+runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
 """
 from __future__ import annotations
 
@@ -25,40 +26,31 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
-def _kernels_for(x: torch.Tensor, *parameters: torch.Tensor):
-    """`hmar.kernels.channels_last` if `x` takes its kernels (a channels-last map being sampled: no
-    gradient needed, not inside torch.compile, which fuses these steps its own way), else None."""
-    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters)):
-        return None
-    from hmar.kernels import devices  # imports no Triton: a device the kernels cannot run on never pays for it
-
-    if not devices.runs_on(x.device):
-        return None
+def _channels_last_kernels():
+    """`hmar.kernels.channels_last`, for modules whose policy turned the kernels on."""
     from hmar.kernels import channels_last  # here, not at the top: Triton takes seconds to import
 
-    return channels_last if channels_last.supports(x) else None
+    return channels_last
 
 
-def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
-    """`norm(x)`, then SiLU if `silu`: one Triton kernel for a channels-last map being sampled on
-    CUDA, PyTorch's modules otherwise (training, the CPU, NCHW maps, compiled code)."""
-    kernels = _kernels_for(x, norm.weight)
-    if kernels is not None:
+def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, fused: bool = False) -> torch.Tensor:
+    """`norm(x)`, then SiLU if `silu`: one Triton kernel when `fused` (a channels-last decoder),
+    PyTorch's modules otherwise."""
+    kernels = _channels_last_kernels() if fused else None
+    if kernels is not None and kernels.supports(x):  # (a map in another layout or dtype takes PyTorch's)
         return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
     h = norm(x)
     return F.silu(h) if silu else h
 
 
-def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`conv(x)`, plus `residual` if given. For a channels-last map being sampled on CUDA, cuDNN
-    runs the convolution without its bias and one Triton kernel adds the bias and the residual in
-    place (PyTorch's separate bias kernel would be another pass over the output)."""
-    kernels = _kernels_for(x, conv.weight) if conv.bias is not None else None
-    if kernels is not None and (residual is None or _kernels_for(residual) is not None):
+def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+    """`conv(x)`, plus `residual` if given. When `fused`, cuDNN runs the convolution without its
+    bias and one Triton kernel adds the bias and the residual in place (PyTorch's separate bias
+    kernel would be another pass over the output)."""
+    kernels = _channels_last_kernels() if fused and conv.bias is not None else None
+    if kernels is not None and kernels.supports(x) and (residual is None or kernels.supports(residual)):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        if kernels.supports(y):
             return kernels.add_bias_(y, conv.bias, residual)
         y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
         return y if residual is None else y + residual
@@ -66,18 +58,18 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = N
     return y if residual is None else residual + y
 
 
-def convolve_normalize(conv: nn.Conv2d, x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """`norm(conv(x))`, then SiLU. For a channels-last map being sampled on CUDA the convolution's
-    bias is added inside the norm's kernel (in float32, before the statistics), saving the pass over
-    the convolution's output that adding it alone would take."""
-    kernels = _kernels_for(x, conv.weight, norm.weight) if conv.bias is not None else None
-    if kernels is not None:
+def convolve_normalize(conv: nn.Conv2d, x: torch.Tensor, norm: nn.GroupNorm, fused: bool = False) -> torch.Tensor:
+    """`norm(conv(x))`, then SiLU. When `fused`, the convolution's bias is added inside the norm's
+    kernel (in float32, before the statistics), saving the pass over the convolution's output that
+    adding it alone would take."""
+    kernels = _channels_last_kernels() if fused and conv.bias is not None else None
+    if kernels is not None and kernels.supports(x):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if kernels.supports(y):
             return kernels.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, shift=conv.bias)
         y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
         return F.silu(norm(y))
-    return normalize(norm, convolve(conv, x))
+    return normalize(norm, convolve(conv, x, fused=fused), fused=fused)
 
 
 def upsample_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -100,11 +92,13 @@ class ResnetBlock(nn.Module):
         self.norm2 = group_norm(out_channels, norm_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.fused = False  # the channels-last kernels (KernelPolicy.channels_last_decoder, see Decoder.set_fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = convolve_normalize(self.conv1, normalize(self.norm1, x), self.norm2)
-        shortcut = x if isinstance(self.nin_shortcut, nn.Identity) else convolve(self.nin_shortcut, x)
-        return convolve(self.conv2, h, residual=shortcut)
+        fused = self.fused
+        h = convolve_normalize(self.conv1, normalize(self.norm1, x, fused=fused), self.norm2, fused)
+        shortcut = x if isinstance(self.nin_shortcut, nn.Identity) else convolve(self.nin_shortcut, x, fused=fused)
+        return convolve(self.conv2, h, residual=shortcut, fused=fused)
 
 
 class AttnBlock(nn.Module):
@@ -115,12 +109,14 @@ class AttnBlock(nn.Module):
         self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.fused = False  # see ResnetBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = convolve(self.qkv, normalize(self.norm, x, silu=False)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
+        qkv = convolve(self.qkv, normalize(self.norm, x, silu=False, fused=self.fused), fused=self.fused)
+        q, k, v = qkv.reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax scale C^-1/2
-        return convolve(self.proj_out, h.transpose(1, 2).reshape(B, C, H, W), residual=x)
+        return convolve(self.proj_out, h.transpose(1, 2).reshape(B, C, H, W), residual=x, fused=self.fused)
 
 
 class Downsample(nn.Module):
@@ -133,8 +129,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2× upsample, then a 3×3 convolution. For a channels-last map being sampled on
-    CUDA, in the sub-pixel form: one convolution with the four phases' 2×2 kernels
+    """Nearest-neighbour 2× upsample, then a 3×3 convolution. With the channels-last kernels, in the
+    sub-pixel form: one convolution with the four phases' 2×2 kernels
     (`upsample_weight`) over the small map, then one kernel that interleaves the phases and adds the
     bias (`hmar.kernels.channels_last.interleave_phases`): 16 instead of 36 multiply-adds per small
     pixel and channel pair, and the upsampled map is written once instead of written, read by the
@@ -144,6 +140,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self._phase_weight: tuple[tuple, torch.Tensor] | None = None  # (the weight it came from, the phases)
+        self.fused = False  # see ResnetBlock
 
     def phase_weight(self) -> torch.Tensor:
         """`upsample_weight` of the convolution's weight, made again only when the weight changes."""
@@ -155,11 +152,11 @@ class Upsample(nn.Module):
         return self._phase_weight[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = _kernels_for(x, self.conv.weight)
-        if kernels is not None:
+        kernels = _channels_last_kernels() if self.fused else None
+        if kernels is not None and kernels.supports(x):
             phases = F.conv2d(x, self.phase_weight(), None, padding=1)  # (N, 4C, H + 1, W + 1)
             return kernels.interleave_phases(phases.contiguous(memory_format=torch.channels_last), self.conv.bias)
-        return convolve(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"))
+        return convolve(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"), fused=self.fused)
 
 
 class Level(nn.Module):
@@ -235,9 +232,17 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the lowest resolution up
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.fused = False  # see ResnetBlock
+
+    def set_fused(self, fused: bool) -> None:
+        """Whether this decoder's norms, bias adds and upsamples run as the channels-last kernels
+        (`hmar.kernels.channels_last`): for a half-precision decoder stored channels-last."""
+        for module in self.modules():
+            if isinstance(module, (Decoder, ResnetBlock, AttnBlock, Upsample)):
+                module.fused = fused
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(convolve(self.conv_in, z))
+        h = self.mid(convolve(self.conv_in, z, fused=self.fused))
         for level in reversed(self.up):
             h = level(h)
-        return convolve(self.conv_out, normalize(self.norm_out, h))
+        return convolve(self.conv_out, normalize(self.norm_out, h, fused=self.fused), fused=self.fused)

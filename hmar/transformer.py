@@ -8,6 +8,9 @@ sampling needs no cache. HMAR's blocks are split into a shared trunk (`base_bloc
 with their own heads: `ns_blocks` (next-scale prediction) and `mask_blocks` (masked prediction inside a
 scale, MaskGIT-style). Parameter names follow the published checkpoints so they load strictly.
 
+Which kernels the blocks and heads run is the kernel policy's (`set_policy`, `hmar.policy`); a new
+model runs the reference path, PyTorch's ops.
+
 Shapes: B batch, L tokens of all scales, l tokens of one scale, C width, V vocabulary, Cvae code width.
 """
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hmar.attention import AttentionFn, per_scale_sdpa
+from hmar.attention import AttentionFn
 from hmar.config import TransformerConfig
+from hmar.policy import KernelPolicy
 
 # The learnable per-head attention temperature is clamped at 100 (as published).
 MAX_LOG_ATTENTION_SCALE = math.log(100.0)
@@ -66,60 +70,25 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.div_(1 - p)
 
 
-def _sampling_eagerly_on_cuda(x: torch.Tensor) -> bool:
-    """No gradients, not traced by torch.compile, on CUDA: where the sampler's eager path runs
-    PyTorch's element-wise ops one kernel each, and our fused kernels replace them. (Compiled
-    sampling keeps Inductor's fusions; the CPU, the conformance fixtures' float32 reference, keeps
-    PyTorch's ops.)"""
-    return x.device.type == "cuda" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def _adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """`hmar.kernels.adaln` if it takes these tensors (its widths and dtypes), else None; asked only
+    where the policy turned the kernels on."""
+    from hmar.kernels import adaln  # here, not at the top: Triton takes seconds to import
 
-
-def _cosine_qkv_kernel(qkv: torch.Tensor, log_scale: torch.Tensor):
-    """`hmar.kernels.cosine_qkv` when training on CUDA (eager or compiled) or sampling eagerly there,
-    else None.
-
-    Training: compiled, Inductor fuses the forward of the split and normalisation well, but its
-    backward (a reduction over D, then a transposition back into the projection's layout) was ~7 % of
-    a d16 training step; the kernel does both directions in one pass each. Eager sampling: PyTorch
-    runs the same lines as ~10 kernels over q and k."""
-    training = torch.is_grad_enabled() and (qkv.requires_grad or log_scale.requires_grad)
-    if not (training or _sampling_eagerly_on_cuda(qkv)):
-        return None
-    try:
-        from hmar.kernels import cosine_qkv  # here, not at the top: Triton takes seconds to import
-    except ImportError:  # no Triton on this platform
-        return None
-    return cosine_qkv.cosine_qkv if cosine_qkv.supports(qkv, log_scale) else None
-
-
-def _adaln_kernels(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
-    """`hmar.kernels.adaln` (the modulated LayerNorm, alone or after the gated residual add, one pass
-    each way) on CUDA except in compiled sampling, else None.
-
-    Eagerly each of those lines is 2-4 passes over the float32 residual stream, the largest share of
-    the eager sampler's element-wise time. Training (eager or compiled): Inductor fuses the forward
-    well, but its backward of the two norms with their per-sample reductions (d scale, d shift,
-    d gamma over the tokens) took ~9 ms of a 76 ms d16 step as 4-6 kernels per block."""
-    compiled_sampling = torch.compiler.is_compiling() and not torch.is_grad_enabled()
-    if x.device.type != "cuda" or compiled_sampling:
-        return None
-    try:
-        from hmar.kernels import adaln
-    except ImportError:
-        return None
     return adaln if adaln.supports(x, scale, shift) else None
 
 
-def _gelu_in_epilogue(x: torch.Tensor, fc1: nn.Linear) -> bool:
-    """Whether the MLP's first layer runs as one matmul with bias and (tanh) GELU in its epilogue
-    (`torch._addmm_activation`, cuBLASLt's GELU_BIAS): when sampling eagerly on CUDA with x already in
-    the weights' dtype (the fused norms hand the autocast dtype over). Saves a pass over the 4×-wide
-    hidden activations; PyTorch's own tanh GELU where cuBLASLt cannot take the shapes."""
-    return _sampling_eagerly_on_cuda(x) and fc1.bias is not None and x.dtype == fc1.weight.dtype == fc1.bias.dtype
+def _cosine_qkv(qkv: torch.Tensor, log_scale: torch.Tensor):
+    """`hmar.kernels.cosine_qkv.cosine_qkv` if it takes these tensors (its head dims and dtypes), else
+    None; asked only where the policy turned the kernel on."""
+    from hmar.kernels import cosine_qkv
+
+    return cosine_qkv.cosine_qkv if cosine_qkv.supports(qkv, log_scale) else None
 
 
 def _linear_input_dtype(x: torch.Tensor) -> torch.dtype:
-    """What the next Linear would cast x to: the autocast dtype where autocast is on."""
+    """What the next Linear would cast x to: the autocast dtype where autocast is on (the caller's
+    context, not a kernel choice: the sampler runs only the transformer's Linears under it)."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -140,12 +109,13 @@ class SelfAttention(nn.Module):
         else:
             self.softmax_scale = 0.25 / math.sqrt(self.head_dim)
         self.proj = nn.Linear(width, width)
+        self.fused_qkv = False  # KernelPolicy.fused_cosine_qkv, set by ScaleTransformer.set_policy
 
     def forward(self, x: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         B, l, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
-        fused = _cosine_qkv_kernel(qkv, self.scale_mul_1H11) if self.l2_norm else None
+        fused = _cosine_qkv(qkv, self.scale_mul_1H11) if self.fused_qkv and self.l2_norm else None
         if fused is not None:
             q, k, v = fused(qkv, self.scale_mul_1H11, MAX_LOG_ATTENTION_SCALE)
         else:
@@ -165,12 +135,16 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.gelu_epilogue = False  # KernelPolicy.gelu_epilogue, set by ScaleTransformer.set_policy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _gelu_in_epilogue(x, self.fc1):
-            hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+        # cuBLASLt's epilogue takes x only in the weights' dtype (autocast would cast it; the fused
+        # norms hand x over in the autocast dtype already)
+        fc1 = self.fc1
+        if self.gelu_epilogue and fc1.bias is not None and x.dtype == fc1.weight.dtype == fc1.bias.dtype:
+            hidden = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
             return self.fc2(hidden.view(*x.shape[:-1], -1))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(fc1(x), approximate="tanh"))
 
 
 class AdaLNBlock(nn.Module):
@@ -188,6 +162,7 @@ class AdaLNBlock(nn.Module):
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.fused_norms = False  # KernelPolicy.fused_adaln, set by ScaleTransformer.set_policy
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         if self.shared_aln:  # cond: (B, 1, 6, C) from the transformer's shared projection
@@ -195,8 +170,8 @@ class AdaLNBlock(nn.Module):
         else:  # cond: (B, C) class embedding
             mods = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
-        fused = _adaln_kernels(x, scale1, shift1)
-        if fused is not None:  # on CUDA: the same function in 2 passes over x instead of ~8
+        fused = _adaln(x, scale1, shift1) if self.fused_norms else None
+        if fused is not None:  # the same function in 2 passes over x instead of ~8
             # dropping a sample's branch (drop path) = zeroing (and rescaling) that sample's gain
             gamma1 = drop_path(gamma1, self.drop_path_rate, self.training)
             gamma2 = drop_path(gamma2, self.drop_path_rate, self.training)
@@ -218,10 +193,11 @@ class AdaLNHead(nn.Module):
         self.width = width
         self.ln_wo_grad = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.fused_norms = False  # KernelPolicy.fused_adaln, set by ScaleTransformer.set_policy
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
-        fused = _adaln_kernels(x, scale, shift)
+        fused = _adaln(x, scale, shift) if self.fused_norms else None
         if fused is not None:
             return fused.modulated_layer_norm(x, scale, shift, self.ln_wo_grad.eps, _linear_input_dtype(x))
         return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
@@ -273,6 +249,19 @@ class ScaleTransformer(nn.Module):
         self.register_buffer("lvl_1L", levels.view(1, L))
         allowed = levels[:, None] == levels[None, :] if self.pattern == "block_diagonal" else levels[:, None] >= levels[None, :]
         self.register_buffer("attn_bias_for_masking", torch.where(allowed, 0.0, -torch.inf).view(1, 1, L, L))
+        self.set_policy(KernelPolicy.reference())
+
+    def set_policy(self, policy: KernelPolicy) -> None:
+        """Which kernels the blocks and heads run from now on (`hmar.policy`), and the attention that
+        the all-scales forwards use unless given one."""
+        self.policy, self.attention = policy, policy.attention_function()
+        for module in self.modules():
+            if isinstance(module, (AdaLNBlock, AdaLNHead)):
+                module.fused_norms = policy.fused_adaln
+            elif isinstance(module, SelfAttention):
+                module.fused_qkv = policy.fused_cosine_qkv
+            elif isinstance(module, FeedForward):
+                module.gelu_epilogue = policy.gelu_epilogue
 
     @property
     def num_scales(self) -> int:
@@ -384,17 +373,17 @@ class HMAR(ScaleTransformer):
         return self.mask_head_nm(x.float(), cond_BD)
 
     # ---- all scales at once (training) --------------------------------------------------------
-    def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+    def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn | None = None) -> torch.Tensor:
         """Teacher-forced next-scale logits (B, L, V). `teacher_input` (B, L - first, Cvae): f̂ of
         earlier scales at each scale's size (`MultiScaleVQVAE.teacher_forcing_input`)."""
         return self.ns_head(self.forward_next_scale_features(labels, teacher_input, attention)).float()
 
-    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn | None = None) -> torch.Tensor:
         """What `forward_next_scale` feeds its logits head (`next_scale_head`): (B, L, C), so that a
         loss can apply the head a chunk at a time."""
         rest = self.word_embed(teacher_input.float()) + self.word_embed_bias
         x, cond_BD, cond = self._sequence_inputs(labels, rest)
-        return self._next_scale_features(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
+        return self._next_scale_features(x, cond, cond_BD, sequence_attend(attention or self.attention, self.block_sizes, self.pattern))
 
     def forward_masked(
         self,
@@ -402,20 +391,20 @@ class HMAR(ScaleTransformer):
         teacher_input: torch.Tensor,
         scale_input: torch.Tensor,
         masked: torch.Tensor,
-        attention: AttentionFn = per_scale_sdpa,
+        attention: AttentionFn | None = None,
     ) -> torch.Tensor:
         """Mask-branch logits (B, L, V) for all scales. `scale_input` (B, L - first, Cvae): each
         scale's own tokens (`MultiScaleVQVAE.scale_input`, flattened); `masked` (B, L - first) bool."""
         return self.mask_head(self.forward_masked_features(labels, teacher_input, scale_input, masked, attention)).float()
 
     def forward_masked_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, scale_input: torch.Tensor, masked: torch.Tensor,
-                                attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+                                attention: AttentionFn | None = None) -> torch.Tensor:
         """What `forward_masked` feeds its logits head (`mask_head`): (B, L, C)."""
         own = self.word_embed(scale_input.float())
         own = torch.where(masked.unsqueeze(-1), self.mask_embed.weight[0].to(own.dtype), own)
         rest = self.word_embed(teacher_input.float()) + own + self.word_embed_bias
         x, cond_BD, cond = self._sequence_inputs(labels, rest)
-        return self._masked_features(x, cond, cond_BD, sequence_attend(attention, self.block_sizes, self.pattern))
+        return self._masked_features(x, cond, cond_BD, sequence_attend(attention or self.attention, self.block_sizes, self.pattern))
 
     def init_mask_branch_from_next_scale(self) -> None:
         """Stage 2 starts the mask branch as a copy of the trained next-scale branch."""
@@ -455,13 +444,13 @@ class VAR(ScaleTransformer):
     def next_scale_head(self) -> nn.Linear:
         return self.head
 
-    def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+    def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn | None = None) -> torch.Tensor:
         return self.head(self.forward_next_scale_features(labels, teacher_input, attention)).float()
 
-    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn = per_scale_sdpa) -> torch.Tensor:
+    def forward_next_scale_features(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn | None = None) -> torch.Tensor:
         """What `forward_next_scale` feeds its logits head (`next_scale_head`): (B, L, C)."""
         x, cond_BD, cond = self._sequence_inputs(labels, self.word_embed(teacher_input.float()))
-        x = self._run(self.blocks, x, cond, sequence_attend(attention, self.block_sizes, self.pattern))
+        x = self._run(self.blocks, x, cond, sequence_attend(attention or self.attention, self.block_sizes, self.pattern))
         return self.head_nm(x.float(), cond_BD)
 
 

@@ -17,6 +17,7 @@ from hmar.errors import InputError
 from hmar.outputs import check_writable
 from hmar.schedule import DEFAULT_STEPS
 from hmar_cli.charts import Group, write_chart
+from hmar_cli.sampling import KERNELS_HELP, check_kernels
 
 if TYPE_CHECKING:  # torch and the benchmark code are imported by the commands that run them, not by --help
     import torch
@@ -61,7 +62,7 @@ def _write_profiles(rows: list[BenchRow], files: dict[str, tuple[Path, Path]], s
             continue
         table_path, breakdown_path = files[row.model]
         table_path.write_text(row.profile.table)
-        record = {"environment": _environment(device), "shape": shape, "family": row.family, "model": row.model,
+        record = {"environment": _environment(device), "shape": shape, "kernels": row.kernels, "family": row.family, "model": row.model,
                   "median_ms": row.median_ms, **row.profile.breakdown}
         breakdown_path.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -107,9 +108,9 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
         shape_text = ", ".join(f"{k} {v}" for k, v in shape.items())
         groups: list[Group] = [(f"{title}: {shape_text}", [(_label(r), r.median_ms) for r in rows])]
         write_chart(chart, f"{title}, median ms: {env['device']}, torch {env['torch']}", groups,
-                    {"environment": json.dumps(env), "shape": json.dumps(shape)}, overwrite)
+                    {"environment": json.dumps(env), "shape": json.dumps(shape), "kernels": json.dumps(rows[0].kernels)}, overwrite)
     if as_json:
-        print(json.dumps({"environment": env, "shape": shape, "rows": [r.as_dict() for r in rows]}))
+        print(json.dumps({"environment": env, "shape": shape, "kernels": rows[0].kernels, "rows": [r.as_dict() for r in rows]}))
         return
     table = Table(title=f"{title} — {env['device']}, torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in shape.items()))
     for column in ("model", "median ms", "images/s", "peak GiB", "TFLOP/s", "speed vs VAR"):
@@ -119,7 +120,21 @@ def _report(rows: list[BenchRow], title: str, as_json: bool, shape: dict, device
                       "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.2f}",
                       "-" if r.tflops is None else f"{r.tflops:.1f}", "-" if r.ratio_vs_var is None else f"{r.ratio_vs_var:.2f}x")
     console.print(table)
+    console.print(f"kernels: {_kernels_text(rows[0].kernels)}", highlight=False)
     _print_breakdowns(rows)
+
+
+def _kernels_text(policy: dict) -> str:
+    from hmar.policy import KernelPolicy
+
+    return KernelPolicy.from_dict(policy).compact()
+
+
+def _policy(kernels: str):
+    """--kernels reference as a policy; None lets the benchmark choose from its other flags."""
+    from hmar.policy import KernelPolicy
+
+    return KernelPolicy.reference() if kernels == "reference" else None
 
 
 @app.command("train")
@@ -132,6 +147,7 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile both families' blocks, as the trainer does (default: on CUDA)."),
     compile_mode: str = typer.Option("default", "--compile-mode", help=f"Inductor's mode for the compiled blocks: {', '.join(COMPILE_MODES)}."),
     cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay each whole step as one CUDA graph, as the trainer does on one GPU (default: on CUDA; CUDA only)."),
+    kernels: str = typer.Option("auto", "--kernels", help=KERNELS_HELP + " With reference, no --compile or --cuda-graph."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -145,6 +161,7 @@ def train(
         raise InputError(f"--loss must be one of {', '.join(LOSS_PATHS)}, got {loss!r}")
     if compile_mode not in COMPILE_MODES:
         raise InputError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    check_kernels(kernels, compile=compile, cuda_graph=cuda_graph)
     where = resolve_device(device)
     if cuda_graph and where.type != "cuda":
         raise InputError(f"--cuda-graph needs a CUDA device; this run is on {where}")
@@ -153,7 +170,7 @@ def train(
     _cpu_note(where, f"{warmup + iters} training steps of depth {depth} at batch {batch_size}, {resolution} px,",
               "hmar bench train --depth 2 --resolution 256 --batch-size 2 --warmup 0 --iters 1", as_json)
     rows = bench_train(tokenizer_preset(resolution), depth, batch_size, where, width=width, warmup=warmup, iters=iters, loss=loss,
-                       compile=compile, profile=profile is not None, compile_mode=compile_mode, cuda_graph=cuda_graph)
+                       compile=compile, profile=profile is not None, compile_mode=compile_mode, cuda_graph=cuda_graph, kernels=_policy(kernels))
     compiled = rows[0].compiled
     shape = {"depth": depth, "resolution": resolution, "batch": batch_size, "loss": loss, "compiled blocks": compiled,
              "compile mode": compile_mode if compiled else None, "CUDA graphs": rows[0].cuda_graph}
@@ -170,6 +187,7 @@ def sample(
     model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) instead of random HMAR and VAR ones of --depth."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: on CUDA)."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay batches as CUDA graphs (on CUDA), as generate does."),
+    kernels: str = typer.Option("auto", "--kernels", help=KERNELS_HELP + " With reference, no --compile."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -178,6 +196,7 @@ def sample(
     from hmar.benchmark import bench_sample
     from hmar.pipeline import resolve_device
 
+    check_kernels(kernels, compile=compile)
     _chart_target(chart, overwrite)
     models = list(dict.fromkeys(model or []))
     profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
@@ -186,7 +205,7 @@ def sample(
     _cpu_note(where, f"{warmup + iters} batches of {batch_size} images ({what}, {steps} steps)" + ("" if models else ","),
               "hmar bench sample --depth 2 --batch-size 1 --warmup 0 --iters 1", as_json)
     rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
-                        profile=profile is not None, compile=compile, models=models, cuda_graph=cuda_graph)
+                        profile=profile is not None, compile=compile, models=models, cuda_graph=cuda_graph, kernels=_policy(kernels))
     compiled = rows[0].compiled
     shape = {"models": ", ".join(models)} if models else {"depth": depth, "resolution": resolution}
     shape.update({"batch": batch_size, "steps": steps, "compiled blocks": compiled, "CUDA graphs": rows[0].cuda_graph})
@@ -234,6 +253,7 @@ def attention(
     under TRITON_INTERPRET=1 (slow, for checking); otherwise its row says why it did not run."""
     from hmar.kernels import bench  # here, not at the top: Triton (hence hmar.kernels) exists on Linux only
     from hmar.pipeline import resolve_device
+    from hmar.policy import KernelPolicy
 
     where = resolve_device(device)
     resolutions = resolution or (sorted(PATCH_NUMS) if where.type == "cuda" else [min(PATCH_NUMS)])
@@ -251,7 +271,9 @@ def attention(
     if chart is not None:
         title = f"attention, forward+backward median ms: {env['device']}, torch {env['torch']}, triton {env['triton']}"
         write_chart(chart, title, _attention_chart_groups(rows), {"environment": json.dumps(env)}, overwrite)
+    trained_with = KernelPolicy.choose(where, training=True)  # the implementation the trainer takes here
     if as_json:
-        print(json.dumps({"environment": env, "rows": rows, "autotuned": result["autotuned"]}))
+        print(json.dumps({"environment": env, "kernels": trained_with.as_dict(), "rows": rows, "autotuned": result["autotuned"]}))
         return
     bench.print_table(rows, env)
+    console.print(f"the trainer's attention here: {trained_with.attention}", highlight=False)

@@ -33,6 +33,9 @@ err_console = Console(stderr=True)
 MAX_IMAGES = 1000
 #: guidance strength: far beyond any useful value, larger ones push the guided logits towards overflow
 MAX_CFG = 100.0
+#: --kernels: the fast paths this device takes (hmar.policy.KernelPolicy.choose), or the float32 reference path
+KERNELS = ("auto", "reference")
+KERNELS_HELP = "auto: the fast paths this device takes (see `hmar env`); reference: PyTorch's float32 ops, as on the CPU, on any device."
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class SamplingOptions:
     as_json: bool
     compile: bool = False
     quality: int = DEFAULT_QUALITY
+    kernels: str = "auto"  # one of KERNELS
 
     def sampler_options(self) -> dict:
         """The keyword arguments of `Pipeline.settings`, `generate` and `edit`."""
@@ -69,9 +73,11 @@ class SamplingOptions:
     def load_pipeline(self) -> Pipeline:
         """A registry name (downloaded on first use) or a model folder (config.json + weights)."""
         from hmar.pipeline import Pipeline
+        from hmar.policy import KernelPolicy
 
         folder = model_folder(self.model, err_console, quiet=self.as_json)
-        return Pipeline.from_folder(folder, device=self.device, name=self.model, compile=self.compile)
+        kernels = KernelPolicy.reference() if self.kernels == "reference" else None
+        return Pipeline.from_folder(folder, device=self.device, name=self.model, compile=self.compile, kernels=kernels)
 
 
 def _sampling_options(
@@ -91,9 +97,11 @@ def _sampling_options(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the transformer blocks (and, on the CPU, the decoder): "
                                  "tens of seconds once per run, then faster sampling (on a GPU, for many images)."),
+    kernels: str = typer.Option("auto", "--kernels", help=KERNELS_HELP),
 ) -> SamplingOptions:
     if steps is not None and schedule is not None:
         raise InputError("give either --steps or --schedule, not both")
+    check_kernels(kernels, compile=compile)
     from hmar.pipeline import resolve_device
 
     resolve_device(device)  # an unknown or missing device fails before anything loads or downloads
@@ -102,7 +110,17 @@ def _sampling_options(
         err_console.print(f"model: {model} (the best downloaded; --model picks another)", highlight=False)
     # without a seed the draw would be unrepeatable: pick one, so that the metadata can repeat it
     seed = secrets.randbelow(2**31) if seed is None else seed
-    return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile, quality)
+    return SamplingOptions(model, steps, schedule, cfg, top_k, top_p, seed, batch_size, device, overwrite, as_json, compile, quality, kernels)
+
+
+def check_kernels(kernels: str, **flags: bool | None) -> None:
+    """--kernels is one of KERNELS; the reference path runs eagerly, so it takes none of the `flags`
+    given (--compile, --cuda-graph)."""
+    if kernels not in KERNELS:
+        raise InputError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    given = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    if kernels == "reference" and given:
+        raise InputError(f"--kernels reference runs PyTorch's ops eagerly; drop {' and '.join(given)}")
 
 
 #: gives a command the shared options; it receives them as one `SamplingOptions` argument `options`

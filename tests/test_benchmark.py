@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import hmar.benchmark
 import hmar_cli.bench
-from hmar.attention import select_attention
+from hmar.policy import KernelPolicy
 from hmar.benchmark import Workload, bench_config, bench_sample, forward_flops, measure
 from hmar.checkpoints import build_models
 from hmar.config import TokenizerConfig
@@ -63,10 +63,10 @@ def test_both_loss_paths_of_the_training_step_give_the_same_loss(family):
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     inputs = (torch.tensor([3, 5]), torch.randn(2, L - first, TINY.z_channels), torch.randint(0, TINY.vocab_size, (2, L)))
     weights = scale_weights("lognormal", config.patch_nums)
-    chunked, logits = (stage1_objective(transformer, select_attention("auto"), weights, path)(*inputs)[0] for path in ("chunked", "logits"))
+    chunked, logits = (stage1_objective(transformer, None, weights, path)(*inputs)[0] for path in ("chunked", "logits"))
     torch.testing.assert_close(chunked, logits, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="loss path"):
-        stage1_objective(transformer, select_attention("auto"), weights, "fused")
+        stage1_objective(transformer, None, weights, "fused")
 
 
 def test_sample_benchmark_rows():
@@ -282,7 +282,7 @@ def test_gpu_graphed_training_step_trains_like_the_eager_one():
     works = {}
     for graphed in (False, True):
         torch.manual_seed(0)
-        works[graphed] = train_step_fn(config, 4, device, compiled=True, cuda_graph=graphed)
+        works[graphed] = train_step_fn(config, 4, device, KernelPolicy.choose(device, training=True, compile=True, cuda_graph=graphed))
         for _ in range(6):
             works[graphed].step()
     torch.cuda.synchronize()

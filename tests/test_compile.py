@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 
 from hmar.attention import per_scale_sdpa
-from hmar.compile import compile_blocks, eager, wanted
+from hmar.compile import compile_blocks, eager
 from hmar.config import ModelConfig
 from hmar.pipeline import Pipeline
 from hmar.train import Stage1Config, run_stage1
 from hmar.train.metrics import read_metrics
 from tests.train_helpers import make_data, make_tokenizer_folder, quiet, tiny_tokenizer_config, tiny_transformer_config
-
-
-def test_default_is_compiled_on_cuda_only():
-    assert wanted(None, torch.device("cuda")) and not wanted(None, torch.device("cpu"))
-    assert wanted(True, torch.device("cpu")) and not wanted(False, torch.device("cuda"))
 
 
 def test_compiled_blocks_give_the_eager_logits_and_gradients():

@@ -91,6 +91,7 @@ def _training_step_worker() -> dict:
     import hmar.transformer
     from hmar.pipeline import Pipeline
     from hmar.config import ModelConfig
+    from hmar.policy import KernelPolicy
     from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cpu", seed=0)
@@ -98,23 +99,26 @@ def _training_step_worker() -> dict:
     labels = torch.tensor([1, 3])
     teacher = torch.randn(2, sum(model.block_sizes[1:]), pipe.tokenizer.config.z_channels, generator=torch.Generator().manual_seed(1))
     calls = []
-    original = hmar.transformer._cosine_qkv_kernel
+    original = hmar.transformer._cosine_qkv
 
     def counted(*args):
         kernel = original(*args)
         calls.append(kernel is not None)
         return kernel
 
-    def run(kernel_lookup):
+    def run(policy):
         model.zero_grad()
-        with mock.patch.object(hmar.transformer, "_cosine_qkv_kernel", kernel_lookup):
+        model.set_policy(policy)
+        with mock.patch.object(hmar.transformer, "_cosine_qkv", counted):
             logits = model.forward_next_scale(labels, teacher)
         logits.square().mean().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    fused, fused_grads = run(counted)
-    plain, plain_grads = run(lambda *args: None)
-    return {"used_kernel": bool(calls) and all(calls), "logits": _relative(fused, plain.double()),
+    fused, fused_grads = run(KernelPolicy(fused_cosine_qkv=True))
+    used, asked = bool(calls) and all(calls), len(calls)
+    plain, plain_grads = run(KernelPolicy.reference())
+    used = used and len(calls) == asked  # the reference policy never asks for the kernel
+    return {"used_kernel": used, "logits": _relative(fused, plain.double()),
             "grads": {n: _relative(fused_grads[n], plain_grads[n].double()) for n in plain_grads if plain_grads[n].norm() > 0},
             "same_parameters": sorted(fused_grads) == sorted(plain_grads)}
 
@@ -147,11 +151,11 @@ def test_interpreter_training_step_takes_the_kernel_and_matches(interpreted):
 
 def test_unsupported_inputs_raise_and_the_model_falls_back():
     from hmar.kernels.cosine_qkv import cosine_qkv, supports
-    from hmar.transformer import _cosine_qkv_kernel
+    from hmar.transformer import _cosine_qkv
 
     qkv, log_scale = torch.randn(1, 4, 3, 2, 16, requires_grad=True), torch.zeros(1, 2, 1, 1, requires_grad=True)
     assert not supports(qkv, log_scale)  # the CPU without the interpreter
-    assert _cosine_qkv_kernel(qkv, log_scale) is None
+    assert _cosine_qkv(qkv, log_scale) is None
     with pytest.raises(ValueError, match=r"cosine_qkv: needs a \(B, L, 3, H, D\)"):
         cosine_qkv(qkv, log_scale, MAX_LOG)
 
@@ -187,31 +191,30 @@ def test_gpu_d16_training_shape_bf16():
 @needs_cuda
 @pytest.mark.parametrize("family", ["hmar", "var"])
 def test_gpu_compiled_blocks_with_the_kernel_train_like_without(family):
-    from unittest import mock
-
-    import hmar.transformer
     from hmar.attention import block_sparse_kernel
     from hmar.compile import compile_blocks
     from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
     from hmar.pipeline import Pipeline
+    from hmar.policy import KernelPolicy
 
     config = ModelConfig(tokenizer_preset(256), TransformerConfig(family=family, depth=4, width=256, num_heads=4, branch_depth=1))
     gen = torch.Generator("cuda").manual_seed(0)
     labels = torch.randint(0, 1000, (8,), device="cuda", generator=gen)
 
-    def run(kernel_lookup):
+    def run(fused_qkv: bool):
         pipe = Pipeline.random(config, device="cuda", seed=0)  # the same weights each time
         model = pipe.transformer.train()
+        model.set_policy(KernelPolicy(fused_cosine_qkv=fused_qkv))
         compile_blocks(model)
         teacher = torch.randn(8, sum(model.block_sizes[1:]), pipe.tokenizer.config.z_channels, device="cuda",
                               generator=torch.Generator("cuda").manual_seed(1))
-        with mock.patch.object(hmar.transformer, "_cosine_qkv_kernel", kernel_lookup), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model.forward_next_scale(labels, teacher, block_sparse_kernel)
             logits.float().square().mean().backward()
         return logits.float().detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    fused, fused_grads = run(hmar.transformer._cosine_qkv_kernel)
-    plain, plain_grads = run(lambda *args: None)
+    fused, fused_grads = run(True)
+    plain, plain_grads = run(False)
     assert _relative(fused, plain.double()) <= 2e-2
     assert sorted(fused_grads) == sorted(plain_grads)
     worst = max(_relative(fused_grads[n], plain_grads[n].double()) for n in plain_grads if plain_grads[n].norm() > 0)

@@ -5,7 +5,7 @@ first matmul's epilogue (`torch._addmm_activation`); in sampling (no gradients, 
 training (eager or compiled, drop path folded into the per-sample gains).
 
 CPU: a worker under Triton's interpreter (`tests.interpreter`) runs tiny HMAR and VAR transformers
-with the kernels switched on as on CUDA, and off:
+with a kernel policy that switches the kernels on as on CUDA, and with the reference policy:
 - sampling (no gradients): every block and head takes the kernels; logits agree to float32 rounding;
 - a training forward and backward with drop path: the same samples' branches are dropped (the same
   random draws), logits and every parameter's gradient agree to float32 rounding.
@@ -24,19 +24,23 @@ from unittest import mock
 import pytest
 import torch
 
+from hmar.policy import KernelPolicy
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The blocks' kernels as CUDA runs them, on the CPU under the interpreter. No GELU epilogue: on the
+# CPU `torch._addmm_activation` applies the exact GELU, on CUDA the tanh approximation the models use.
+INTERPRETED = KernelPolicy(fused_adaln=True, fused_cosine_qkv=True)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _kernels_on():
-    """The blocks' kernel lookups with the fused path on (on the CPU too, where the interpreter runs
-    the kernels), counting the AdaLN calls."""
+def _counting_kernels():
+    """Patches that count the calls of the blocks' kernels (the models reach them through their
+    modules, so the patched functions are what they call)."""
     import hmar.kernels.adaln as adaln
     import hmar.kernels.cosine_qkv as cosine_qkv
-    import hmar.transformer
 
     calls = {"modulated": 0, "residual": 0, "cosine_qkv": 0}
 
@@ -46,23 +50,14 @@ def _kernels_on():
             return function(*args, **kwargs)
         return wrapper
 
-    counted = mock.Mock(modulated_layer_norm=counting("modulated", adaln.modulated_layer_norm),
-                        residual_modulated_layer_norm=counting("residual", adaln.residual_modulated_layer_norm))
-    patches = [mock.patch.object(hmar.transformer, "_adaln_kernels", lambda x, s, sh: counted if adaln.supports(x, s, sh) else None),
-               mock.patch.object(hmar.transformer, "_cosine_qkv_kernel",
-                                 lambda qkv, ls: counting("cosine_qkv", cosine_qkv.cosine_qkv) if cosine_qkv.supports(qkv, ls) else None)]
+    patches = [mock.patch.object(adaln, "modulated_layer_norm", counting("modulated", adaln.modulated_layer_norm)),
+               mock.patch.object(adaln, "residual_modulated_layer_norm", counting("residual", adaln.residual_modulated_layer_norm)),
+               mock.patch.object(cosine_qkv, "cosine_qkv", counting("cosine_qkv", cosine_qkv.cosine_qkv))]
     return patches, calls
 
 
-def _kernels_off():
-    import hmar.transformer
-
-    return [mock.patch.object(hmar.transformer, "_adaln_kernels", lambda *args: None),
-            mock.patch.object(hmar.transformer, "_gelu_in_epilogue", lambda *args: False),
-            mock.patch.object(hmar.transformer, "_cosine_qkv_kernel", lambda *args: None)]
-
-
-def _run(patches, fn):
+def _run(model, policy, patches, fn):
+    model.set_policy(policy)
     for p in patches:
         p.start()
     try:
@@ -70,14 +65,15 @@ def _run(patches, fn):
     finally:
         for p in patches:
             p.stop()
+        model.set_policy(KernelPolicy.reference())
 
 
-def _sampling_forward(model, labels, teacher):
-    """Logits with the fused path and without it (no gradients), and the fused run's kernel calls."""
-    patches, calls = _kernels_on()
+def _sampling_forward(model, labels, teacher, fused_policy):
+    """Logits with the fused policy and with the reference one (no gradients), and the fused run's kernel calls."""
+    patches, calls = _counting_kernels()
     with torch.no_grad():
-        fused = _run(patches, lambda: model.forward_next_scale(labels, teacher))
-        plain = _run(_kernels_off(), lambda: model.forward_next_scale(labels, teacher))
+        fused = _run(model, fused_policy, patches, lambda: model.forward_next_scale(labels, teacher))
+        plain = _run(model, KernelPolicy.reference(), [], lambda: model.forward_next_scale(labels, teacher))
     return fused, plain, calls
 
 
@@ -89,9 +85,9 @@ def _training_step(model, labels, teacher, seed: int):
         logits.square().mean().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    patches, calls = _kernels_on()
-    fused, fused_grads = _run(patches, step)
-    plain, plain_grads = _run(_kernels_off(), step)
+    patches, calls = _counting_kernels()
+    fused, fused_grads = _run(model, INTERPRETED, patches, step)
+    plain, plain_grads = _run(model, KernelPolicy.reference(), [], step)
     return {"calls": calls, "logits": _relative(fused, plain), "same_parameters": sorted(fused_grads) == sorted(plain_grads),
             "grads": max(_relative(fused_grads[n], plain_grads[n]) for n in plain_grads if plain_grads[n].norm() > 0)}
 
@@ -110,7 +106,7 @@ def _worker() -> dict:
         model = Pipeline.random(config, device="cpu", seed=0).transformer
         labels = torch.tensor([1, 3, 5, 7])
         teacher = torch.randn(4, sum(model.block_sizes[1:]), config.tokenizer.z_channels, generator=torch.Generator().manual_seed(1))
-        fused, plain, calls = _sampling_forward(model.eval(), labels, teacher)
+        fused, plain, calls = _sampling_forward(model.eval(), labels, teacher, INTERPRETED)
         results[family] = {"sampling": {"logits": _relative(fused, plain), "calls": calls},
                            "training": _training_step(model.train(), labels, teacher, seed=3)}
     return results
@@ -149,27 +145,29 @@ def test_interpreter_training_step_with_drop_path_matches(interpreted, family):
 def test_gpu_fused_sampling_forward_matches_pytorch_ops(family):
     import torch.nn.functional as F
 
-    import hmar.transformer
     from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
     from hmar.inference import cast_linears
     from hmar.pipeline import Pipeline
     from hmar.transformer import FeedForward
 
     config = ModelConfig(tokenizer_preset(256), TransformerConfig(family=family, depth=4, width=1024, num_heads=16, branch_depth=1))
-    model = Pipeline.random(config, device="cuda", seed=0).transformer.eval()
+    model = Pipeline.random(config, device="cuda", seed=0, kernels=KernelPolicy.reference()).transformer.eval()
     cast_linears(model, torch.bfloat16)
     labels = torch.arange(16, device="cuda")
     teacher = torch.randn(16, sum(model.block_sizes[1:]), config.tokenizer.z_channels, device="cuda",
                           generator=torch.Generator("cuda").manual_seed(1))
+    policy = KernelPolicy.choose("cuda", training=False)
+    assert policy.fused_adaln and policy.fused_cosine_qkv and policy.gelu_epilogue
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused, plain, calls = _sampling_forward(model, labels, teacher)
+        fused, plain, calls = _sampling_forward(model, labels, teacher, policy)
     assert calls["residual"] > 0
     mlp = next(m for m in model.modules() if isinstance(m, FeedForward))
     x = torch.randn(4, 100, 1024, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        assert hmar.transformer._gelu_in_epilogue(x, mlp.fc1)
+    with torch.no_grad(), mock.patch.object(torch, "_addmm_activation", wraps=torch._addmm_activation) as epilogue:
+        mlp.gelu_epilogue = True
         expected = mlp.fc2(F.gelu(mlp.fc1(x).float(), approximate="tanh").to(torch.bfloat16))
         assert _relative(mlp(x).float(), expected.float()) <= 1e-2
+        assert epilogue.call_count == 1
     # PyTorch rounds each op's result to bf16 (the gated residual, the normalised q and k); the
     # kernels round once: the difference is bf16 rounding carried through the blocks.
     assert _relative(fused.float(), plain.float()) <= 2e-2

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from hmar.attention import IMPLEMENTATIONS, kernel_available, masked_sdpa
+from hmar.attention import IMPLEMENTATIONS, masked_sdpa
+from hmar.policy import KernelPolicy, triton_available
 from hmar.checkpoints import build_models, load_weights
 from hmar.config import PATCH_NUMS, ModelConfig, model_preset
 from hmar.pipeline import Pipeline
@@ -65,14 +66,14 @@ def test_attention_implementations_agree(resolution, pattern):
     sizes = [p * p for p in PATCH_NUMS[resolution]]
     q, k, v = (torch.randn(2, 4, sum(sizes), 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     reference = masked_sdpa(q.float(), k.float(), v.float(), sizes, pattern, 0.125)
-    names = [n for n in IMPLEMENTATIONS if n != "block_sparse" or kernel_available()]
+    names = [n for n in IMPLEMENTATIONS if n != "block_sparse" or triton_available()]
     for name in names:
         out = IMPLEMENTATIONS[name](q, k, v, sizes, pattern, 0.125).float()
         err = (out - reference).norm() / reference.norm()
         assert err < 1e-2, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.skipif(not kernel_available(), reason="needs the Triton kernel")
+@pytest.mark.skipif(not triton_available(), reason="needs the Triton kernel")
 @pytest.mark.parametrize("family", ["hmar", "var"])
 def test_training_forward_with_the_kernel_matches_the_reference_path(family):
     """The engine's training forward on CUDA (Triton kernel) equals the reference attention path."""
@@ -83,6 +84,7 @@ def test_training_forward_with_the_kernel_matches_the_reference_path(family):
     config = bench_config(family, 4, 256, tokenizer_preset(256))
     _, transformer = build_models(config)
     transformer = transformer.cuda().eval()  # eval: no label dropout, so both runs see the same labels
+    transformer.set_policy(KernelPolicy.choose("cuda", training=True))  # the trainer's block kernels in both runs
     L, first = sum(p * p for p in config.patch_nums), config.patch_nums[0] ** 2
     labels = torch.randint(0, 1000, (4,), device="cuda")
     teacher = torch.randn(4, L - first, config.tokenizer.z_channels, device="cuda")

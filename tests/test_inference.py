@@ -13,6 +13,7 @@ import torch.nn as nn
 from hmar.checkpoints import load_models
 from hmar.config import ModelConfig
 from hmar.inference import cast_linears, compile_for_sampling, prepare_for_sampling
+from hmar.policy import KernelPolicy
 from hmar.pipeline import Pipeline
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
@@ -94,8 +95,10 @@ def test_the_cuda_pipeline_samples_as_autocast_does(conformance_models):
         folder = conformance_models[family]
         config = ModelConfig.load(folder / "config.json")
         tokenizer, transformer = (m.cuda().eval() for m in load_models(config, folder))
+        policy = KernelPolicy.choose("cuda", training=False)
+        transformer.set_policy(policy)  # the blocks' kernels in both runs: what is compared is the casts
         expected = _sample(config, tokenizer, transformer, torch.bfloat16, "cuda")
-        prepare_for_sampling(tokenizer, transformer, torch.bfloat16)
+        prepare_for_sampling(tokenizer, transformer, policy)
         assert tokenizer.decoder.conv_in.weight.dtype == torch.float16
         got = _sample(config, tokenizer, transformer, torch.bfloat16, "cuda")
         assert all(torch.equal(a, b) for a, b in zip(got.tokens, expected.tokens)), family

@@ -288,12 +288,14 @@ def _compiled_blocks(err):
     from hmar.attention import block_sparse_kernel
     from hmar.config import ModelConfig, TokenizerConfig, TransformerConfig
     from hmar.pipeline import Pipeline
+    from hmar.policy import KernelPolicy
     from hmar.transformer import AdaLNBlock
 
     tokenizer = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
                                 patch_nums=(1, 2, 3, 4), image_size=64)
     transformer = TransformerConfig(family="hmar", depth=2, width=32, num_heads=2, branch_depth=1, num_classes=10)
     model = Pipeline.random(ModelConfig(tokenizer, transformer), device="cpu", seed=0).transformer.eval()
+    model.set_policy(KernelPolicy(fused_cosine_qkv=True))  # traced through too, as in training on CUDA
     labels = torch.tensor([1, 3])
     teacher = torch.randn(2, sum(model.block_sizes[1:]), tokenizer.z_channels, generator=torch.Generator().manual_seed(1))
 
@@ -832,10 +834,12 @@ def test_gpu_compiled_blocks_trace_through_the_kernel(no_autotune):
     from hmar.compile import compile_blocks
     from hmar.config import ModelConfig
     from hmar.pipeline import Pipeline
+    from hmar.policy import KernelPolicy
     from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     pipe = Pipeline.random(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()), device="cuda", seed=0)
     model = pipe.transformer.eval()  # eval: no label dropout, both runs see the same labels
+    model.set_policy(KernelPolicy.choose("cuda", training=True))  # the trainer's kernels (the pipeline's are for sampling)
     labels = torch.tensor([1, 3], device="cuda")
     teacher = torch.randn(2, sum(model.block_sizes[1:]), pipe.tokenizer.config.z_channels, device="cuda")
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict
 
-from hmar.compile import compile_blocks, eager, wanted as compile_wanted
+from hmar.compile import compile_blocks, eager
 from hmar.cuda_graph import GraphedTrainStep
+from hmar.policy import KernelPolicy
 from hmar.train.checkpoint import CHECKPOINT, SAMPLES, StopRequest, check_run_folder, load_checkpoint, save_checkpoint, start_run_folder
 from hmar.train.data import BatchOrder
 from hmar.train.distributed import Processes
@@ -54,16 +55,17 @@ class RunResult:
 
 
 class Stage:
-    """What a stage provides to `train`. Subclasses set `name`, `config`, `procs`, `objective`, `order`."""
+    """What a stage provides to `train`. Subclasses set `name`, `config`, `procs`, `policy`, `objective`, `order`."""
 
     name: str
     config: TrainConfig
     procs: Processes
+    # The kernel policy its models run with, which also says whether the loop compiles the blocks,
+    # uses bf16 autocast and replays the step as one CUDA graph (`hmar.cuda_graph.GraphedTrainStep`:
+    # only for a step with fixed shapes that reads nothing on the host).
+    policy: KernelPolicy
     objective: nn.Module
     order: BatchOrder
-    # Whether to replay the training step as one CUDA graph (`hmar.cuda_graph.GraphedTrainStep`); a
-    # stage sets it only where its step has fixed shapes and reads nothing on the host.
-    cuda_graph: bool = False
 
     def batches(self, start: int) -> Iterator[StepInputs]:
         raise NotImplementedError
@@ -96,10 +98,6 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _uses_bf16(config: TrainConfig, device: torch.device) -> bool:
-    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -143,7 +141,7 @@ def _flatten(numbers: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     config, procs = stage.config, stage.procs
-    if stage.cuda_graph and (procs.device.type != "cuda" or procs.world_size > 1):
+    if stage.policy.cuda_graph and (procs.device.type != "cuda" or procs.world_size > 1):
         raise TrainingError(f"--cuda-graph needs one training process on a CUDA device, not {procs.world_size} on {procs.device}")
     _open_run_folder(config, procs)
     run = _Run(stage)
@@ -166,11 +164,11 @@ class _Run:
 
     def __init__(self, stage: Stage):
         self.stage, self.config, self.procs, self.objective = stage, stage.config, stage.procs, stage.objective
-        self.graphed = stage.cuda_graph
+        self.graphed = stage.policy.cuda_graph
         config, procs, objective = self.config, self.procs, self.objective
-        self.bf16 = _uses_bf16(config, procs.device)
+        self.bf16 = stage.policy.amp_dtype is not None
         self.sharding = Sharding(config.sharding, procs, self.bf16)
-        self.compiled = compile_wanted(config.compile, procs.device)
+        self.compiled = stage.policy.compile
         if self.compiled:
             compile_blocks(objective)
         self.model = self.sharding.wrap(objective)  # before the optimizer and EMA: FSDP replaces the parameters

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from hmar.config import MAX_SEED, MAX_WORKERS, TokenizerConfig, TransformerConfig
+from hmar.policy import PRECISIONS
 
 LOSS_WEIGHTINGS = ("lognormal", "unweighted", "equal", "linear", "sqrt", "exp_decay")
-PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SHARDINGS = ("ddp", "fsdp")  # see hmar.train.sharding
 
@@ -132,7 +132,7 @@ class Stage1Config(TrainConfig):
     lognormal_sigma: float = 0.75
     exp_decay_rate: float = 0.5  # exp_decay: weight ∝ exp(-rate·k)
     token_cache: Path | None = None  # encode the data set once into this file and train from it
-    attention: str = "auto"  # hmar.attention.select_attention name
+    attention: str = "auto"  # auto or a name of hmar.attention.IMPLEMENTATIONS (hmar.policy.KernelPolicy.choose)
     cuda_graph: bool | None = None  # replay each step as one CUDA graph (hmar.cuda_graph.GraphedTrainStep); None: with one CUDA process
 
     def __post_init__(self) -> None:

@@ -16,9 +16,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from hmar.attention import AttentionFn, select_attention
+from hmar.attention import AttentionFn
 from hmar.checkpoints import build_models
 from hmar.config import ModelConfig, TransformerConfig, transformer_preset
+from hmar.policy import KernelPolicy
 from hmar.sampler import make_generator, sample
 from hmar.schedule import one_step_per_scale
 from hmar.tokenizer import MultiScaleVQVAE
@@ -39,9 +40,10 @@ PREVIEW_IMAGES = 16
 
 class NextScaleObjective(nn.Module):
     """The transformer plus its stage-1 loss, as one module (so DDP sees a forward call). The logits
-    head runs inside the loss, a chunk of tokens at a time (`score_features`)."""
+    head runs inside the loss, a chunk of tokens at a time (`score_features`). `attention` None: the
+    model's kernel policy's."""
 
-    def __init__(self, model: ScaleTransformer, attention: AttentionFn, weights: torch.Tensor, logits_per_chunk: int = LOGITS_PER_CHUNK):
+    def __init__(self, model: ScaleTransformer, attention: AttentionFn | None, weights: torch.Tensor, logits_per_chunk: int = LOGITS_PER_CHUNK):
         super().__init__()
         self.model, self.attention, self.logits_per_chunk = model, attention, logits_per_chunk
         self.register_buffer("weights", weights, persistent=False)
@@ -83,17 +85,19 @@ class Stage1(Stage):
     def __init__(self, config: Stage1Config, procs: Processes):
         self.config, self.procs = config, procs
         # the step has fixed shapes and reads nothing on the host, so it may be replayed as a CUDA graph
-        self.cuda_graph = (procs.device.type == "cuda" and procs.world_size == 1) if config.cuda_graph is None else config.cuda_graph
+        self.policy = KernelPolicy.choose(procs.device, training=True, compile=config.compile, cuda_graph=config.cuda_graph,
+                                          attention=config.attention, precision=config.precision, world_size=procs.world_size)
         self.folder = ImageFolder.scan(config.data)
         self.tokenizer = load_tokenizer(config.tokenizer).to(procs.device).requires_grad_(False)
         transformer = transformer_config(config.model, self.folder.num_classes, config.cond_drop_rate)
         self.model_config = ModelConfig(self.tokenizer.config, transformer, class_names=self.folder.class_names)
         torch.manual_seed(config.seed)  # same initial weights on every process
         model = build_models(self.model_config)[1].to(procs.device)
+        model.set_policy(self.policy)
         freeze_mask_branch(model)
         patch_nums = self.tokenizer.patch_nums
         weights = scale_weights(config.loss_weighting, patch_nums, config.lognormal_mu, config.lognormal_sigma, config.exp_decay_rate)
-        self.objective = NextScaleObjective(model, select_attention(config.attention, procs.device), weights.to(procs.device))
+        self.objective = NextScaleObjective(model, None, weights.to(procs.device))
         self.order = BatchOrder(len(self.folder), config.batch_size, config.seed, procs.rank, procs.world_size)
 
     def batches(self, start: int) -> Iterator[StepInputs]:

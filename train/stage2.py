@@ -15,8 +15,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from hmar.attention import AttentionFn, select_attention
+from hmar.attention import AttentionFn
 from hmar.errors import ConfigError, InputError
+from hmar.policy import KernelPolicy
 from hmar.schedule import resolve_schedule
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import BatchOrder, ImageFolder
@@ -42,9 +43,10 @@ def draw_masks(batch: int, patch_nums: Sequence[int], device: torch.device) -> t
 
 
 class MaskedObjective(nn.Module):
-    """The mask branch plus its loss; the logits head runs only on the masked tokens, in chunks."""
+    """The mask branch plus its loss; the logits head runs only on the masked tokens, in chunks.
+    `attention` None: the model's kernel policy's."""
 
-    def __init__(self, model: HMAR, attention: AttentionFn, logits_per_chunk: int = LOGITS_PER_CHUNK):
+    def __init__(self, model: HMAR, attention: AttentionFn | None, logits_per_chunk: int = LOGITS_PER_CHUNK):
         super().__init__()
         self.model, self.attention, self.logits_per_chunk = model, attention, logits_per_chunk
 
@@ -73,6 +75,9 @@ class Stage2(Stage):
 
     def __init__(self, config: Stage2Config, procs: Processes):
         self.config, self.procs = config, procs
+        # no CUDA graph: the step indexes the masked tokens, a shape that depends on the draw
+        self.policy = KernelPolicy.choose(procs.device, training=True, compile=config.compile, cuda_graph=False,
+                                          attention=config.attention, precision=config.precision, world_size=procs.world_size)
         self.model_config, tokenizer, model = load_model_folder(config.init)
         if self.model_config.family != "hmar":
             raise ConfigError(f"stage 2 trains HMAR's mask branch; {config.init} holds a {self.model_config.family} model")
@@ -84,7 +89,8 @@ class Stage2(Stage):
         model.requires_grad_(False)
         for name in MASK_BRANCH:
             getattr(model, name).requires_grad_(True)
-        self.objective = MaskedObjective(model.to(procs.device), select_attention(config.attention, procs.device))
+        model.set_policy(self.policy)
+        self.objective = MaskedObjective(model.to(procs.device), None)
         self.order = BatchOrder(len(self.folder), config.batch_size, config.seed, procs.rank, procs.world_size)
 
     def batches(self, start: int) -> Iterator[StepInputs]:

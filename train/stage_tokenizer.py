@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from hmar.config import TokenizerConfig
 from hmar.errors import ConfigError
+from hmar.policy import KernelPolicy
 from hmar.tokenizer import MultiScaleVQVAE
 from hmar.train.data import BatchOrder, ImageFolder, image_batches, load_training_image, with_readable
 from hmar.train.distributed import Processes
@@ -88,6 +89,9 @@ class TokenizerStage(Stage):
 
     def __init__(self, config: TokenizerTrainConfig, procs: Processes):
         self.config, self.procs = config, procs
+        # the tokenizer trains on PyTorch's modules: the policy decides compilation and autocast
+        self.policy = KernelPolicy.choose(procs.device, training=True, compile=config.compile, cuda_graph=False,
+                                          precision=config.precision, world_size=procs.world_size)
         self.folder = ImageFolder.scan(config.data)
         torch.manual_seed(config.seed)  # same initial weights on every process
         tokenizer = MultiScaleVQVAE(config.model)

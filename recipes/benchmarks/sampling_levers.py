@@ -25,6 +25,7 @@ from hmar.benchmark import bench_config, first_call_seconds
 from hmar.checkpoints import build_models
 from hmar.config import tokenizer_preset
 from hmar.inference import cast_linears, compile_for_sampling
+from hmar.policy import KernelPolicy
 from hmar.sampler import make_generator, sample
 from hmar.schedule import resolve_schedule
 
@@ -49,6 +50,8 @@ def build(family: str, levers: int, states: dict):
         cast_linears(transformer, torch.bfloat16)
     if levers >= 3:
         tokenizer.cast_decoder(torch.float16, channels_last=levers >= 4)  # NHWC: fused norms and bias adds (hmar.kernels.channels_last)
+    # the blocks' kernels as sampling on CUDA takes them: fused eagerly, Inductor's when compiled
+    transformer.set_policy(KernelPolicy.choose("cuda", training=False, compile=levers >= 5))
     if levers >= 5:
         compile_for_sampling(tokenizer, transformer)
     return config, tokenizer, transformer
@@ -97,6 +100,7 @@ def time_decoders(states: dict, images: int, chunks: list[int]) -> list[dict]:
         f_hat = tokenizer.tokens_to_f_hat(tokens)
         tokenizer.cast_decoder(torch.float16 if "fp16" in name else torch.float32, channels_last="NHWC" in name)
         if "compiled" in name:
+            tokenizer.decoder.set_fused(False)  # Inductor's norms instead of the kernels
             tokenizer.decoder.compile(dynamic=True)  # as hmar.inference.compile_for_sampling does
 
         def decode(part):
