@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import hmar.policy
 from hmar.config import ModelConfig
-from hmar.images import read_metadata
+from hmar.outputs import read_metadata
 from hmar.pipeline import Pipeline
 from hmar.policy import KernelPolicy
 from hmar_cli.app import app
