@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=None, help="variants whose kernel families to print (default: the first and the product's)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (the decoder's kernels and graphs are timed there)")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")

@@ -10,9 +10,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_sampling_report}; mkdir -p "$OUT/profiles"
-TASKS=${TASKS:-"tests decoder sizes"}
+TASKS=${TASKS-"tests decoder sizes"}  # TASKS="" runs none (the report of what $OUT holds)
 DECODER_VARIANTS=${DECODER_VARIANTS:-"both (default)|before: separate bias, interpolate|both, fast divisions|before, eager|both, eager|both, eager, direct launch|both, eager, fast divisions, direct launch|NCHW (PyTorch's modules), eager"}
 
+# The conformance fixtures (../shared/conformance beside a checkout) travel as a carried copy.
+[ -d .conformance ] && export HMAR_CONFORMANCE_DIR=$PWD/.conformance
 command -v hmar >/dev/null || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { echo "install failed:"; tail -5 "$OUT/install.log"; exit 1; }
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
