@@ -7,6 +7,8 @@
 #
 #   bash recipes/benchmarks/sampling_report.sh
 #   TASKS="decoder sizes" bash recipes/benchmarks/sampling_report.sh     (tasks: tests decoder sizes)
+# Every step's time limit is cut to what is left of BUDGET_S (default 540 s) so that the report and
+# the archive are written inside a 10-minute device call; a step with under 30 s left is skipped.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hmar_sampling_report}; mkdir -p "$OUT/profiles"
@@ -21,21 +23,30 @@ command -v hmar >/dev/null || python3 -m pip install -q --no-deps --no-build-iso
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuDNN', torch.backends.cudnn.version())"
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
+BUDGET_S=${BUDGET_S:-540}
+limit() {  # WANTED: seconds for the next step, at most what the budget has left (0: skip it)
+  local left=$((BUDGET_S - SECONDS - 15))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+
 bench() {  # NAME ARGS...: one `hmar bench sample`, its JSON to NAME.json
   local name=$1; shift
+  local t0=$SECONDS s; s=$(limit 200)
+  [ "$s" -gt 0 ] || { echo "== $name skipped: out of time"; return; }
   echo "== $name: hmar bench sample $*"
-  local t0=$SECONDS
-  timeout "${BENCH_TIMEOUT:-200}" hmar bench sample "$@" --no-compile --json --overwrite >"$OUT/$name.json" 2>"$OUT/$name.err" \
+  timeout "$s" hmar bench sample "$@" --no-compile --json --overwrite >"$OUT/$name.json" 2>"$OUT/$name.err" \
     || { echo "$name failed:"; tail -5 "$OUT/$name.err"; return; }
   echo "   $((SECONDS - t0)) s"
 }
 
 for task in $TASKS; do
   case $task in
-    tests) timeout 240 python3 -m pytest -m gpu tests/test_channels_last_kernels.py tests/test_inference.py tests/test_cuda_graph.py \
+    tests) s=$(limit 150); [ "$s" -gt 0 ] || continue
+           timeout "$s" python3 -m pytest -m gpu tests/test_channels_last_kernels.py tests/test_inference.py tests/test_cuda_graph.py \
              tests/test_launch.py -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -15 ;;
     decoder) IFS='|' read -ra variants <<<"$DECODER_VARIANTS"
-             timeout 300 python3 recipes/benchmarks/decoder.py --rounds "${ROUNDS:-15}" --variants "${variants[@]}" \
+             s=$(limit 150); [ "$s" -gt 0 ] || continue
+             timeout "$s" python3 recipes/benchmarks/decoder.py --rounds "${ROUNDS:-15}" --variants "${variants[@]}" \
                --profile "both (default)" "both, eager" --json "$OUT/decoder.json" 2>&1 | tee "$OUT/decoder.log" | grep -v Warning ;;
     sizes) bench d16_b64 --batch-size 64 --profile "$OUT/profiles/b64"
            bench d16_b1 --batch-size 1 --iters 10 --profile "$OUT/profiles/b1"
