@@ -78,7 +78,8 @@ for model, px, batch, name in rows:
     h, v = r["hmar"], r["var"]
     print(f"| {model} | {px} | {batch} | {h['median_ms']:.1f} | {h['median_ms'] / int(batch):.2f} | {h['peak_memory_gib']:.2f} | "
           f"{v['median_ms']:.1f} | {v['peak_memory_gib']:.2f} | {h['ratio_vs_var']:.2f}x |")
-print(f"\n{environment}\n")
+env_file = out / "env.txt"
+print("\n" + (env_file.read_text().strip().replace("\n", "; ") if env_file.exists() else str(environment)) + "\n")
 for batch in ("b64", "b1"):
     profiles = {}
     for family in ("hmar", "var"):
