@@ -176,7 +176,7 @@ def sample(
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), as `hmar generate` samples:
-    random weights of --depth, or the --model(s) named."""
+    random weights of --depth at --resolution, or the --model(s) named."""
     from hmar.benchmark import bench_sample
     from hmar.pipeline import resolve_device
     from hmar.schedule import resolve_schedule
