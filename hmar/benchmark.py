@@ -136,7 +136,9 @@ def sample_fn(pipe: Pipeline, batch_size: int, steps: int | None, cfg: float | N
     """One batch sampled as `Pipeline.generate` samples it (its devices, dtypes and fast paths; a
     setting left None is the model's default, else hmar's)."""
     config, device = pipe.config, pipe.device
-    settings = pipe.settings(steps=steps if config.family == "hmar" else None, cfg=cfg, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    # count: the whole batch is sampled at once, so the memory check must see all of it
+    settings = pipe.settings(steps=steps if config.family == "hmar" else None, cfg=cfg, top_k=top_k, top_p=top_p, batch_size=batch_size,
+                             count=batch_size)
     labels = torch.randint(0, config.transformer.num_classes, (batch_size,), device=device)
 
     def run() -> None:

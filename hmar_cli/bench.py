@@ -31,6 +31,7 @@ CHART_HELP = "Also draw the median times as a PNG bar chart here."
 PROFILE_HELP = ("After timing, profile a few more steps of each family (torch.profiler) and write into this folder "
                 "TASK_FAMILY.txt (the top operators / kernels) and TASK_FAMILY.json (time per category); the categories also go into --json.")
 FAMILIES = ("hmar", "var")
+SAMPLE_DEPTH, SAMPLE_RESOLUTION = 16, 256  # random models of `hmar bench sample`: d16 at 256 px
 
 
 def _chart_target(chart: Optional[Path], overwrite: bool) -> None:
@@ -180,11 +181,13 @@ def train(
 
 @app.command("sample")
 def sample(
-    depth: int = typer.Option(16, "--depth", min=1), resolution: int = typer.Option(256, "--resolution"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1),
-    width: Optional[int] = typer.Option(None, "--width", min=8), device: str = typer.Option("auto", "--device"),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help=f"Depth of the random models (width 64·depth, as published; default {SAMPLE_DEPTH})."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help=f"Image size of the random models: {', '.join(map(str, PATCH_NUMS))} (default {SAMPLE_RESOLUTION})."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1), steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, help="HMAR's mask-schedule steps (VAR takes one per scale)."),
+    width: Optional[int] = typer.Option(None, "--width", min=8, help="Width of the random models instead of 64·depth."),
+    device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) instead of random HMAR and VAR ones of --depth."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) at their own size, instead of random HMAR and VAR ones."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: on CUDA)."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay batches as CUDA graphs (on CUDA), as generate does."),
     kernels: str = typer.Option("auto", "--kernels", help=KERNELS_HELP + " With reference, no --compile."),
@@ -192,22 +195,35 @@ def sample(
     chart: Optional[Path] = typer.Option(None, "--chart", help=CHART_HELP), overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Sampling of HMAR (mask schedule of --steps) vs VAR (KV cache), as `hmar generate` samples:
-    random weights of --depth, or the --model(s) named."""
+    random weights of --depth at --resolution, or the --model(s) named."""
     from hmar.benchmark import bench_sample
     from hmar.pipeline import resolve_device
+    from hmar.schedule import resolve_schedule
 
     check_kernels(kernels, compile=compile)
-    _chart_target(chart, overwrite)
     models = list(dict.fromkeys(model or []))
+    sized = [name for name, value in (("--depth", depth), ("--width", width), ("--resolution", resolution)) if value is not None]
+    if models and sized:
+        raise InputError(f"{', '.join(sized)} size the random models; --model benchmarks the named ones at their own size")
+    depth = SAMPLE_DEPTH if depth is None else depth
+    resolution = SAMPLE_RESOLUTION if resolution is None else resolution
+    if resolution not in PATCH_NUMS:
+        raise InputError(f"--resolution must be one of {', '.join(map(str, PATCH_NUMS))}, got {resolution}")
+    tokenizer = tokenizer_preset(resolution)
+    if not models:  # a named model's scales are known once it is loaded, which checks the steps then
+        resolve_schedule(tokenizer.patch_nums, steps=steps, family="hmar")
+    _chart_target(chart, overwrite)
     profile_files = _profile_files(profile, "sample", overwrite, models or FAMILIES)
     where = resolve_device(device)
-    what = ", ".join(models) if models else f"depth {depth}"
+    what = ", ".join(models) if models else f"depth {depth}, {resolution} px"
     _cpu_note(where, f"{warmup + iters} batches of {batch_size} images ({what}, {steps} steps)" + ("" if models else ","),
               "hmar bench sample --depth 2 --batch-size 1 --warmup 0 --iters 1", as_json)
-    rows = bench_sample(tokenizer_preset(resolution), depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
+    rows = bench_sample(tokenizer, depth, batch_size, where, steps=steps, width=width, warmup=warmup, iters=iters,
                         profile=profile is not None, compile=compile, models=models, cuda_graph=cuda_graph, kernels=_policy(kernels))
     compiled = rows[0].compiled
     shape = {"models": ", ".join(models)} if models else {"depth": depth, "resolution": resolution}
+    if width is not None:
+        shape["width"] = width
     shape.update({"batch": batch_size, "steps": steps, "compiled blocks": compiled, "CUDA graphs": rows[0].cuda_graph})
     _write_profiles(rows, profile_files, shape, where)
     _report(rows, "sampling" + (" (compiled)" if compiled else " (eager)"), as_json, shape, where, chart, overwrite)

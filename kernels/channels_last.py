@@ -51,11 +51,16 @@ MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics
 # (tile and warps for the statistics: the fastest timed on H100 over the d16 decoder's shapes)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
+# Divisions of the statistics' Welford step and of SiLU. False: an IEEE float32 division per element.
+# True: one reciprocal per Welford step and the fast float32 division in SiLU (a few ulp): fewer
+# operations per byte in kernels that should run at HBM speed (`recipes/benchmarks/decoder.py`
+# times both: variant "both, fast divisions").
+FAST_DIVISION = False
 
 
 @triton.jit
 def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
-                     ROWS: tl.constexpr, C_PAD: tl.constexpr):
+                     ROWS: tl.constexpr, C_PAD: tl.constexpr, FAST: tl.constexpr):
     split, n = tl.program_id(0), tl.program_id(1)
     splits = tl.num_programs(0)
     lanes = tl.arange(0, ROWS)
@@ -71,7 +76,10 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
         valid = (rows[:, None] < pixels) & (cols[None, :] < C)
         x = tl.load(sample + (first + rows[:, None]) * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
         delta = tl.where(valid, x - mean, 0.0)
-        mean += delta / (i + 1)
+        if FAST:
+            mean += delta * (1.0 / (i + 1))
+        else:
+            mean += delta / (i + 1)
         m2 += delta * tl.where(valid, x - mean, 0.0)
     # then Chan et al. across the lanes: lane r holds ceil((pixels - r) / ROWS) pixels
     lane_count = tl.maximum(pixels - lanes + ROWS - 1, 0) // ROWS
@@ -111,7 +119,7 @@ def _group_statistics(count_ptr, mean_ptr, m2_ptr, shift_ptr, group_mean_ptr, rs
 @triton.jit
 def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr, bias_ptr, HW, C,
                    PER_GROUP: tl.constexpr, ROWS: tl.constexpr, C_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr):
     tile, n = tl.program_id(0), tl.program_id(1)
     rows = tile * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, C_PAD)
@@ -130,7 +138,10 @@ def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     if SILU:
-        y = y / (1.0 + tl.exp(-y))
+        if FAST:
+            y = tl.fdiv(y, 1.0 + tl.exp(-y))
+        else:
+            y = y / (1.0 + tl.exp(-y))
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
@@ -229,7 +240,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     counts = torch.empty((N, splits), device=x.device, dtype=torch.float32)
     group_mean = torch.empty((2, N, num_groups), device=x.device, dtype=torch.float32)
     _partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
-                                  ROWS=rows, C_PAD=c_pad, **_warps(MOMENTS_WARPS))
+                                  ROWS=rows, C_PAD=c_pad, FAST=FAST_DIVISION, **_warps(MOMENTS_WARPS))
     per_group = C // num_groups
     _group_statistics[(num_groups, N)](counts, partial[0], partial[1], shift, group_mean[0], group_mean[1], C, splits, eps,
                                        PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
@@ -238,7 +249,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     rows = _tile_rows(TILE_ELEMENTS, hw, c_pad)
     _normalize_act[(triton.cdiv(hw, rows), N)](x, y, shift, group_mean[0], group_mean[1], weight, bias, hw, C,
                                PER_GROUP=per_group, ROWS=rows, C_PAD=c_pad, HAS_SHIFT=shift is not None,
-                               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, **_warps(4))
+                               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, FAST=FAST_DIVISION,
+                               **_warps(4))
     return y
 
 

@@ -194,6 +194,51 @@ def test_bench_options_are_checked_before_running(tmp_path):
         assert result.exit_code == 2 and message in result.stderr, (args, result.output)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--resolution", "300"], "--resolution must be one of 256, 512, 1024, got 300"),
+    (["--resolution", "512", "--steps", "9"], "steps must be between 10"),  # 512 px has 10 scales too
+    (["--steps", "1000"], "steps must be between 10"),
+    (["--model", "hmar-d16", "--depth", "30"], "--depth size the random models"),
+    (["--model", "hmar-d16", "--resolution", "512", "--width", "64"], "--width, --resolution size the random models"),
+], ids=["resolution", "steps-512", "steps-256", "model-depth", "model-sizes"])
+def test_bench_sample_refuses_sizes_before_building_anything(tmp_path, args, message):
+    profile = tmp_path / "profile"
+    result = CliRunner().invoke(app, ["bench", "sample", *args, "--device", "cpu", "--profile", str(profile)])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert "Traceback" not in result.output and "note:" not in result.stderr and not profile.exists()
+
+
+def test_bench_sample_refuses_a_batch_over_the_memory_budget_before_sampling(tiny_presets):
+    """The whole batch is checked against the budget, not one image of it (the labels alone of this
+    batch would take 8 GB)."""
+    result = CliRunner().invoke(app, ["bench", "sample", "--depth", "1", "--width", "64", "--batch-size", str(10**9), "--steps", "4",
+                                      "--warmup", "0", "--iters", "1", "--device", "cpu"])
+    assert result.exit_code == 2 and "a batch of 1000000000 images" in result.stderr, result.output
+
+
+def test_bench_sample_sizes_the_random_models(monkeypatch):
+    """--depth, --width and --resolution reach the random models (published shape: width 64·depth,
+    head dim 64), and the JSON names the shape."""
+    seen = {}
+
+    def fake_bench_sample(tokenizer, depth, batch_size, device, width=None, **options):
+        seen.update(resolution=tokenizer.image_size, patch_nums=tokenizer.patch_nums, depth=depth, batch=batch_size, width=width)
+        config = bench_config("hmar", depth, width, tokenizer)
+        seen["model_width"], seen["heads"] = config.transformer.width, config.transformer.num_heads
+        return [hmar.benchmark.BenchRow("hmar", "sample", 10.0, 1.0, None, None, 1.0, model="hmar"),
+                hmar.benchmark.BenchRow("var", "sample", 10.0, 1.0, None, None, 1.0, model="var")]
+
+    monkeypatch.setattr(hmar.benchmark, "bench_sample", fake_bench_sample)
+    result = CliRunner().invoke(app, ["bench", "sample", "--depth", "30", "--resolution", "512", "--batch-size", "16", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"resolution": 512, "patch_nums": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), "depth": 30, "batch": 16, "width": None,
+                    "model_width": 1920, "heads": 30}
+    shape = json.loads(result.stdout)["shape"]
+    assert (shape["depth"], shape["resolution"], shape["batch"]) == (30, 512, 16) and "width" not in shape
+    result = CliRunner().invoke(app, ["bench", "sample", "--device", "cpu", "--json"])  # the defaults: d16 at 256 px
+    assert result.exit_code == 0 and (seen["depth"], seen["resolution"], seen["batch"]) == (16, 256, 64)
+
+
 # ------------------------------------------------------------------ compiled steps and profiles
 
 def _assert_breakdown_adds_up(breakdown: dict) -> None:

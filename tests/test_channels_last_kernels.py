@@ -7,7 +7,8 @@ float64 `F.group_norm` (+ `F.silu`), or float64 sums, of the same rounded input,
 fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured). Shapes with partial
 tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
 parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
-the variance; bound 1e-4 there, see BOUND_OVERRIDES). The shift against float64 group_norm(x + shift);
+the variance; bound 1e-4 there, see BOUND_OVERRIDES); three of these cases again with
+`FAST_DIVISION` on, within the same bounds. The shift against float64 group_norm(x + shift);
 the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
 sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
 bias adds, sub-pixel upsamples) decodes like the NCHW one (float32, ≤ 1e-5).
@@ -42,11 +43,30 @@ CASES = [
 BOUND_OVERRIDES = {"fp32-large-mean": 1e-4, "fp32-large-mean-spans": 1e-4}
 
 
+FAST_CASES = ("fp32-partial-tiles", "fp16-silu", "fp32-large-mean-spans")  # FAST_DIVISION on: the same bounds
+
+
 def _worker() -> dict:
+    from hmar.kernels import channels_last
+
+    results = _group_norm_cases(CASES)
+    channels_last.FAST_DIVISION = True
+    try:
+        results.update({f"fast {name}": r for name, r in _group_norm_cases([c for c in CASES if c[0] in FAST_CASES]).items()})
+    finally:
+        channels_last.FAST_DIVISION = False
+    results["shift"] = _shift_worker()
+    results["add_bias_"] = _add_bias_worker()
+    results["interleave_phases"] = _interleave_worker()
+    results["decoder"] = _decoder_worker()
+    return results
+
+
+def _group_norm_cases(cases) -> dict:
     from hmar.kernels.channels_last import group_norm
 
     results = {}
-    for name, shape, groups, dtype_name, silu, affine, mean, std in CASES:
+    for name, shape, groups, dtype_name, silu, affine, mean, std in cases:
         gen = torch.Generator().manual_seed(len(results))
         x = (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).to(getattr(torch, dtype_name))
         x = x.contiguous(memory_format=torch.channels_last)
@@ -56,10 +76,6 @@ def _worker() -> dict:
         ref = F.silu(ref) if silu else ref
         results[name] = {"err": float((y.double() - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(y).all()),
                          "dtype": str(y.dtype), "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
-    results["shift"] = _shift_worker()
-    results["add_bias_"] = _add_bias_worker()
-    results["interleave_phases"] = _interleave_worker()
-    results["decoder"] = _decoder_worker()
     return results
 
 
@@ -146,6 +162,14 @@ def interpreted():
 def test_interpreter_matches_float64_group_norm(interpreted, case):
     name, dtype_name = case[0], case[3]
     result = interpreted[name]
+    assert result["finite"] and result["channels_last"] and result["dtype"] == f"torch.{dtype_name}"
+    assert result["err"] <= BOUND_OVERRIDES.get(name, BOUNDS[dtype_name]), result
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in FAST_CASES], ids=FAST_CASES)
+def test_interpreter_fast_divisions_match_float64_group_norm(interpreted, case):
+    name, dtype_name = case[0], case[3]
+    result = interpreted[f"fast {name}"]
     assert result["finite"] and result["channels_last"] and result["dtype"] == f"torch.{dtype_name}"
     assert result["err"] <= BOUND_OVERRIDES.get(name, BOUNDS[dtype_name]), result
 
