@@ -52,18 +52,19 @@ class Variant:
     channels_last: bool = True  # False: NCHW, where PyTorch's own modules run (no Triton kernels)
 
 
-def _conv_only(conv, x, residual=None):  # lower bound: the convolutions alone, no bias, norms or adds
+def _conv_only(conv, x, residual=None, fused=False):  # lower bound: the convolutions alone, no bias, norms or adds
     return torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
 
 
 def _separate_bias_block(self, x):  # ResnetBlock with conv1's bias added in a pass of its own
-    h = modules.convolve(self.conv1, modules.normalize(self.norm1, x))
-    shortcut = x if isinstance(self.nin_shortcut, torch.nn.Identity) else modules.convolve(self.nin_shortcut, x)
-    return modules.convolve(self.conv2, modules.normalize(self.norm2, h), residual=shortcut)
+    fused = self.fused
+    h = modules.convolve(self.conv1, modules.normalize(self.norm1, x, fused=fused), fused=fused)
+    shortcut = x if isinstance(self.nin_shortcut, torch.nn.Identity) else modules.convolve(self.nin_shortcut, x, fused=fused)
+    return modules.convolve(self.conv2, modules.normalize(self.norm2, h, fused=fused), residual=shortcut, fused=fused)
 
 
 def _upsample_then_convolve(self, x):  # Upsample as written: F.interpolate, then the 3×3 convolution
-    return modules.convolve(self.conv, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    return modules.convolve(self.conv, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), fused=self.fused)
 
 
 class _DirectLaunch:
@@ -81,8 +82,8 @@ SEPARATE_BIAS = {(modules.ResnetBlock, "forward"): _separate_bias_block}
 INTERPOLATE = {(modules.Upsample, "forward"): _upsample_then_convolve}
 DIRECT_LAUNCH = {(channels_last, name): _DirectLaunch(getattr(channels_last, name))
                  for name in ("_partial_moments", "_group_statistics", "_normalize_act", "_add_bias", "_interleave_phases")}
-CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True: x, (modules, "convolve"): _conv_only,
-             (modules, "convolve_normalize"): lambda conv, x, norm: _conv_only(conv, x)}
+CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True, fused=False: x, (modules, "convolve"): _conv_only,
+             (modules, "convolve_normalize"): lambda conv, x, norm, fused=False: _conv_only(conv, x)}
 
 VARIANTS = {v.name: v for v in (
     Variant("before: separate bias, interpolate", patches={**SEPARATE_BIAS, **INTERPOLATE}),
