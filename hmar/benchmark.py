@@ -194,13 +194,12 @@ def bench_sample(
     kernels: KernelPolicy | None = None,
 ) -> list[BenchRow]:
     """HMAR vs VAR sampling: random models of `depth` (and `width`), or the named `models` (registry
-    names or folders, already downloaded); `compile`: compile the transformers' blocks (None: on CUDA);
+    names or folders, already downloaded); `compile`: compile the transformers' blocks (None: as `KernelPolicy.choose` samples: not);
     `cuda_graph`: replay batches as CUDA graphs on CUDA, as `Pipeline` does by default (the warm-up
     takes the eager batch and the capture); `steps`, `cfg`, `top_k`, `top_p`: None takes the model's
     default, else hmar's, as `hmar generate` does; `kernels`: a kernel policy instead of the one these
     flags choose (`KernelPolicy.choose`)."""
     if kernels is None:
-        compile = device.type == "cuda" if compile is None else compile  # batches repeat here: compiling pays
         kernels = KernelPolicy.choose(device, training=False, compile=compile, cuda_graph=cuda_graph)
     options = dict(kernels=kernels)
     if models:

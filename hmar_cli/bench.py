@@ -188,7 +188,7 @@ def sample(
     device: str = typer.Option("auto", "--device"),
     warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Benchmark these models (registry names or folders, already downloaded; repeat for several) at their own size, instead of random HMAR and VAR ones."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: on CUDA)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformers' blocks (default: off, as `hmar generate`)."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="Replay batches as CUDA graphs (on CUDA), as generate does."),
     kernels: str = typer.Option("auto", "--kernels", help=KERNELS_HELP + " With reference, no --compile."),
     as_json: bool = typer.Option(False, "--json"), profile: Optional[Path] = typer.Option(None, "--profile", help=PROFILE_HELP),
