@@ -151,3 +151,12 @@ def test_resume_with_more_steps_continues_the_schedule(workspace, uninterrupted)
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[2]["lr"] > records[3]["lr"] > 0  # cosine over the new total, not the old one's floor
+
+
+def test_run_json_records_the_kernel_policy_the_run_started_with(workspace, uninterrupted):
+    # the uninterrupted run trained on the CPU, where every stage takes the reference path
+    from hmar.policy import KernelPolicy
+    from hmar.train.checkpoint import read_run_options
+
+    recorded = read_run_options(workspace["root"] / "whole")["kernels"]
+    assert KernelPolicy.from_dict(recorded) == KernelPolicy.reference()

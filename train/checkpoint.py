@@ -29,7 +29,7 @@ STARTED_FILES = frozenset({RUN_OPTIONS, METRICS, SAMPLES})
 # under either sharding, see hmar.train.sharding; a run folder may be moved or copied, and `out` is
 # where it is now.)
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "sample_every", "num_workers", "device", "compile", "sharding",
-                               "cuda_graph", "out"})
+                               "cuda_graph", "out", "kernels"})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

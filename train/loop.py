@@ -143,18 +143,20 @@ def train(stage: Stage, on_step: StepCallback | None = None) -> RunResult:
     config, procs = stage.config, stage.procs
     if stage.policy.cuda_graph and (procs.device.type != "cuda" or procs.world_size > 1):
         raise TrainingError(f"--cuda-graph needs one training process on a CUDA device, not {procs.world_size} on {procs.device}")
-    _open_run_folder(config, procs)
+    _open_run_folder(config, stage.policy, procs)
     run = _Run(stage)
     start = run.resume() if config.resume else 0
     last = _loop(run, start, on_step)
     return run.finish(last)
 
 
-def _open_run_folder(config: TrainConfig, procs: Processes) -> None:
-    check_run_folder(config.out, config.as_dict(), config.resume)
+def _open_run_folder(config: TrainConfig, policy: KernelPolicy, procs: Processes) -> None:
+    # run.json also records the kernel policy the run started with (a resume may run another).
+    options = {**config.as_dict(), "kernels": policy.as_dict()}
+    check_run_folder(config.out, options, config.resume)
     procs.barrier()  # every process has checked before the main one writes
     if procs.is_main and not config.resume:
-        start_run_folder(config.out, config.as_dict())
+        start_run_folder(config.out, options)
     procs.barrier()
 
 
