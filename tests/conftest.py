@@ -2,9 +2,11 @@
 of the checkout) and model folders assembled from it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,9 +35,59 @@ def conformance_config(conformance_dir: Path) -> dict:
     return json.loads((conformance_dir / "config.json").read_text())
 
 
+def fixture_file(conformance_dir: Path, config: dict, role: str) -> Path:
+    """The file config['files'][role] names: in the folder, or, where the folder holds its recipe
+    instead (`NAME.recipe.json`, for weights too large to keep in the repository), rebuilt from it."""
+    name = config["files"][role]
+    path = conformance_dir / name
+    recipe = conformance_dir / f"{Path(name).stem}.recipe.json"
+    if path.exists() or not recipe.is_file():
+        return path
+    return _rebuilt(recipe)
+
+
+def _rebuilt(recipe_path: Path) -> Path:
+    """The weights a recipe describes, written once per machine into the temp folder (keyed by their
+    hash, replaced atomically, so concurrent test workers agree). The recipe is how the fixture's
+    deterministic random weights were drawn: one float32 generator seeded with `seed` draws a standard
+    normal tensor of each entry's shape in the listed order; "scaled" entries are it times
+    1/sqrt(fan-in) (the elements of one output row; a vector's length), "norm" entries (normalisation
+    weights) 1 + 0.1 times it, and "zeros" entries (buffers) draw nothing."""
+    recipe = json.loads(recipe_path.read_text())
+    target = Path(tempfile.gettempdir()) / f"hmar-conformance-{recipe['tensors_sha256'][:16]}" / recipe["file"]
+    if target.is_file():
+        return target
+    torch.manual_seed(recipe["seed"])
+    state = {}
+    for key, shape, rule in recipe["tensors"]:
+        if rule == "zeros":
+            state[key] = torch.zeros(shape)
+            continue
+        draw = torch.randn(shape)
+        fan_in = draw[0].numel() if draw.dim() > 1 else draw.numel()
+        state[key] = 1 + 0.1 * draw if rule == "norm" else draw * fan_in ** -0.5
+    if _tensors_sha256(state) != recipe["tensors_sha256"]:
+        raise RuntimeError(f"{recipe_path.name} rebuilds other weights than the fixture's on this torch build")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    torch.save(state, partial)
+    os.replace(partial, target)
+    return target
+
+
+def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in state.items():
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_fixture(conformance_dir: Path, config: dict, role: str):
     """A `.pth`/`.pt` named by config['files'][role], loaded the only safe way."""
-    return torch.load(conformance_dir / config["files"][role], map_location="cpu", weights_only=True)
+    return torch.load(fixture_file(conformance_dir, config, role), map_location="cpu", weights_only=True)
 
 
 def assemble_model_folder(parent: Path, conformance_dir: Path, config: dict, family: str) -> Path:
@@ -45,7 +97,7 @@ def assemble_model_folder(parent: Path, conformance_dir: Path, config: dict, fam
     folder.mkdir()
     roles = ("tokenizer", family)
     for role in roles:
-        shutil.copy(conformance_dir / config["files"][role], folder / config["files"][role])
+        shutil.copy(fixture_file(conformance_dir, config, role), folder / config["files"][role])
     data = {"tokenizer": config["tokenizer"], family: config[family], "files": {r: config["files"][r] for r in roles}}
     (folder / "config.json").write_text(json.dumps(data))
     return folder

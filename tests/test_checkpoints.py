@@ -13,7 +13,7 @@ from hmar.checkpoints import describe_state_dict, load_models, load_weights, rea
 from hmar.config import PATCH_NUMS, ModelConfig, transformer_preset
 from hmar.errors import CheckpointError
 from hmar.transformer import build_transformer
-from tests.conftest import load_fixture
+from tests.conftest import fixture_file, load_fixture
 
 
 def _spec_file(conformance_dir, family):
@@ -131,8 +131,8 @@ def test_model_folder_with_safetensors_loads(tmp_path, conformance_dir, conforma
 
 def test_model_folder_with_a_foreign_checkpoint_fails_clearly(tmp_path, conformance_dir, conformance_config):
     config = ModelConfig.from_dict(conformance_config, "hmar")
-    shutil.copy(conformance_dir / conformance_config["files"]["tokenizer"], tmp_path / "tok.pth")
-    shutil.copy(conformance_dir / conformance_config["files"]["var"], tmp_path / "hmar.pth")
+    shutil.copy(fixture_file(conformance_dir, conformance_config, "tokenizer"), tmp_path / "tok.pth")
+    shutil.copy(fixture_file(conformance_dir, conformance_config, "var"), tmp_path / "hmar.pth")
     ModelConfig(config.tokenizer, config.transformer, files={"tokenizer": "tok.pth", "hmar": "hmar.pth"}).save(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="hmar weights hmar.pth does not fit the model"):
         load_models(ModelConfig.load(tmp_path / "config.json"), tmp_path)
