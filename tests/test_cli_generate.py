@@ -18,6 +18,8 @@ from hmar.pipeline import Pipeline
 from hmar.schedule import format_schedule, one_step_per_scale
 from hmar_cli.app import app
 
+from tests.conftest import load_fixture
+
 runner = CliRunner()
 
 
@@ -29,7 +31,7 @@ def model_dir(conformance_models):
 @pytest.fixture(scope="module")
 def reference(conformance_dir, conformance_config) -> dict:
     """The first HMAR reference case: its image and arguments."""
-    io = torch.load(conformance_dir / conformance_config["files"]["hmar_io"], weights_only=True)
+    io = load_fixture(conformance_dir, conformance_config, "hmar_io")
     cfg, top_k, top_p, mask = io["generate0_args"].tolist()
     return {"image": io["generate0_image"], "cfg": cfg, "top_k": int(top_k), "top_p": top_p, "mask": bool(mask)}
 

@@ -23,6 +23,7 @@ import hmar.checkpoints
 from hmar import hub
 from hmar.config import MEMORY_BUDGET_VARIABLE
 from hmar_cli.app import app
+from tests.conftest import load_fixture
 from tests.test_hub import fake_hub, hub_cache, put_in_hub_cache  # noqa: F401  (fixtures)
 
 runner = CliRunner()
@@ -36,7 +37,7 @@ def weights(tmp_path_factory, conformance_dir, conformance_config) -> dict[str, 
     folder = tmp_path_factory.mktemp("weights")
     out = {}
     for role, name in MODEL_FILES.items():
-        state = torch.load(conformance_dir / conformance_config["files"][role], map_location="cpu", weights_only=True)
+        state = load_fixture(conformance_dir, conformance_config, role)
         save_file(state, str(folder / name))
         out[role] = folder / name
     return out

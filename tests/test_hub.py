@@ -18,6 +18,8 @@ from hmar import hub
 from hmar.config import ModelConfig, PRESET_NAMES
 from hmar.errors import HmarError, InputError
 
+from tests.conftest import fixture_file
+
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -85,7 +87,7 @@ def bundled_tiny(hub_cache, conformance_dir, conformance_config) -> Path:
     folder = hub.BUNDLED_DIR / "hmar-tiny"
     folder.mkdir(parents=True)
     for role in ("tokenizer", "hmar"):
-        shutil.copy(conformance_dir / conformance_config["files"][role], folder / conformance_config["files"][role])
+        shutil.copy(fixture_file(conformance_dir, conformance_config, role), folder / conformance_config["files"][role])
     data = {"tokenizer": conformance_config["tokenizer"], "hmar": conformance_config["hmar"],
             "files": {r: conformance_config["files"][r] for r in ("tokenizer", "hmar")}}
     (folder / "config.json").write_text(json.dumps(data))

@@ -15,6 +15,8 @@ from hmar.pipeline import Pipeline
 from hmar.sampler import EditTarget, SampleResult, check_finite, draw_one, make_generator, sample
 from hmar.schedule import format_schedule, one_step_per_scale, resolve_schedule
 
+from tests.conftest import load_fixture
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
@@ -34,7 +36,7 @@ def _schedule_for(pipe, fixture_schedule):
 
 def test_generate_matches_the_reference_and_is_deterministic(pipe, conformance_dir, conformance_config, fixture_schedule):
     labels = conformance_config["labels"]
-    io = torch.load(conformance_dir / conformance_config["files"][f"{pipe.config.family}_io"], weights_only=True)
+    io = load_fixture(conformance_dir, conformance_config, f"{pipe.config.family}_io")
     cfg, top_k, top_p, *mask = io["generate0_args"].tolist()  # HMAR's cases also say whether masks refine
     schedule = _schedule_for(pipe, fixture_schedule) if mask != [0] else one_step_per_scale(pipe.config.patch_nums)
     options = dict(schedule=schedule, cfg=cfg, top_k=int(top_k), top_p=top_p, seed=conformance_config["seed"])
@@ -53,7 +55,7 @@ def test_progress_reports_every_step(pipe, fixture_schedule):
 
 
 def test_editing_forces_the_known_tokens(pipe, conformance_dir, conformance_config, fixture_schedule):
-    io = torch.load(conformance_dir / conformance_config["files"]["tokenizer_io"], weights_only=True)
+    io = load_fixture(conformance_dir, conformance_config, "tokenizer_io")
     images = io["image"].add(1).div(2)
     size = pipe.resolution
     keep = torch.ones(images.shape[0], size, size, dtype=torch.bool)
