@@ -46,6 +46,9 @@ class KernelPolicy:
     fused_cosine_qkv: bool = False
     # the MLP's tanh GELU and bias in its first matmul's epilogue (cuBLASLt; `torch._addmm_activation`)
     gelu_epilogue: bool = False
+    # sampling's guidance, top-k/top-p, softmax and draw per step as one kernel: `hmar.kernels.sampling`
+    # (the same random numbers as the reference ops; rounding differs only where its docstring says)
+    fused_draw: bool = False
     # the decoder stored and run channels-last: norms and bias adds as `hmar.kernels.channels_last`, sub-pixel upsamples
     channels_last_decoder: bool = False
     # what the decoder is stored and runs in (sampling)
@@ -93,8 +96,9 @@ class KernelPolicy:
         # Sampling eagerly, PyTorch runs each element-wise op as its own kernel, which the fused ones
         # replace; compiled, Inductor fuses the same ops its own way, so the blocks keep PyTorch's.
         eager_fused = triton and not compiled
+        # The sampling loop itself is never compiled, so the fused draw runs with or without compile.
         return cls(attention=attention, fused_adaln=eager_fused, fused_cosine_qkv=eager_fused, gelu_epilogue=cuda and not compiled,
-                   channels_last_decoder=triton, decoder_dtype=torch.float16 if cuda else torch.float32,
+                   fused_draw=triton, channels_last_decoder=triton, decoder_dtype=torch.float16 if cuda else torch.float32,
                    amp_dtype=torch.bfloat16 if cuda else None, compile=compiled, cuda_graph=cuda and cuda_graph is not False)
 
     @property

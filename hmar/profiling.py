@@ -38,9 +38,10 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     # cuDNN kernels and the CPU's SDPA operators
     ("attention", r"_attn_fwd|_attn_bwd|flash|fmha|sdpa|scaled_dot_product|efficient_attention"),
     ("loss/softmax", r"softmax|nll_loss|cross_entropy|logsumexp"),
-    # top-k / top-p filtering and the draw (sorts, scans, multinomial's exponential and argmax); in
+    # top-k / top-p filtering and the draw (sorts, scans, multinomial's exponential and argmax, or the
+    # fused `_guided_draw` of `hmar.kernels.sampling`); in
     # training only the argmax of the loss's accuracy lands here
-    ("top-k/top-p/draw", r"multinomial|topk|sort|cumsum|scan|distribution|exponential|argmax"),
+    ("top-k/top-p/draw", r"multinomial|topk|sort|cumsum|scan|distribution|exponential|argmax|_guided_draw"),
     # the tokenizer: decoder convolutions and group norms (the channels-last decoder's Triton kernels
     # among them), φ convolutions, up/downsampling of f̂
     ("vq-vae", r"convolution|convolve|conv2d|fprop|dgrad|wgrad|group_norm|upsample|interpolate|adaptive_avg_pool"

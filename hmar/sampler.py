@@ -121,8 +121,15 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     numbers), without the checks it runs first that the probabilities are finite, non-negative and
     not all zero: host syncs (`.item()`) in older torch, a dozen small kernels and device asserts in
     newer. A softmax of filtered logits always passes them."""
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    noise = exponential_noise(probs.shape, probs.dtype, probs.device, generator)
     return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
+def exponential_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The Exp(1) numbers that `draw_one` divides probabilities of `shape` and `dtype` by, drawn as
+    multinomial draws them (the same numbers for the same generator state)."""
+    return torch.empty(shape, dtype=dtype, device=device).exponential_(1, generator=generator)
 
 
 def least_confident(confidence: torch.Tensor, n: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,6 +147,40 @@ def least_confident(confidence: torch.Tensor, n: int, candidates: torch.Tensor |
 def drawn_probability(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The confidence of each drawn token (B, l): its probability under `probs` (B, l, V)."""
     return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def fused_draw_enabled(transformer: ScaleTransformer) -> bool:
+    """Whether a batch draws its tokens with the fused kernel (`KernelPolicy.fused_draw` of the
+    transformer's policy): decided once per batch; `guided_draw` still falls back per call where the
+    kernel cannot take the logits (its `supports`)."""
+    return transformer.policy.fused_draw
+
+
+def _sampling_kernel(logits: torch.Tensor):
+    """`hmar.kernels.sampling` if it takes these logits, else None; asked only where the policy turned
+    the kernel on."""
+    from hmar.kernels import sampling  # here, not at the top: Triton takes seconds to import
+
+    return sampling if sampling.supports(logits) else None
+
+
+def guided_draw(logits: torch.Tensor, t: float, top_k: int, top_p: float, generator: torch.Generator | None,
+                replace: tuple[torch.Tensor, torch.Tensor] | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's tokens from the transformer's logits of the doubled batch (2·B, l, V): guidance of
+    strength t (`guide_`), top-k and top-p filtering and one draw per position (`draw_tokens`); where
+    `replace` = (tokens, mask) has mask True, the position takes `tokens`' token instead of the drawn
+    one. Returns the tokens (B, l) and their confidence (`drawn_probability`), NaN where the logits
+    were not finite. `fused`: in one kernel (`hmar.kernels.sampling`, from the same random numbers;
+    its docstring says where the rounding can differ) wherever it takes the logits. The reference
+    path overwrites the logits' unconditional half."""
+    kernel = _sampling_kernel(logits) if fused else None
+    if kernel is not None:
+        B2, l, V = logits.shape
+        noise = exponential_noise((B2 // 2 * l, V), torch.float32, logits.device, generator)
+        return kernel.guided_draw(logits, t, top_k, top_p, noise, replace)
+    drawn, probs = draw_tokens(guide_(logits, t), top_k, top_p, generator)
+    tokens = drawn if replace is None else torch.where(replace[1], replace[0], drawn)
+    return tokens, drawn_probability(probs, tokens)
 
 
 def check_finite(result: SampleResult) -> None:
@@ -194,6 +235,7 @@ class _Batch:
     generator: torch.Generator | None
     amp: contextlib.AbstractContextManager
     steps: _Steps
+    fused_draw: bool  # `fused_draw_enabled`
 
 
 def report_steps(schedule: Sequence[Sequence[int]], callback: ProgressCallback | None) -> None:
@@ -231,7 +273,7 @@ def sample(
     cond_BD, cond = transformer.condition(torch.cat((labels, null)))
     f_hat = cond_BD.new_zeros(B, tokenizer.config.z_channels, transformer.patch_nums[-1], transformer.patch_nums[-1])
     steps = _Steps(schedule, progress)
-    batch = _Batch(tokenizer, transformer, cond, cond_BD, cfg, top_k, top_p, generator, amp, steps)
+    batch = _Batch(tokenizer, transformer, cond, cond_BD, cfg, top_k, top_p, generator, amp, steps, fused_draw_enabled(transformer))
     cache = transformer.sampling_cache()
     all_tokens: list[torch.Tensor] = []
     nonfinite: list[torch.Tensor] = []  # per scale, on the device: read by `check_finite` only
@@ -241,13 +283,10 @@ def sample(
         with amp:
             x = transformer.start_tokens(cond_BD) if k == 0 else transformer.scale_tokens(k, context).repeat(2, 1, 1)
             logits = transformer.next_scale(x, cond, cond_BD, cache)
-        guided = guide_(logits, cfg * k / max(K - 1, 1))
-        del logits
-        tokens, probs = draw_tokens(guided, top_k, top_p, generator)
         keep = edit.keep[k] if edit is not None else None
-        if keep is not None:
-            tokens = torch.where(keep, edit.tokens[k], tokens)
-        confidence = drawn_probability(probs, tokens)
+        tokens, confidence = guided_draw(logits, cfg * k / max(K - 1, 1), top_k, top_p, generator,
+                                         None if keep is None else (edit.tokens[k], keep), batch.fused_draw)
+        del logits
         bad = confidence.isnan().any()
         steps.finished(k, 0, len(schedule[k]))
 
@@ -257,7 +296,7 @@ def sample(
         nonfinite.append(bad)
         f_hat = tokenizer.add_scale(f_hat, tokens, k)
 
-    del batch, cache, cond, cond_BD, guided, probs, confidence  # free the sampling state before the decoder's large activations
+    del batch, cache, cond, cond_BD, confidence  # free the sampling state before the decoder's large activations
     flags = torch.stack(nonfinite)
     f_hat.masked_fill_(flags.any(), torch.nan)  # no value changes unless a scale went bad
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
@@ -291,11 +330,9 @@ def _refine_scale(
         with batch.amp:
             x = transformer.masked_scale_tokens(k, context, batch.tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
             logits = transformer.masked(x, batch.cond, batch.cond_BD)
-        guided = guide_(logits, batch.cfg * MASK_STEP_GUIDANCE)
+        tokens, confidence = guided_draw(logits, batch.cfg * MASK_STEP_GUIDANCE, batch.top_k, batch.top_p, batch.generator,
+                                         (tokens, ~masked), batch.fused_draw)
         del logits
-        drawn, probs = draw_tokens(guided, batch.top_k, batch.top_p, batch.generator)
-        tokens = torch.where(masked, drawn, tokens)
-        confidence = drawn_probability(probs, tokens)
         bad = bad | confidence.isnan().any()
         batch.steps.finished(k, j, len(entry))
         if keep is not None:

@@ -47,8 +47,8 @@ def test_cuda_sampling_eagerly_takes_every_fast_path(triton):
     triton(True)
     policy = KernelPolicy.choose(CUDA, training=False)
     assert policy == KernelPolicy(attention="block_sparse", fused_adaln=True, fused_cosine_qkv=True, gelu_epilogue=True,
-                                  channels_last_decoder=True, decoder_dtype=torch.float16, amp_dtype=torch.bfloat16,
-                                  compile=False, cuda_graph=True)
+                                  fused_draw=True, channels_last_decoder=True, decoder_dtype=torch.float16,
+                                  amp_dtype=torch.bfloat16, compile=False, cuda_graph=True)
     assert not KernelPolicy.choose(CUDA, training=False, cuda_graph=False).cuda_graph
 
 
@@ -103,7 +103,7 @@ def test_as_dict_is_json_and_reads_back(triton):
     assert values["decoder_dtype"] == "float16" and values["amp_dtype"] == "bfloat16" and values["fused_adaln"] is True
     assert KernelPolicy.from_dict(values) == policy
     assert policy.compact().split(",") == ["attention=block_sparse", "fused_adaln", "fused_cosine_qkv", "gelu_epilogue",
-                                           "channels_last_decoder", "decoder_dtype=float16", "amp_dtype=bfloat16", "cuda_graph"]
+                                           "fused_draw", "channels_last_decoder", "decoder_dtype=float16", "amp_dtype=bfloat16", "cuda_graph"]
 
 
 # ---- the models run what their policy says ----------------------------------------------------------
