@@ -10,6 +10,7 @@ of them, nor Triton):
 - ``cosine_qkv``: cosine attention's q, k, v from a fused projection, forward and backward.
 - ``adaln``: the blocks' modulated LayerNorms, alone or after the gated residual add.
 - ``channels_last``: GroupNorm+SiLU and bias adds for the half-precision decoder.
+- ``sampling``: a sampling step's guidance, top-k, top-p, softmax and draw in one pass.
 - ``devices``: where they all run (CUDA, or the CPU under Triton's interpreter).
 - ``launch``: launches a compiled kernel again without Triton's per-call dispatch.
 - ``reference`` and ``bench``: the PyTorch baselines and ``hmar bench attention``.

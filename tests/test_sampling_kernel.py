@@ -78,8 +78,10 @@ def _float64_probs(logits, t, top_k, top_p, keep_ties_together=True):
     if 0 < top_k < V:
         x = x.masked_fill(x < x.topk(top_k, dim=-1)[0][..., -1:], -torch.inf)
     if top_p > 0:
-        p = x.softmax(-1)
-        below = (p.unsqueeze(-2) * (x.unsqueeze(-2) <= x.unsqueeze(-1))).sum(-1)  # mass at or below each logit
+        ascending, order = x.sort(dim=-1)
+        cumulative = ascending.softmax(-1).cumsum(-1)
+        last_equal = torch.searchsorted(ascending.contiguous(), ascending.contiguous(), right=True) - 1
+        below = torch.empty_like(x).scatter_(-1, order, cumulative.gather(-1, last_equal))  # mass at or below each logit
         drop = (below <= torch.tensor(1 - top_p, dtype=torch.float32).double()) & (x < x.amax(-1, keepdim=True))
         x = x.masked_fill(drop, -torch.inf)
     return x.softmax(-1)
