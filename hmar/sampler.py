@@ -29,11 +29,12 @@ sampling is the authors' computation.
 Random numbers are drawn exactly as the reference implementations draw them (one `torch.multinomial`
 per step on the filtered probabilities viewed as (B·l, V), from a generator on the model's device,
 here computed as multinomial computes it, see `draw_one`), so a seed reproduces the authors' own
-samples. The fused draw (`KernelPolicy.fused_draw`, `guided_draw`) divides by the same random numbers. The loop reads no tensor value on the host: nothing waits for the GPU until the images are
-used. Logits that are not finite (weights that overflow) make the softmax NaN; the sampler records
-per scale whether any drawn token's probability is NaN, and `check_finite` reports the first such
-scale once the batch is done (the result also carries a NaN f̂, so that a caller which keeps only
-images, tokens and f̂ still sees it).
+samples; the fused draw (`KernelPolicy.fused_draw`, `guided_draw`) divides by the same numbers. The
+loop reads no tensor value on the host: nothing waits for the GPU until the images are used. Logits
+that are not finite (weights that overflow) make the softmax NaN; the sampler records per scale
+whether any drawn token's probability is NaN, and `check_finite` reports the first such scale once
+the batch is done (the result also carries a NaN f̂, so that a caller which keeps only images, tokens
+and f̂ still sees it).
 """
 from __future__ import annotations
 
