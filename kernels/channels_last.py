@@ -16,7 +16,7 @@ launches, no torch ops between them (the decoder runs ~30 norms per batch: their
    rows at a time, and sums d = x − p and d² per (row lane, channel) in float32, where the pivot p
    is the channel's mean over the span's first tile; at the end it reduces the lanes into the
    span's per-channel count, mean p + Σd/n and sum of squared deviations M2 = Σd² − (Σd)²/n. An add
-   and a multiply-add per element and no division: the loop runs at HBM speed. Sums about a pivot
+   and a multiply-add per element and no division, for a loop that should be bound by memory. Sums about a pivot
    inside the data keep the variance where E[x²] − E[x]² would cancel (decoder activations have
    means far above their spread): the cancellation costs float32's ulp times 1 + n·(mean − p)² / M2,
    and since the first tile's pixels alone give M2 ≥ (its pixels)·(mean − p)², that is at most
@@ -52,7 +52,8 @@ from . import devices
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
 MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program (2 float32 accumulators each)
-# (tile and warps for the statistics: the fastest timed on H100 over the d16 decoder's shapes)
+# (tile, warps and programs per SM for the statistics: the fastest on H100 over the d16 decoder's
+# shapes for a per-element Welford loop; `recipes/benchmarks/group_norm_statistics.py` sweeps them)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
 # SiLU's division. False: IEEE float32. True: the fast float32 division (a few ulp), fewer operations
@@ -90,8 +91,7 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
         s2 += d * d
     count = pixels.to(tl.float32)
     offset = tl.sum(s1, axis=0) / count  # the span's mean minus the pivot
-    # M2 = Σd² − n·offset²: both terms exceed M2 by n·offset², so the cancellation costs float32's
-    # ulp times offset² / variance of the result: nothing for a pivot near the mean
+    # M2 = Σd² − n·offset²: both terms exceed M2 by n·offset², which the first tile bounds (see above)
     m2 = tl.maximum(tl.sum(s2, axis=0) - count * offset * offset, 0.0)
     out = (n * splits + split) * C + cols
     tl.store(count_ptr + n * splits + split, count)

@@ -12,14 +12,15 @@ the variance; bound 1e-4 there, see BOUND_OVERRIDES); three of these cases again
 mean and 1/std) against float64 on adversarial inputs (STATISTICS_CASES: means 10³ times the spread
 in fp32/fp16/bf16, constant groups, one-channel groups, one-pixel maps, odd H·W and channel counts,
 a first tile 10³·std off the rest), with and without a shift: mean within 8 float32 ulps of the
-mean + 1e-5·std, 1/std within 5e-6 relative. The shift against float64 group_norm(x + shift);
+mean + 1e-5·std, 1/std within 5e-6 relative (1e-5 with the far first tile). The shift against float64 group_norm(x + shift);
 the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
 sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
 bias adds, sub-pixel upsamples), and one whose channel count changes (1×1 shortcut convolutions,
 their bias left to the residual's add), decodes like the NCHW one (float32, ≤ 1e-5).
 
-GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, and
-the float16 channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
+GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, the
+statistics at those shapes on the adversarial inputs (the CPU bounds), and the float16 channels-last
+and NCHW decoders at 256 px against the float32 one (pixel levels).
 """
 from __future__ import annotations
 
@@ -76,10 +77,13 @@ STATISTICS_CASES = [
 # |mean − reference| ≤ MEAN_ULPS float32 ulps of the mean + MEAN_SPREAD × std: float32 holds a mean
 # of 10³·std only to ~3e-5·std, and the merge of per-span means adds a few ulps.
 MEAN_ULPS, MEAN_SPREAD = 8, 1e-5
-# |rstd / reference − 1| (~2e-6 measured): float32 sums of deviations from a pivot. The pivot is the
-# mean of a span's first tile, so (span mean − pivot)² ≤ M2 / (the tile's pixels) and the cancellation
-# in Σd² − n·offset² costs at most float32's ulp times the span's tile count: the far-head cases.
+# |rstd / reference − 1| (≤ ~2e-6 measured): float32 sums of deviations from a pivot. The pivot is
+# the mean of a span's first tile, so (span mean − pivot)² ≤ M2 / (the tile's pixels) and the
+# cancellation in Σd² − n·offset² costs at most float32's ulp (6e-8) times 1 + the span's tile count
+# in the variance, half that in 1/std: the far-head cases, up to ~4e-6 at the GPU's 125-tile spans
+# of a 256² map. FAR_RSTD_BOUND allows 300 tiles.
 RSTD_BOUND = 5e-6
+FAR_RSTD_BOUND = 1e-5
 
 
 def _worker() -> dict:
@@ -248,7 +252,7 @@ def test_interpreter_statistics_match_float64(interpreted, case, shifted):
     name = case[0]
     result = interpreted["statistics"][f"{name}{' shifted' if shifted else ''}"]
     assert result["finite"] and result["mean_over_bound"] <= 1, result
-    assert result["rstd_err"] <= RSTD_BOUND, result
+    assert result["rstd_err"] <= (FAR_RSTD_BOUND if case[-1] == "far-head" else RSTD_BOUND), result
     if case[-1] == "constant" and not shifted:
         assert result["constant_groups"] > 0  # the case tests what it says
 
@@ -367,7 +371,8 @@ def test_gpu_statistics_decoder_shapes_match_float64(case):
     mean_excess = float(((got[0] - ref_mean).abs() / (MEAN_ULPS * ulp + MEAN_SPREAD * ref_var.sqrt() + 1e-30)).max())
     rstd_err = float((got[1] * (ref_var + 1e-6).sqrt() - 1).abs().max())
     print(f"statistics {case}: mean error / bound {mean_excess:.3g}, rstd error {rstd_err:.3g}")
-    assert torch.isfinite(got).all() and mean_excess <= 1 and rstd_err <= RSTD_BOUND, (mean_excess, rstd_err)
+    bound = FAR_RSTD_BOUND if kind == "far-head" else RSTD_BOUND
+    assert torch.isfinite(got).all() and mean_excess <= 1 and rstd_err <= bound, (mean_excess, rstd_err)
 
 
 @pytest.mark.gpu
