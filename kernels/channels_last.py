@@ -15,13 +15,14 @@ launches, no torch ops between them (the decoder runs ~30 norms per batch: their
 1. `_partial_moments`, grid (SPLITS, N): each program streams one span of a sample's pixels, ROWS
    rows at a time, and sums d = x − p and d² per (row lane, channel) in float32, where the pivot p
    is the channel's mean over the span's first tile; at the end it reduces the lanes into the
-   span's per-channel count, mean p + Σd/n and sum of squared deviations M2 = Σd² − (Σd)²/n. An add
-   and a multiply-add per element and no division, for a loop that should be bound by memory. Sums about a pivot
-   inside the data keep the variance where E[x²] − E[x]² would cancel (decoder activations have
-   means far above their spread): the cancellation costs float32's ulp times 1 + n·(mean − p)² / M2,
-   and since the first tile's pixels alone give M2 ≥ (its pixels)·(mean − p)², that is at most
-   1 + the span's tile count, however far the first tile lies from the rest; a constant channel
-   gets M2 = 0 exactly. SPLITS is chosen to give every SM a few programs.
+   span's per-channel count, mean p + Σd/n and sum of squared deviations M2 = Σd² − (Σd)²/n: an add
+   and a multiply-add per element and no division, for a loop that should be bound by memory. Sums
+   about a pivot inside the data keep the variance where E[x²] − E[x]² would cancel (decoder
+   activations have means far above their spread): the cancellation costs float32's ulp times
+   1 + n·(mean − p)² / M2, and since the first tile's pixels alone give M2 ≥ (its pixels)·(mean − p)²,
+   that is at most 1 + the span's tile count, however far the first tile lies from the rest. A
+   constant channel's M2 is 0 (or the square of its value's float32 rounding). SPLITS is chosen to
+   give every SM a few programs.
 2. `_group_statistics`, grid (G, N): merges the (SPLITS × channels of the group) partials of one
    group, exactly (the group mean first, then each partial's M2 plus its count × squared distance
    from it), into the mean and 1/std of biased variance, as GroupNorm defines them.
@@ -73,8 +74,8 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
     sample = x_ptr + n.to(tl.int64) * HW * C
     first = split * SPAN
     pixels = tl.minimum(SPAN, HW - first)
-    # pivot: each channel's mean over the span's first tile, near the channel's mean wherever the map
-    # is not wildly non-stationary, so the sums of deviations from it stay small
+    # pivot: each channel's mean over the span's first tile; the cancellation its distance from the
+    # span's mean costs at the end is bounded by the span's tile count (module docstring)
     head = (lanes[:, None] < pixels) & in_channels[None, :]
     x = tl.load(sample + (first + lanes[:, None]) * C + cols[None, :], mask=head, other=0.0).to(tl.float32)
     pivot = tl.sum(x, axis=0) / tl.minimum(pixels, ROWS).to(tl.float32)
