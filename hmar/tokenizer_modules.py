@@ -10,7 +10,8 @@ Layout: the modules run in whatever memory format their input has. Where the ker
 channels-last (`MultiScaleVQVAE.cast_decoder`): cuDNN's convolutions are NHWC-native, its norms
 (with the SiLU after them) run as one Triton kernel that keeps the layout, and so do its
 convolutions' bias adds with the residual after them (`hmar.kernels.channels_last`); a convolution
-followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), and each upsample
+followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), a 1×1 shortcut
+convolution leaves its bias to the add that takes it as the residual, and each upsample
 runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
 """
 from __future__ import annotations
@@ -43,19 +44,24 @@ def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, fused: boo
     return F.silu(h) if silu else h
 
 
-def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-    """`conv(x)`, plus `residual` if given. When `fused`, cuDNN runs the convolution without its
-    bias and one Triton kernel adds the bias and the residual in place (PyTorch's separate bias
-    kernel would be another pass over the output)."""
+def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False,
+             residual_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv(x)`, plus `residual` (+ `residual_bias`, a per-channel bias the residual still lacks) if
+    given. When `fused`, cuDNN runs the convolution without its bias and one Triton kernel adds the
+    bias and the residual in place (PyTorch's separate bias kernel would be another pass over the
+    output)."""
     kernels = _channels_last_kernels() if fused and conv.bias is not None else None
     if kernels is not None and kernels.supports(x) and (residual is None or kernels.supports(residual)):
+        bias = conv.bias if residual is None or residual_bias is None else conv.bias + residual_bias
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if kernels.supports(y):
-            return kernels.add_bias_(y, conv.bias, residual)
-        y = y + conv.bias.view(-1, 1, 1)  # (cuDNN chose another layout)
+            return kernels.add_bias_(y, bias, residual)
+        y = y + bias.view(-1, 1, 1)  # (cuDNN chose another layout)
         return y if residual is None else y + residual
     y = conv(x)
-    return y if residual is None else residual + y
+    if residual is None:
+        return y
+    return residual + y if residual_bias is None else residual + y + residual_bias.view(-1, 1, 1)
 
 
 def convolve_normalize(conv: nn.Conv2d, x: torch.Tensor, norm: nn.GroupNorm, fused: bool = False) -> torch.Tensor:
@@ -97,8 +103,12 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
         h = convolve_normalize(self.conv1, normalize(self.norm1, x, fused=fused), self.norm2, fused)
-        shortcut = x if isinstance(self.nin_shortcut, nn.Identity) else convolve(self.nin_shortcut, x, fused=fused)
-        return convolve(self.conv2, h, residual=shortcut, fused=fused)
+        shortcut, shortcut_bias = x, None
+        if isinstance(self.nin_shortcut, nn.Conv2d) and fused:  # its bias left to conv2's bias add: a pass fewer
+            shortcut, shortcut_bias = F.conv2d(x, self.nin_shortcut.weight), self.nin_shortcut.bias
+        elif isinstance(self.nin_shortcut, nn.Conv2d):
+            shortcut = self.nin_shortcut(x)
+        return convolve(self.conv2, h, residual=shortcut, fused=fused, residual_bias=shortcut_bias)
 
 
 class AttnBlock(nn.Module):

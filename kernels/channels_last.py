@@ -13,11 +13,16 @@ all C channels (padded to a power of two in registers) contiguously. `group_norm
 launches, no torch ops between them (the decoder runs ~30 norms per batch: their launch count matters at small batches):
 
 1. `_partial_moments`, grid (SPLITS, N): each program streams one span of a sample's pixels, ROWS
-   rows at a time, and keeps a running mean and sum of squared deviations (M2) per (row lane,
-   channel) in float32 by Welford's update, with no reduction inside the loop; at the end Chan et
-   al.'s parallel formula merges the lanes into per-channel count, mean and M2. Deviations from
-   running means keep the variance exact where E[x²] − E[x]² would cancel (decoder activations have
-   means far above their spread). SPLITS is chosen to give every SM a few programs.
+   rows at a time, and sums d = x − p and d² per (row lane, channel) in float32, where the pivot p
+   is the channel's mean over the span's first tile; at the end it reduces the lanes into the
+   span's per-channel count, mean p + Σd/n and sum of squared deviations M2 = Σd² − (Σd)²/n: an add
+   and a multiply-add per element and no division, for a loop that should be bound by memory. Sums
+   about a pivot inside the data keep the variance where E[x²] − E[x]² would cancel (decoder
+   activations have means far above their spread): the cancellation costs float32's ulp times
+   1 + n·(mean − p)² / M2, and since the first tile's pixels alone give M2 ≥ (its pixels)·(mean − p)²,
+   that is at most 1 + the span's tile count, however far the first tile lies from the rest. A
+   constant channel's M2 is 0 (or the square of its value's float32 rounding). SPLITS is chosen to
+   give every SM a few programs.
 2. `_group_statistics`, grid (G, N): merges the (SPLITS × channels of the group) partials of one
    group, exactly (the group mean first, then each partial's M2 plus its count × squared distance
    from it), into the mean and 1/std of biased variance, as GroupNorm defines them.
@@ -48,49 +53,51 @@ from . import devices
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
 MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program (2 float32 accumulators each)
-# (tile and warps for the statistics: the fastest timed on H100 over the d16 decoder's shapes)
+# (tile, warps and programs per SM for the statistics: the fastest on H100 over the d16 decoder's
+# shapes for a per-element Welford loop; `recipes/benchmarks/group_norm_statistics.py` sweeps them)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
-# Divisions of the statistics' Welford step and of SiLU. False: an IEEE float32 division per element.
-# True: one reciprocal per Welford step and the fast float32 division in SiLU (a few ulp): fewer
-# operations per byte in kernels that should run at HBM speed (`recipes/benchmarks/decoder.py`
-# times both: variant "both, fast divisions").
+# SiLU's division. False: IEEE float32. True: the fast float32 division (a few ulp), fewer operations
+# per byte in a kernel that should run at HBM speed (`recipes/benchmarks/decoder.py` times both:
+# variant "both, fast divisions").
 FAST_DIVISION = False
 
 
 @triton.jit
 def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
-                     ROWS: tl.constexpr, C_PAD: tl.constexpr, FAST: tl.constexpr):
+                     ROWS: tl.constexpr, C_PAD: tl.constexpr):
     split, n = tl.program_id(0), tl.program_id(1)
     splits = tl.num_programs(0)
     lanes = tl.arange(0, ROWS)
     cols = tl.arange(0, C_PAD)
+    in_channels = cols < C
     sample = x_ptr + n.to(tl.int64) * HW * C
     first = split * SPAN
     pixels = tl.minimum(SPAN, HW - first)
-    # Welford per (row lane, channel), no reductions in the loop: lane r sees rows r, r+ROWS, ...
-    mean = tl.zeros((ROWS, C_PAD), tl.float32)
-    m2 = tl.zeros((ROWS, C_PAD), tl.float32)
-    for i in range(0, tl.cdiv(pixels, ROWS)):
+    # pivot: each channel's mean over the span's first tile; the cancellation its distance from the
+    # span's mean costs at the end is bounded by the span's tile count (module docstring)
+    head = (lanes[:, None] < pixels) & in_channels[None, :]
+    x = tl.load(sample + (first + lanes[:, None]) * C + cols[None, :], mask=head, other=0.0).to(tl.float32)
+    pivot = tl.sum(x, axis=0) / tl.minimum(pixels, ROWS).to(tl.float32)
+    # sums of d = x − pivot and d² per (row lane, channel): an add and a multiply-add per element,
+    # no reduction inside the loop
+    s1 = tl.where(head, x - pivot[None, :], 0.0)
+    s2 = s1 * s1
+    for i in range(1, tl.cdiv(pixels, ROWS)):
         rows = i * ROWS + lanes
-        valid = (rows[:, None] < pixels) & (cols[None, :] < C)
+        valid = (rows[:, None] < pixels) & in_channels[None, :]
         x = tl.load(sample + (first + rows[:, None]) * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-        delta = tl.where(valid, x - mean, 0.0)
-        if FAST:
-            mean += delta * (1.0 / (i + 1))
-        else:
-            mean += delta / (i + 1)
-        m2 += delta * tl.where(valid, x - mean, 0.0)
-    # then Chan et al. across the lanes: lane r holds ceil((pixels - r) / ROWS) pixels
-    lane_count = tl.maximum(pixels - lanes + ROWS - 1, 0) // ROWS
-    lane_count = lane_count.to(tl.float32)[:, None]
-    channel_mean = tl.sum(lane_count * mean, axis=0) / pixels
-    deviation = mean - channel_mean[None, :]
-    channel_m2 = tl.sum(m2 + lane_count * deviation * deviation, axis=0)
+        d = tl.where(valid, x - pivot[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    count = pixels.to(tl.float32)
+    offset = tl.sum(s1, axis=0) / count  # the span's mean minus the pivot
+    # M2 = Σd² − n·offset²: both terms exceed M2 by n·offset², which the first tile bounds (see above)
+    m2 = tl.maximum(tl.sum(s2, axis=0) - count * offset * offset, 0.0)
     out = (n * splits + split) * C + cols
-    tl.store(count_ptr + n * splits + split, pixels.to(tl.float32))
-    tl.store(mean_ptr + out, channel_mean, mask=cols < C)
-    tl.store(m2_ptr + out, channel_m2, mask=cols < C)
+    tl.store(count_ptr + n * splits + split, count)
+    tl.store(mean_ptr + out, pivot + offset, mask=in_channels)
+    tl.store(m2_ptr + out, m2, mask=in_channels)
 
 
 @triton.jit
@@ -212,6 +219,29 @@ def _check_channels(op: str, name: str, t: torch.Tensor | None, channels: int) -
         raise ValueError(f"{op}: {name} must have shape ({channels},), got {tuple(t.shape)}")
 
 
+def _statistics(x: torch.Tensor, num_groups: int, eps: float, shift: torch.Tensor | None) -> torch.Tensor:
+    """(2, N, num_groups) float32: each group's mean and 1/std of `x + shift` (biased variance + eps),
+    by `_partial_moments` then `_group_statistics`; `x` a non-empty channels-last map."""
+    N, C, H, W = x.shape
+    hw, c_pad = H * W, triton.next_power_of_2(C)
+    # spans of whole tiles, as many as give each SM a few programs over the batch
+    rows = _tile_rows(MOMENTS_TILE_ELEMENTS, hw, c_pad)
+    tiles = triton.cdiv(hw, rows)
+    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(x.device), N))))
+    splits = triton.cdiv(tiles, tiles_per_split)
+    partial = torch.empty((2, N, splits, C), device=x.device, dtype=torch.float32)
+    counts = torch.empty((N, splits), device=x.device, dtype=torch.float32)
+    statistics = torch.empty((2, N, num_groups), device=x.device, dtype=torch.float32)
+    _partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
+                                  ROWS=rows, C_PAD=c_pad, **_warps(MOMENTS_WARPS))
+    per_group = C // num_groups
+    _group_statistics[(num_groups, N)](counts, partial[0], partial[1], shift, statistics[0], statistics[1], C, splits, eps,
+                                       PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
+                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), HAS_SHIFT=shift is not None,
+                                       **_warps(4))
+    return statistics
+
+
 @torch.no_grad()
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = False,
@@ -230,25 +260,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if x.numel() == 0:
         return y
-    c_pad = triton.next_power_of_2(C)
-    # statistics: spans of whole tiles, as many as give each SM a few programs over the batch
-    rows = _tile_rows(MOMENTS_TILE_ELEMENTS, hw, c_pad)
-    tiles = triton.cdiv(hw, rows)
-    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(x.device), N))))
-    splits = triton.cdiv(tiles, tiles_per_split)
-    partial = torch.empty((2, N, splits, C), device=x.device, dtype=torch.float32)
-    counts = torch.empty((N, splits), device=x.device, dtype=torch.float32)
-    group_mean = torch.empty((2, N, num_groups), device=x.device, dtype=torch.float32)
-    _partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
-                                  ROWS=rows, C_PAD=c_pad, FAST=FAST_DIVISION, **_warps(MOMENTS_WARPS))
-    per_group = C // num_groups
-    _group_statistics[(num_groups, N)](counts, partial[0], partial[1], shift, group_mean[0], group_mean[1], C, splits, eps,
-                                       PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       PER_GROUP_PAD=triton.next_power_of_2(per_group), HAS_SHIFT=shift is not None,
-                                       **_warps(4))
-    rows = _tile_rows(TILE_ELEMENTS, hw, c_pad)
-    _normalize_act[(triton.cdiv(hw, rows), N)](x, y, shift, group_mean[0], group_mean[1], weight, bias, hw, C,
-                               PER_GROUP=per_group, ROWS=rows, C_PAD=c_pad, HAS_SHIFT=shift is not None,
+    statistics = _statistics(x, num_groups, eps, shift)
+    rows = _tile_rows(TILE_ELEMENTS, hw, triton.next_power_of_2(C))
+    _normalize_act[(triton.cdiv(hw, rows), N)](x, y, shift, statistics[0], statistics[1], weight, bias, hw, C,
+                               PER_GROUP=C // num_groups, ROWS=rows, C_PAD=triton.next_power_of_2(C), HAS_SHIFT=shift is not None,
                                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, FAST=FAST_DIVISION,
                                **_warps(4))
     return y

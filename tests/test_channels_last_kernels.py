@@ -8,13 +8,19 @@ fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured
 tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
 parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
 the variance; bound 1e-4 there, see BOUND_OVERRIDES); three of these cases again with
-`FAST_DIVISION` on, within the same bounds. The shift against float64 group_norm(x + shift);
+`FAST_DIVISION` (SiLU's division) on, within the same bounds. The statistics alone (each group's
+mean and 1/std) against float64 on adversarial inputs (STATISTICS_CASES: means 10³ times the spread
+in fp32/fp16/bf16, constant groups, one-channel groups, one-pixel maps, odd H·W and channel counts,
+a first tile 10³·std off the rest), with and without a shift: mean within 8 float32 ulps of the
+mean + 1e-5·std, 1/std within 5e-6 relative (1e-5 with the far first tile). The shift against float64 group_norm(x + shift);
 the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
 sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
-bias adds, sub-pixel upsamples) decodes like the NCHW one (float32, ≤ 1e-5).
+bias adds, sub-pixel upsamples), and one whose channel count changes (1×1 shortcut convolutions,
+their bias left to the residual's add), decodes like the NCHW one (float32, ≤ 1e-5).
 
-GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, and
-the float16 channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
+GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, the
+statistics at those shapes on the adversarial inputs (the CPU bounds), and the float16 channels-last
+and NCHW decoders at 256 px against the float32 one (pixel levels).
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ CASES = [
     # statistics over 50 tiles of 32 pixels (the last 31) in 8 spans of up to 7 (the interpreter's 8 programs)
     ("fp32-spans-of-tiles", (1, 64, 39, 41), 8, "float32", True, True, 2.0, 0.5),
     ("fp32-large-mean-spans", (1, 64, 39, 41), 8, "float32", False, True, 100.0, 0.1),
+    # half-precision maps whose mean is 10³ times their spread, odd H·W, channels not a power of two
+    ("fp16-mean-1e3-spread", (2, 40, 13, 11), 8, "float16", True, True, 1000.0, 1.0),
+    ("bf16-mean-1e3-spread", (2, 40, 13, 11), 8, "bfloat16", True, True, 1000.0, 1.0),
 ]
 # The large-mean case: float32 holds the mean to ~4e-6 (half an ulp at 100), 4e-5 of the spread, which
 # bounds any float32 computation; E[x²] − E[x]² would be off by ~10 % of the variance there.
@@ -46,10 +55,42 @@ BOUND_OVERRIDES = {"fp32-large-mean": 1e-4, "fp32-large-mean-spans": 1e-4}
 FAST_CASES = ("fp32-partial-tiles", "fp16-silu", "fp32-large-mean-spans")  # FAST_DIVISION on: the same bounds
 
 
+# The statistics alone (`_statistics`: each group's mean and 1/std) against float64 on the same rounded
+# input, on inputs built to break them: (name, (N, C, H, W), groups, dtype, mean, std, kind), kind
+# "normal" (every channel its own mean, mean ± 10 % around `mean`), "constant" (every other group
+# holds one value), "far-head" (the map's first 32 pixels, the first span's first tile under the
+# interpreter, 10³·std above the rest: the pivot as far from the span's mean as it can be). Several spans of several tiles where the map is large enough.
+STATISTICS_CASES = [
+    ("fp32-mean-1e3-spread", (2, 160, 9, 7), 32, "float32", 1000.0, 1.0, "normal"),
+    ("fp16-mean-1e3-spread", (2, 160, 9, 7), 32, "float16", 1000.0, 1.0, "normal"),
+    ("bf16-mean-1e3-spread", (2, 160, 9, 7), 32, "bfloat16", 1000.0, 1.0, "normal"),
+    ("fp32-mean-1e3-spread-spans", (1, 64, 39, 41), 8, "float32", 1000.0, 1.0, "normal"),
+    ("fp16-mean-1e3-spread-spans", (1, 40, 39, 41), 8, "float16", -1000.0, 1.0, "normal"),
+    ("fp32-constant-groups", (2, 64, 12, 12), 8, "float32", 3.0, 1.0, "constant"),
+    ("fp16-constant-groups", (2, 48, 7, 9), 8, "float16", -500.0, 1.0, "constant"),
+    ("fp32-one-channel-groups", (2, 24, 13, 11), 24, "float32", 100.0, 0.5, "normal"),
+    ("fp32-one-pixel", (3, 24, 1, 1), 4, "float32", 10.0, 1.0, "normal"),
+    ("fp32-odd-map-odd-channels", (2, 96, 17, 23), 32, "float32", 0.0, 1.0, "normal"),
+    ("fp32-pivot-far-from-mean", (1, 64, 39, 41), 8, "float32", 1000.0, 1.0, "far-head"),
+    ("fp16-pivot-far-from-mean", (2, 40, 17, 15), 8, "float16", 0.0, 1.0, "far-head"),
+]
+# |mean − reference| ≤ MEAN_ULPS float32 ulps of the mean + MEAN_SPREAD × std: float32 holds a mean
+# of 10³·std only to ~3e-5·std, and the merge of per-span means adds a few ulps.
+MEAN_ULPS, MEAN_SPREAD = 8, 1e-5
+# |rstd / reference − 1| (≤ ~2e-6 measured): float32 sums of deviations from a pivot. The pivot is
+# the mean of a span's first tile, so (span mean − pivot)² ≤ M2 / (the tile's pixels) and the
+# cancellation in Σd² − n·offset² costs at most float32's ulp (6e-8) times 1 + the span's tile count
+# in the variance, half that in 1/std: the far-head cases, up to ~4e-6 at the GPU's 125-tile spans
+# of a 256² map. FAR_RSTD_BOUND allows 300 tiles.
+RSTD_BOUND = 5e-6
+FAR_RSTD_BOUND = 1e-5
+
+
 def _worker() -> dict:
     from hmar.kernels import channels_last
 
     results = _group_norm_cases(CASES)
+    results["statistics"] = _statistics_worker()
     channels_last.FAST_DIVISION = True
     try:
         results.update({f"fast {name}": r for name, r in _group_norm_cases([c for c in CASES if c[0] in FAST_CASES]).items()})
@@ -59,6 +100,7 @@ def _worker() -> dict:
     results["add_bias_"] = _add_bias_worker()
     results["interleave_phases"] = _interleave_worker()
     results["decoder"] = _decoder_worker()
+    results["decoder with 1×1 shortcuts"] = _decoder_worker((1, 2, 1, 1, 1))  # 32 → 64 → 32 channels
     return results
 
 
@@ -76,6 +118,40 @@ def _group_norm_cases(cases) -> dict:
         ref = F.silu(ref) if silu else ref
         results[name] = {"err": float((y.double() - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(y).all()),
                          "dtype": str(y.dtype), "channels_last": y.is_contiguous(memory_format=torch.channels_last)}
+    return results
+
+
+def _statistics_input(shape, dtype, mean, std, kind, gen) -> torch.Tensor:
+    N, C, H, W = shape
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * std
+    x += mean * (1 + 0.1 * torch.rand(1, C, 1, 1, generator=gen, dtype=torch.float64))
+    groups = x.view(N, 8, C // 8, H, W)  # (every case's channels split into 8 groups or into finer ones)
+    if kind == "constant":
+        groups[:, ::2] = groups[:, ::2, :1, :1, :1].clone()
+    elif kind == "far-head":
+        x.view(N, C, H * W)[:, :, :32] += 1000 * std
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _statistics_worker() -> dict:
+    """`_statistics` (mean, 1/std per group) against float64 on STATISTICS_CASES, with and without a shift."""
+    from hmar.kernels.channels_last import _statistics
+
+    results, gen = {}, torch.Generator().manual_seed(11)
+    for name, shape, groups, dtype_name, mean, std, kind in STATISTICS_CASES:
+        x = _statistics_input(shape, getattr(torch, dtype_name), mean, std, kind, gen)
+        for shifted in (False, True):
+            shift = torch.randn(shape[1], generator=gen) * 5 if shifted else None
+            got = _statistics(x, groups, 1e-6, shift).double()
+            ref = x.double() + (0 if shift is None else shift.double().view(-1, 1, 1))
+            ref = ref.reshape(shape[0], groups, -1)
+            ref_mean, ref_var = ref.mean(-1), ref.var(-1, unbiased=False)
+            ulp = torch.finfo(torch.float32).eps * ref_mean.abs()
+            mean_excess = ((got[0] - ref_mean).abs() / (MEAN_ULPS * ulp + MEAN_SPREAD * ref_var.sqrt() + 1e-30)).max()
+            rstd_err = (got[1] * (ref_var + 1e-6).sqrt() - 1).abs().max()
+            results[f"{name}{' shifted' if shifted else ''}"] = {
+                "mean_over_bound": float(mean_excess), "rstd_err": float(rstd_err),
+                "finite": bool(torch.isfinite(got).all()), "constant_groups": int((ref_var == 0).sum())}
     return results
 
 
@@ -134,13 +210,17 @@ def _add_bias_worker() -> dict:
     return results
 
 
-def _decoder_worker() -> dict:
+def _decoder_worker(ch_mult: tuple | None = None) -> dict:
+    import dataclasses
+
     from hmar.checkpoints import build_models
     from hmar.config import ModelConfig
     from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
     torch.manual_seed(0)
-    tokenizer = build_models(ModelConfig(tiny_tokenizer_config(), tiny_transformer_config()))[0].eval()
+    config = tiny_tokenizer_config()
+    config = config if ch_mult is None else dataclasses.replace(config, ch_mult=ch_mult)
+    tokenizer = build_models(ModelConfig(config, tiny_transformer_config()))[0].eval()
     tokens = [torch.randint(0, 64, (2, p * p)) for p in tokenizer.patch_nums]
     with torch.no_grad():
         f_hat = tokenizer.tokens_to_f_hat(tokens)
@@ -164,6 +244,17 @@ def test_interpreter_matches_float64_group_norm(interpreted, case):
     result = interpreted[name]
     assert result["finite"] and result["channels_last"] and result["dtype"] == f"torch.{dtype_name}"
     assert result["err"] <= BOUND_OVERRIDES.get(name, BOUNDS[dtype_name]), result
+
+
+@pytest.mark.parametrize("case", STATISTICS_CASES, ids=[c[0] for c in STATISTICS_CASES])
+@pytest.mark.parametrize("shifted", [False, True], ids=["", "shifted"])
+def test_interpreter_statistics_match_float64(interpreted, case, shifted):
+    name = case[0]
+    result = interpreted["statistics"][f"{name}{' shifted' if shifted else ''}"]
+    assert result["finite"] and result["mean_over_bound"] <= 1, result
+    assert result["rstd_err"] <= (FAR_RSTD_BOUND if case[-1] == "far-head" else RSTD_BOUND), result
+    if case[-1] == "constant" and not shifted:
+        assert result["constant_groups"] > 0  # the case tests what it says
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in FAST_CASES], ids=FAST_CASES)
@@ -210,9 +301,10 @@ def test_upsample_weight_is_the_nearest_upsample_and_convolution_in_float64():
             torch.testing.assert_close(block, ref[:, :, a::2, b::2], rtol=0, atol=1e-12)
 
 
-def test_channels_last_decoder_with_fused_kernels_decodes_like_nchw(interpreted):
-    assert interpreted["decoder"]["channels_last"]
-    assert interpreted["decoder"]["err"] <= 1e-5, interpreted["decoder"]
+@pytest.mark.parametrize("decoder", ["decoder", "decoder with 1×1 shortcuts"])
+def test_channels_last_decoder_with_fused_kernels_decodes_like_nchw(interpreted, decoder):
+    assert interpreted[decoder]["channels_last"]
+    assert interpreted[decoder]["err"] <= 1e-5, interpreted[decoder]
 
 
 def test_argument_errors():
@@ -256,6 +348,31 @@ def test_gpu_decoder_shapes_fp16(shape):
     ref = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6))
     assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float16
     assert float((y.double() - ref).norm() / ref.norm()) <= BOUNDS["float16"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", [
+    ((8, 160, 256, 256), "float16", 1000.0, "normal"), ((8, 160, 256, 256), "float16", 0.0, "far-head"),
+    ((8, 320, 128, 128), "bfloat16", -1000.0, "normal"), ((8, 320, 64, 64), "float16", 3.0, "constant"),
+    ((8, 640, 32, 32), "float32", 1000.0, "normal"), ((8, 640, 16, 16), "float16", 1000.0, "normal"),
+    ((3, 160, 17, 23), "float16", 1000.0, "normal")], ids=str)
+def test_gpu_statistics_decoder_shapes_match_float64(case):
+    """`_statistics` at the d16 decoder's shapes (a chunk of 8 images at 256 px) on adversarial inputs:
+    the CPU cases' bounds, with the GPU's longer spans and more of them."""
+    from hmar.kernels.channels_last import _statistics
+
+    shape, dtype_name, mean, kind = case
+    x = _statistics_input(shape, getattr(torch, dtype_name), mean, 1.0, kind, torch.Generator().manual_seed(1)).cuda()
+    got = _statistics(x, 32, 1e-6, None).double().cpu()
+    ref = x.double().reshape(shape[0], 32, -1)
+    ref_mean, ref_var = ref.mean(-1).cpu(), ref.var(-1, unbiased=False).cpu()
+    ulp = torch.finfo(torch.float32).eps * ref_mean.abs()
+    mean_excess = float(((got[0] - ref_mean).abs() / (MEAN_ULPS * ulp + MEAN_SPREAD * ref_var.sqrt() + 1e-30)).max())
+    rstd_err = float((got[1] * (ref_var + 1e-6).sqrt() - 1).abs().max())
+    print(f"statistics {case}: mean error / bound {mean_excess:.3g}, rstd error {rstd_err:.3g}")
+    bound = FAR_RSTD_BOUND if kind == "far-head" else RSTD_BOUND
+    assert torch.isfinite(got).all() and mean_excess <= 1 and rstd_err <= bound, (mean_excess, rstd_err)
 
 
 @pytest.mark.gpu
