@@ -262,6 +262,32 @@ def test_an_error_keeps_the_arguments_it_names():
     assert str(again) == str(error) and message(again) == message(error) and again.params == error.params
     assert message(ValueError("plain")) == "plain" and message(InputError("no argument")) == "no argument"
 
+
+def test_every_argument_the_engine_names_is_a_flag_of_the_cli():
+    """The arguments that `hmar.errors.arg` names in the engine's messages, as the CLI spells them,
+    are options of its commands (the table in `hmar_cli.flags` has not drifted from them)."""
+    import typer.main
+
+    from hmar_cli.flags import flag
+
+    engine = ROOT / "hmar"
+    named = set()
+    for source in engine.glob("*.py"):
+        text = source.read_text()
+        named |= set(re.findall(r"\barg\(['\"](\w+)['\"]", text))
+        named |= set(re.findall(r"check_pixels_option\(\"(\w+)\"", text))
+    named |= {"left", "right", "top", "bottom"}  # named in a loop over the margins
+    assert {"feather", "dilate", "context", "expand", "to", "mask", "box", "quality", "overwrite", "device"} <= named
+
+    def options(command) -> set[str]:
+        found = {opt for param in command.params for opt in param.opts}
+        for sub in getattr(command, "commands", {}).values():
+            found |= options(sub)
+        return found
+
+    assert {flag(name) for name in named} <= options(typer.main.get_command(app))
+
+
 def test_edit_takes_masks_with_a_channel_axis(pipe):
     """`Pipeline.edit` at the model's size: (N, 1, H, W) keep masks are (N, H, W) ones."""
     size = pipe.resolution
