@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from hmar.config import ModelConfig, format_size, is_integer, memory_budget
 from hmar.edit_window import DEFAULT_CONTEXT, Context, EditPlan, View, parse_context, plan_edit
-from hmar.errors import HmarError, InputError
+from hmar.errors import HmarError, InputError, arg
 from hmar.images import MAX_PIXELS, Nature, image_from_array, load_mask, load_picture, mask_from_image, picture_from_image, restore_nature
 from hmar.metadata import image_metadata, settings_metadata
 from hmar.regions import (Box, box_mask, check_outpaint_options, check_pixels_option, check_region, clip_box, default_feather,
@@ -205,14 +205,14 @@ def read_context(context: Context | str | int | float | None) -> Context:
     if isinstance(context, Context):
         return context
     if isinstance(context, bool):
-        raise InputError(f"context must be pixels (int), a fraction (float) or 'full', got {context!r}")
+        raise InputError(f"{arg('context')} must be pixels (int), a fraction (float) or 'full', got {context!r}")
     if is_integer(context):
         return parse_context(str(int(context)))
     if isinstance(context, float):
         return parse_context(repr(context))
     if isinstance(context, str):
         return parse_context(context)
-    raise InputError(f"context must be pixels (int), a fraction (float) or 'full', got {type(context).__name__}")
+    raise InputError(f"{arg('context')} must be pixels (int), a fraction (float) or 'full', got {type(context).__name__}")
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -221,11 +221,7 @@ def region_request(image: ImageLike, *, mask: MaskLike = None, box: Any = None, 
     """inpaint and edit: regenerate the region of `mask` or `box` (exactly one; a box reaching past
     the image is clipped to it, with a note), grown by `dilate` pixels and blended in over `feather`
     (None: `hmar.regions.default_feather`)."""
-    if (mask is None) == (box is None):
-        raise InputError("give the region to regenerate as either a mask or a box (one of them)")
-    check_pixels_option("dilate", dilate)
-    if feather is not None:
-        check_pixels_option("feather", feather)
+    check_region_options(mask, box, dilate, feather)
     box = None if box is None else read_box(box)  # a bad box is refused before the image is read
     picture, nature, source = read_image(image)
     if box is not None:
@@ -242,6 +238,16 @@ def region_request(image: ImageLike, *, mask: MaskLike = None, box: Any = None, 
     return EditRequest(picture, regenerate, details, notes, int(dilate), feather, bool(match_colours), nature=nature, source=source)
 
 
+def check_region_options(mask: Any, box: Any, dilate: int, feather: int | None) -> None:
+    """What `region_request` refuses before any image is read: not exactly one of `mask` and `box`,
+    a `dilate` or `feather` that is no whole number of pixels within the limit."""
+    if (mask is None) == (box is None):
+        raise InputError(f"give the region to regenerate as either a mask ({arg('mask')}) or a box ({arg('box')}), one of them")
+    check_pixels_option("dilate", dilate)
+    if feather is not None:
+        check_pixels_option("feather", feather)
+
+
 def outpaint_request(image: ImageLike, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
                      expand: float | None = None, to: tuple[int, int] | str | None = None,
                      match_colours: bool = True) -> EditRequest:
@@ -249,9 +255,9 @@ def outpaint_request(image: ImageLike, *, left: int = 0, right: int = 0, top: in
     size `to` (W, H) or "WxH" (centred); exactly one way. The new area is generated."""
     for name, value in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
         if not is_integer(value):
-            raise InputError(f"--{name} must be a whole number of pixels, got {value!r}")
+            raise InputError(f"{arg(name)} must be a whole number of pixels, got {value!r}")
     if expand is not None and (isinstance(expand, bool) or not isinstance(expand, (int, float))):
-        raise InputError(f"--expand must be a number (1.5 = half as large again), got {expand!r}")
+        raise InputError(f"{arg('expand')} must be a number (1.5 = half as large again), got {expand!r}")
     target = _target_size(to)
     # sizes that scale memory are refused here, before any image is read
     check_outpaint_options(left=left, right=right, top=top, bottom=bottom, expand=expand, to=target)
@@ -271,7 +277,7 @@ def _target_size(to: Any) -> tuple[int, int] | None:
         return parse_size(to)
     if isinstance(to, Sequence) and len(to) == 2 and all(is_integer(v) for v in to):
         return parse_size(f"{int(to[0])}x{int(to[1])}")
-    raise InputError(f"--to must be a size (width, height) or 'WIDTHxHEIGHT', got {to!r}")
+    raise InputError(f"{arg('to')} must be a size (width, height) or 'WIDTHxHEIGHT', got {to!r}")
 
 
 # ---- planning, sampling, compositing ----------------------------------------------------------

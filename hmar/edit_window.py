@@ -25,7 +25,7 @@ import numpy as np  # cv2 is imported in the functions that use it: the CLI impo
 from PIL import Image
 
 from hmar.colour_match import MATCH_RING, match_colours
-from hmar.errors import InputError
+from hmar.errors import InputError, arg
 from hmar.images import MAX_PIXELS
 from hmar.regions import dilate, feather, mask_notes
 
@@ -73,7 +73,7 @@ def parse_context(text: str) -> Context:
         return Context(pixels=int(value))
     if re.fullmatch(r"\d+\.\d*|\.\d+", value) and float(value) <= MAX_FRACTION:
         return Context(fraction=float(value))
-    raise InputError(f"--context must be whole pixels (e.g. 64), a fraction of the region with a decimal point "
+    raise InputError(f"{arg('context')} must be whole pixels (e.g. 64), a fraction of the region with a decimal point "
                      f"(e.g. 0.5, at most {MAX_FRACTION:g}) or full, got {text!r}")
 
 

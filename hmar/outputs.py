@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from hmar.atomic import atomic_write
-from hmar.errors import HmarError, InputError
+from hmar.errors import HmarError, InputError, arg
 from hmar.images import WHITE, to_rgb
 
 
@@ -50,7 +50,7 @@ def output_format(path: str | os.PathLike) -> str:
 
 def check_quality(quality: int) -> None:
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
-        raise InputError(f"--quality must be a whole number from 1 to 100, got {quality}")
+        raise InputError(f"{arg('quality')} must be a whole number from 1 to 100, got {quality}")
 
 
 def output_paths(template: str, count: int) -> list[Path]:
@@ -73,7 +73,7 @@ def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
         if path.is_dir():
             raise OutputError(f"output {path} is a folder; give a file name ending in {_SUFFIXES}")
         if path.exists() and not overwrite:
-            raise OutputError(f"{path} exists; pass --overwrite to replace it")
+            raise OutputError(f"{path} exists; pass {arg('overwrite', True)} to replace it")
         folder = _folder_of(path)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -95,7 +95,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, metadata: dict[str, 
     kind = output_format(path)
     check_quality(quality)
     if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+        raise OutputError(f"{path} exists; pass {arg('overwrite', True)} to replace it")
     if kind == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
@@ -119,7 +119,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, metadata: dict[str, 
         with atomic_write(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
             image.save(stream, format=kind, **options)
     except FileExistsError:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+        raise OutputError(f"{path} exists; pass {arg('overwrite', True)} to replace it") from None
     except OSError as exc:  # a full disk, a read-only folder…: the user's to fix, not a bug
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 

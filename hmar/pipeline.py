@@ -26,7 +26,7 @@ from hmar.classes import resolve_class
 from hmar.config import DEFAULT_SAMPLING, MAX_SEED, ModelConfig, check_memory, is_integer, sampling_value
 from hmar.cuda_graph import GraphedSampler
 from hmar.editing import edit_target
-from hmar.errors import DeviceError, InputError
+from hmar.errors import DeviceError, InputError, arg
 from hmar.inference import prepare_for_sampling
 from hmar.policy import KernelPolicy
 from hmar.sampler import EditTarget, ProgressCallback, SampleResult, check_finite, make_generator, sample
@@ -55,7 +55,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use auto, cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was requested but no CUDA device is available here; use --device cpu or auto")
+        raise DeviceError(f"CUDA was requested but no CUDA device is available here; use {arg('device', 'cpu')} or auto")
     return resolved
 
 

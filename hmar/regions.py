@@ -1,5 +1,5 @@
-"""The region an edit regenerates: boxes, the checks on a mask, its growth (--dilate) and blend
-band (--feather), and outpainting's larger canvas with its new area.
+"""The region an edit regenerates: boxes, the checks on a mask, its growth (dilate) and blend band
+(feather), and outpainting's larger canvas with its new area.
 
 Every size that would make the model's window over a region, or an outpaint canvas, larger than
 `hmar.images.MAX_PIXELS` is refused before anything of that size is made.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np  # cv2 is imported in the functions that use it: the CLI imports this module to start
 from PIL import Image
 
-from hmar.errors import InputError
+from hmar.errors import InputError, arg
 from hmar.images import MAX_PIXELS
 
 
@@ -93,7 +93,7 @@ def mask_notes(regenerate: np.ndarray) -> tuple[str, ...]:
 def check_region(regenerate: np.ndarray, *, dilate_pixels: int = 0, feather_pixels: int = 0,
                  max_pixels: int = MAX_PIXELS) -> None:
     """Refuses, before anything of the image's size is made, what an edit of `regenerate` (H, W)
-    bool cannot do: nothing to regenerate, a bad --dilate or --feather, or a region
+    bool cannot do: nothing to regenerate, a bad dilate or feather, or a region
     whose square model window (at least as wide as the region's bounding box, after dilation)
     would have more than `max_pixels`."""
     mask_notes(regenerate)
@@ -105,8 +105,8 @@ def check_region(regenerate: np.ndarray, *, dilate_pixels: int = 0, feather_pixe
     x0, x1 = int(columns.argmax()), width - int(columns[::-1].argmax())
     grown = (min(width, x1 + dilate_pixels) - max(0, x0 - dilate_pixels), min(height, y1 + dilate_pixels) - max(0, y0 - dilate_pixels))
     if feather_pixels > max(grown):  # the blend weight would stay far below 1 everywhere
-        raise InputError(f"--feather {feather_pixels} is wider than the region to regenerate ({grown[0]}x{grown[1]} pixels"
-                         f"{' after --dilate' if dilate_pixels else ''}): the generated pixels would never blend in")
+        raise InputError(f"{arg('feather', feather_pixels)} is wider than the region to regenerate ({grown[0]}x{grown[1]} pixels"
+                         f"{' after ' + arg('dilate') if dilate_pixels else ''}): the generated pixels would never blend in")
     check_window_side(grown, max_pixels)
 
 
@@ -122,12 +122,12 @@ def check_window_side(extent: tuple[int, int], max_pixels: int = MAX_PIXELS,
 
 
 def check_pixels_option(name: str, pixels: int) -> None:
-    """--dilate and --feather: whole pixels, no more than the longest side any accepted image can
+    """dilate and feather: whole pixels, no more than the longest side any accepted image can
     have (time and memory do not grow with them: a distance transform does the work)."""
     if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or pixels < 0:
-        raise InputError(f"--{name} must be a whole number of pixels >= 0, got {pixels}")
+        raise InputError(f"{arg(name)} must be a whole number of pixels >= 0, got {pixels}")
     if pixels > MAX_PIXELS:
-        raise InputError(f"--{name} {pixels} is more than {MAX_PIXELS:,} pixels, longer than any image hmar reads")
+        raise InputError(f"{arg(name, pixels)} is more than {MAX_PIXELS:,} pixels, longer than any image hmar reads")
 
 
 def dilate(regenerate: np.ndarray, pixels: int) -> np.ndarray:
@@ -162,7 +162,7 @@ FEATHER_RULE = f"a quarter of the narrowest region's width, at most {FEATHER_LIM
 
 
 def default_feather(regenerate: np.ndarray, dilate_pixels: int = 0) -> int:
-    """The --feather an edit of `regenerate` (H, W) bool gets when none is given (`FEATHER_RULE`):
+    """The feather an edit of `regenerate` (H, W) bool gets when none is given (`FEATHER_RULE`):
     a region's width is twice the largest distance from its inside to its edge (after dilation;
     the image's border is no edge);
     the narrowest connected region decides, so that it too is fully generated in its middle."""
@@ -203,24 +203,24 @@ def parse_size(text: str) -> tuple[int, int]:
 def check_outpaint_options(*, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, expand: float | None = None,
                            to: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS) -> None:
     """What `outpaint_margins` refuses whatever the image: not exactly one way to grow, a negative
-    margin, an --expand that is not a finite factor above 1, or a margin, factor or size that no
+    margin, an expand that is not a finite factor above 1, or a margin, factor or size that no
     image could take within `max_pixels` (a strip of `right` pixels needs a model window at least
     that wide and as tall)."""
     sides = {"left": left, "top": top, "right": right, "bottom": bottom}
     if sum([any(sides.values()), expand is not None, to is not None]) != 1:
-        raise InputError("give exactly one of --left/--right/--top/--bottom, --expand or --to")
+        raise InputError(f"give exactly one of {'/'.join(map(arg, ('left', 'right', 'top', 'bottom')))}, {arg('expand')} or {arg('to')}")
     if any(value < 0 for value in sides.values()):
-        raise InputError("margins must be >= 0 pixels, got " + ", ".join(f"{name} {value}" for name, value in sides.items()))
+        raise InputError("margins must be >= 0 pixels, got " + ", ".join(arg(name, value) for name, value in sides.items()))
     longest = math.isqrt(max_pixels)
     for name, value in sides.items():
         if value > longest:
-            raise InputError(f"--{name} {value} is more than {longest:,} pixels: the model's square window over the new "
+            raise InputError(f"{arg(name, value)} is more than {longest:,} pixels: the model's square window over the new "
                              f"strip would have more than the limit of {max_pixels:,} pixels; outpaint less at a time")
     if expand is not None:
         if not (math.isfinite(expand) and expand > 1.0):
-            raise InputError(f"--expand must be more than 1 (1.5 = half as large again) and finite, got {expand}")
+            raise InputError(f"{arg('expand')} must be more than 1 (1.5 = half as large again) and finite, got {expand}")
         if expand > longest:  # even a 1x1 image would outgrow the limit
-            raise InputError(f"--expand {expand:g} makes any image more than {longest:,} pixels wide: more than the limit of "
+            raise InputError(f"{arg('expand', f'{expand:g}')} makes any image more than {longest:,} pixels wide: more than the limit of "
                              f"{max_pixels:,} pixels")
     if to is not None:
         _check_canvas(to, max_pixels)
@@ -246,7 +246,8 @@ def outpaint_margins(size: tuple[int, int], *, left: int = 0, right: int = 0, to
     if to is not None:
         new_width, new_height = to
         if new_width < width or new_height < height or (new_width, new_height) == (width, height):
-            asked = f"--to {new_width}x{new_height}" if expand is None else f"--expand {expand:g} ({new_width}x{new_height}, rounded)"
+            asked = (arg("to", f"{new_width}x{new_height}") if expand is None else
+                     f"{arg('expand', f'{expand:g}')} ({new_width}x{new_height}, rounded)")
             raise InputError(f"{asked} does not enlarge the {width}x{height} image (outpainting only grows the canvas)")
         extra_x, extra_y = new_width - width, new_height - height
         sides = (extra_x // 2, extra_y // 2, extra_x - extra_x // 2, extra_y - extra_y // 2)

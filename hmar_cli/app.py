@@ -48,6 +48,7 @@ try:
     from typer.core import TyperGroup
 
     from hmar_cli import bench, editing, env, generate, models, train
+    from hmar_cli.flags import message
     from hmar_cli.state import state
 finally:
     _restore(_previous)
@@ -106,7 +107,7 @@ class HmarGroup(TyperGroup):
             except Stopped as exc:
                 _fail(f"stopped by {exc}", 128 + exc.signum)
             except HmarError as exc:
-                _fail(str(exc), exc.exit_code, exc)
+                _fail(message(exc), exc.exit_code, exc)
             except click_errors.UsageError as exc:
                 if type(exc).__name__ == "NoArgsIsHelpError":  # `hmar models`: that group's help
                     if exc.format_message():  # click's message is the help (Typer prints it itself)

@@ -20,14 +20,15 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hmar.edit_api import (EditRequest, PlannedEdit, edit_metadata, made_by, outpaint_request, plan_request, region_request, sample_views,
-                           tiny_model_note)
+from hmar.edit_api import (EditRequest, PlannedEdit, check_region_options, edit_metadata, made_by, outpaint_request, plan_request,
+                           region_request, sample_views, tiny_model_note)
 from hmar.edit_window import DEFAULT_CONTEXT, MIN_CONTEXT, Context, parse_context
 from hmar.errors import HmarError, InputError
 from hmar.images import MASK_RULE, MAX_PIXELS, Nature
 from hmar.metadata import settings_metadata
 from hmar.outputs import check_writable, output_paths
-from hmar.regions import FEATHER_RULE, Box, check_outpaint_options, check_pixels_option, parse_box, parse_size
+from hmar.regions import FEATHER_RULE, Box, check_outpaint_options, parse_box, parse_size
+from hmar_cli.flags import message
 from hmar_cli.options import option_group
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, with_sampling_options
 
@@ -74,11 +75,7 @@ def _region_options(
                                                f"(default: {FEATHER_RULE}; 0: a hard edge)."),
     match_colours: bool = typer.Option(True, "--match-colours/--no-match-colours", help=MATCH_COLOURS_HELP),
 ) -> RegionOptions:
-    if (mask is None) == (box is None):
-        raise InputError("give the region to regenerate as either --mask FILE or --box x0,y0,x1,y1 (one of them)")
-    check_pixels_option("dilate", dilate)
-    if feather is not None:
-        check_pixels_option("feather", feather)
+    check_region_options(mask, box, dilate, feather)
     return RegionOptions(mask, parse_box(box) if box is not None else None, dilate, feather, match_colours)
 
 
@@ -309,9 +306,9 @@ class _Run:
         """A bad image: fatal for one image, reported and skipped in a batch."""
         if not self.batch_mode:
             raise exc
-        message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
-        typer.echo(f"error: {message}", err=True)
-        self.failed.append({"source": str(source), "error": str(exc)})
+        shown = message(exc)
+        typer.echo(f"error: {shown if str(source) in shown else f'{source}: {shown}'}", err=True)
+        self.failed.append({"source": str(source), "error": shown})
         self.progress(advance=1)
 
     def add(self, job: Job) -> None:

@@ -5,6 +5,8 @@ same seed (the bundled hmar-tiny on the CPU, at a size that is not the model's);
 README's Python example give PIL images."""
 from __future__ import annotations
 
+import json
+import pickle
 import re
 from pathlib import Path
 
@@ -179,8 +181,8 @@ def one_line_input_error(call) -> str:
     (lambda p: p.inpaint(photo(), box=(300, 200, 400, 300)), r"wholly outside the 200x150 image"),
     (lambda p: p.inpaint(photo(), box=(10, 10, 5, 50)), r"is empty"),
     (lambda p: p.inpaint(photo(), box=(1.5, 2, 3, 4)), r"four whole numbers"),
-    (lambda p: p.inpaint(photo()), r"either a mask or a box"),
-    (lambda p: p.inpaint(photo(), np.ones((150, 200), dtype=bool), box=(0, 0, 5, 5)), r"either a mask or a box"),
+    (lambda p: p.inpaint(photo()), r"^give the region to regenerate as either a mask \(mask\) or a box \(box\), one of them$"),
+    (lambda p: p.inpaint(photo(), np.ones((150, 200), dtype=bool), box=(0, 0, 5, 5)), r"^give the region to regenerate as either a mask \(mask\) or a box \(box\), one of them$"),
     (lambda p: p.edit_region(photo(), (0, 0, 50, 50)), r"needs a label"),
     (lambda p: p.edit_region(photo(), (0, 0, 50, 50), "tabby cat"), r"tabby cat"),
     (lambda p: p.inpaint(photo(), box=(0, 0, 50, 50), num=0), r"num must be"),
@@ -199,6 +201,91 @@ def one_line_input_error(call) -> str:
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_bad_input_is_a_one_line_input_error(pipe, call, expected):
     assert re.search(expected, one_line_input_error(lambda: call(pipe)))
+
+
+
+# The same refusal through the library and the command line: the library's message names the
+# argument (`feather=100`), the CLI's the flag (`--feather 100`); the rest of the line is the same.
+@pytest.mark.parametrize("command, call, flags, library, command_line", [
+    ("inpaint", lambda p, image: p.inpaint(image, box=(0, 0, 20, 20), feather=100), ["--box", "0,0,20,20", "--feather", "100"],
+     "feather=100 is wider than the region to regenerate (20x20 pixels)", "--feather 100 is wider than the region to regenerate (20x20 pixels)"),
+    ("inpaint", lambda p, image: p.inpaint(image, box=(0, 0, 20, 20), dilate=4, feather=100),
+     ["--box", "0,0,20,20", "--dilate", "4", "--feather", "100"], "feather=100 is wider than the region to regenerate (24x24 pixels after dilate)",
+     "--feather 100 is wider than the region to regenerate (24x24 pixels after --dilate)"),
+    ("inpaint", lambda p, image: p.inpaint(image, box=(0, 0, 20, 20), context="wide"), ["--box", "0,0,20,20", "--context", "wide"],
+     "context must be whole pixels", "--context must be whole pixels"),
+    ("outpaint", lambda p, image: p.outpaint(image), [],
+     "give exactly one of left/right/top/bottom, expand or to", "give exactly one of --left/--right/--top/--bottom, --expand or --to"),
+    ("outpaint", lambda p, image: p.outpaint(image, expand=0.5), ["--expand", "0.5"],
+     "expand must be more than 1", "--expand must be more than 1"),
+    ("outpaint", lambda p, image: p.outpaint(image, right=10**6), ["--right", str(10**6)],
+     "right=1000000 is more than 10,954 pixels", "--right 1000000 is more than 10,954 pixels"),
+    ("outpaint", lambda p, image: p.outpaint(image, to=(150, 100)), ["--to", "150x100"],
+     "to=150x100 does not enlarge the 200x150 image", "--to 150x100 does not enlarge the 200x150 image"),
+], ids=["feather", "feather-after-dilate", "context", "no-way-to-grow", "expand", "margin", "to"])
+def test_library_errors_name_arguments_and_the_cli_names_flags(pipe, cli_pipe, tmp_path, command, call, flags, library,
+                                                                command_line):
+    image = photo()
+    message = one_line_input_error(lambda: call(pipe, image))
+    assert library in message and "--" not in message
+    source = tmp_path / "in.png"
+    image.save(source)
+    result = runner.invoke(app, [command, str(source), *flags, "--model", "hmar-tiny", "--out", str(tmp_path / "out.png")])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: " + message.replace(library, command_line)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_batch_reports_each_image_with_the_flags(cli_pipe, tmp_path):
+    """Several images: each failure is its own line (and JSON record), worded as the command line's."""
+    for name in ("a", "b"):
+        photo().save(tmp_path / f"{name}.png")
+    result = runner.invoke(app, ["inpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--box", "0,0,20,20", "--feather", "100",
+                                 "--model", "hmar-tiny", "--out", str(tmp_path / "{name}-out.png"), "--json"])
+    assert result.exit_code == 1
+    wanted = "--feather 100 is wider than the region to regenerate (20x20 pixels)"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all(wanted in line for line in lines)
+    assert [record["error"] for record in json.loads(result.stdout)["failed"]] == [lines[0].split(": ", 2)[2]] * 2
+
+
+def test_an_error_keeps_the_arguments_it_names():
+    """`params` lists them, the CLI's table spells them as flags (`label` is `--class`), and a pickled
+    error (from another process) words itself the same."""
+    from hmar.errors import arg
+    from hmar_cli.flags import message
+
+    error = InputError(f"{arg('label', 3)} does not fit with {arg('match_colours')}; pass {arg('overwrite', True)}")
+    assert error.params == ("label", "match_colours", "overwrite")
+    assert str(error) == "label=3 does not fit with match_colours; pass overwrite=True"
+    assert message(error) == "--class 3 does not fit with --match-colours; pass --overwrite"
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and message(again) == message(error) and again.params == error.params
+    assert message(ValueError("plain")) == "plain" and message(InputError("no argument")) == "no argument"
+
+
+def test_every_argument_the_engine_names_is_a_flag_of_the_cli():
+    """The arguments that `hmar.errors.arg` names in the engine's messages, as the CLI spells them,
+    are options of its commands (the table in `hmar_cli.flags` has not drifted from them)."""
+    import typer.main
+
+    from hmar_cli.flags import flag
+
+    engine = ROOT / "hmar"
+    named = set()
+    for source in engine.glob("*.py"):
+        text = source.read_text()
+        named |= set(re.findall(r"\barg\(['\"](\w+)['\"]", text))
+        named |= set(re.findall(r"check_pixels_option\(\"(\w+)\"", text))
+    named |= {"left", "right", "top", "bottom"}  # named in a loop over the margins
+    assert {"feather", "dilate", "context", "expand", "to", "mask", "box", "quality", "overwrite", "device"} <= named
+
+    def options(command) -> set[str]:
+        found = {opt for param in command.params for opt in param.opts}
+        for sub in getattr(command, "commands", {}).values():
+            found |= options(sub)
+        return found
+
+    assert {flag(name) for name in named} <= options(typer.main.get_command(app))
 
 
 def test_edit_takes_masks_with_a_channel_axis(pipe):

@@ -41,7 +41,7 @@ def test_parse_context():
 
 @pytest.mark.parametrize("text", ["", "-3", "abc", "1e3", "nan", "inf", "0.5px", "200.0", "64,64"])
 def test_bad_contexts_are_one_line_errors(text):
-    with pytest.raises(InputError, match="--context must be whole pixels"):
+    with pytest.raises(InputError, match="^context must be whole pixels"):
         parse_context(text)
 
 

@@ -143,8 +143,8 @@ REFUSED = [
     ("inpaint", ["photo.png", "--mask", "nowhere.png"], 2, "mask not found: nowhere.png", False),
     ("inpaint", ["photo.png", "--mask", "anim.gif"], 2, "mask anim.gif has 3 frames", False),
     ("inpaint", ["photo.png", "--mask", "bomb.png"], 2, "mask bomb.png has 10,000,000,000 pixels, more than", True),
-    ("inpaint", ["photo.png", "--mask", "black.png", *BOX], 2, "either --mask FILE or --box", False),
-    ("edit", ["photo.png", "--class", "1"], 2, "either --mask FILE or --box", False),
+    ("inpaint", ["photo.png", "--mask", "black.png", *BOX], 2, "either a mask (--mask) or a box (--box), one of them", False),
+    ("edit", ["photo.png", "--class", "1"], 2, "either a mask (--mask) or a box (--box), one of them", False),
     # boxes
     ("inpaint", ["photo.png", "--box", "1,2,3"], 2, "box must be four integers x0,y0,x1,y1, got 3 values: '1,2,3'", False),
     ("inpaint", ["photo.png", "--box", "1,2,3,4,5"], 2, "got 5 values: '1,2,3,4,5'", False),
@@ -170,7 +170,7 @@ REFUSED = [
     # outpaint sizes
     ("outpaint", ["photo.png"], 2, "give exactly one of --left/--right/--top/--bottom, --expand or --to", False),
     ("outpaint", ["photo.png", "--left", "8", "--expand", "2"], 2, "give exactly one of", False),
-    ("outpaint", ["photo.png", "--left", "-5"], 2, "margins must be >= 0 pixels, got left -5", False),
+    ("outpaint", ["photo.png", "--left", "-5"], 2, "margins must be >= 0 pixels, got --left -5, --top 0, --right 0, --bottom 0", False),
     ("outpaint", ["photo.png", "--right", "100000"], 2, "--right 100000 is more than 10,954 pixels: the model's square window", True),
     ("outpaint", ["photo.png", "--bottom", str(2**70)], 2, f"--bottom {2**70} is more than 10,954 pixels", True),
     ("outpaint", ["photo.png", "--top", "10000", "--bottom", "1000"], 2, f"spans 64x11048 pixels: the model's {TOO_WIDE} 11048x11048", True),
@@ -306,7 +306,7 @@ def test_the_window_over_new_strips_is_checked_at_their_extent(margins, extent):
     side = max(extent)
     outpaint_margins((64, 48), **margins, max_pixels=side * side)  # exactly fits
     # a single strip is refused from its margin alone (`check_outpaint_options`), before the image is read
-    single = f"--{next(iter(margins))} {side} is more than {side - 1} pixels: the model's square window over the new strip"
+    single = f"{next(iter(margins))}={side} is more than {side - 1} pixels: the model's square window over the new strip"
     whole = f"spans {extent[0]}x{extent[1]} pixels: the model's square window over it would be {side}x{side}"
     with pytest.raises(InputError, match=single if len(margins) == 1 and side in margins.values() else whole):
         outpaint_margins((64, 48), **margins, max_pixels=side * side - 1)

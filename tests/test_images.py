@@ -213,7 +213,7 @@ def test_dilate_and_feather():
     assert (alpha[~block] == 0).all() and (alpha[block] > 0).all()
     assert alpha[15, 15] == 1.0 and 0 < alpha[5, 15] < 1 and alpha[5, 15] < alpha[7, 15]
     assert (regions.feather(block, 0) == block).all()
-    with pytest.raises(InputError, match="--dilate must be"):
+    with pytest.raises(InputError, match="^dilate must be"):
         regions.dilate(block, -1)
 
 
@@ -349,7 +349,7 @@ def test_save_png_writes_metadata_and_never_overwrites_silently(tmp_path):
         assert written.text == {"hmar:seed": "3", "Software": "hmar 0.1.0"}
         assert np.array_equal(np.asarray(written), np.asarray(first))
     before = path.read_bytes()
-    with pytest.raises(OutputError, match="exists; pass --overwrite") as caught:
+    with pytest.raises(OutputError, match="exists; pass overwrite=True to replace it$") as caught:
         outputs.save_image(random_rgb(8, 8, seed=2), path, {})
     assert caught.value.exit_code == 2 and path.read_bytes() == before
     outputs.save_image(random_rgb(8, 8, seed=2), path, {}, overwrite=True)

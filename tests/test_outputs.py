@@ -53,7 +53,7 @@ def test_quality_trades_size_for_fidelity(tmp_path):
     for quality in (30, 95):
         outputs.save_image(picture, tmp_path / f"q{quality}.jpg", {}, quality=quality)
     assert (tmp_path / "q30.jpg").stat().st_size < (tmp_path / "q95.jpg").stat().st_size
-    with pytest.raises(InputError, match="--quality must be a whole number from 1 to 100, got 0"):
+    with pytest.raises(InputError, match="^quality must be a whole number from 1 to 100, got 0$"):
         outputs.save_image(picture, tmp_path / "bad.jpg", {}, quality=0)
     assert not (tmp_path / "bad.jpg").exists()
 
@@ -78,7 +78,7 @@ def test_unknown_suffixes_and_existing_outputs_are_usage_errors(tmp_path):
         with pytest.raises(InputError, match=r"output must be a \.png, \.jpg, \.jpeg or \.webp file"):
             outputs.output_paths(str(tmp_path / name), 1)
     (tmp_path / "taken.jpg").write_bytes(b"mine")
-    with pytest.raises(outputs.OutputError, match="exists; pass --overwrite") as caught:
+    with pytest.raises(outputs.OutputError, match="exists; pass overwrite=True to replace it$") as caught:
         outputs.check_writable([tmp_path / "taken.jpg"], overwrite=False)
     assert caught.value.exit_code == 2 and (tmp_path / "taken.jpg").read_bytes() == b"mine"
 

@@ -4,12 +4,14 @@ folders and resume exactly; a checkpoint written by one process, DDP or FSDP res
 them; two torchrun "nodes" joined by a c10d rendezvous train like one two-process torchrun."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -214,6 +216,32 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_as_a_ddp_one_does(workspace, 
     assert [r["step"] for r in read_metrics(runs["fsdp"])] == list(range(1, STEPS + 3))
     assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), rel=1e-4)
     _same_structure(_checkpoint(runs["fsdp"]), _checkpoint(runs["ddp"]))
+
+
+def test_closing_frees_what_holds_the_group_before_ending_it(monkeypatch):
+    """Objects in reference cycles (as FSDP's state is with its modules, holding the group's
+    communicators) are collected before the group ends; the processes wait for each other first only
+    when all of them ended the run the same way."""
+    from hmar.train import distributed
+
+    class Holder:
+        pass
+
+    calls = []
+    for together in (True, False):
+        holder = Holder()
+        holder.cycle = holder
+        alive = weakref.ref(holder)
+        del holder
+        monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append(("barrier", alive() is None)))
+        monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append(("destroy", alive() is None)))
+        gc.disable()  # only `close` may collect the cycle
+        try:
+            distributed.Processes(0, 2, 0, torch.device("cpu"), owns_group=True).close(together)
+        finally:
+            gc.enable()
+    assert calls == [("barrier", True), ("destroy", True), ("destroy", True)]
 
 
 def test_the_tokenizer_stage_refuses_fsdp(tmp_path):

@@ -10,6 +10,8 @@ Each run writes into its own folder: checkpoint.pt, run.json, metrics.jsonl, sam
 """
 from __future__ import annotations
 
+import traceback
+
 from hmar.train.checkpoint import discard_failed_start
 from hmar.train.distributed import setup
 from hmar.train.loop import RunResult, StepCallback, train
@@ -25,16 +27,21 @@ __all__ = [
 def _run(stage_class, config, on_step: StepCallback | None) -> RunResult:
     procs = setup(config.device)
     created = not config.out.exists()
+    together = True
     try:
         return train(stage_class(config, procs), on_step)
-    except BaseException:
+    except BaseException as exc:
+        together = False
         # a new run that fails before its first checkpoint leaves nothing behind: neither a new start
         # nor --resume would otherwise accept the folder
         if not config.resume and procs.is_main:
             discard_failed_start(config.out, created)
+        # the run's finished frames hold its model (and through it the process group) for as long as
+        # the exception lives: let go of them, so that `close` ends the group (see there)
+        traceback.clear_frames(exc.__traceback__)
         raise
     finally:
-        procs.close()
+        procs.close(together)
 
 
 def run_tokenizer(config: TokenizerTrainConfig, on_step: StepCallback | None = None) -> RunResult:

@@ -6,6 +6,7 @@ trained module over it. Alone, every collective here is a no-op.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,9 +55,21 @@ class Processes:
         """True on every process when it is True on one (e.g. a stop signal seen by one rank first)."""
         return bool(self.total(torch.tensor(float(flag))).item() > 0)
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, together: bool = True) -> None:
+        """End the process group if this process started it. `together`: every process ended the run
+        the same way, so they wait for each other first (a process that failed alone must not wait
+        for others that may never come)."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        # FSDP's and DTensor's state sits in reference cycles with the modules it wraps and holds this
+        # group's communicators. Left to the interpreter's finalisation, a gloo group goes with its
+        # worker threads still running and the process aborts ("terminate called without an active
+        # exception", SIGABRT) after its work is done. Collected here, the group's last references go
+        # with `destroy_process_group`, which joins its threads while Python still runs.
+        gc.collect()
+        if together:
+            dist.barrier()  # no process takes its connections down while another may still use them
+        dist.destroy_process_group()
 
 
 def _device(option: str, local_rank: int) -> torch.device:

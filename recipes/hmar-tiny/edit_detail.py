@@ -8,9 +8,9 @@ The photos are made at run time: `--size` px (2048) renders of the classes of `h
 (shapes drawn at 512 px, enlarged), with a fractal grain (random fields at 4, 16 and 64 px cells) and
 pixel noise, so that, like a real photo, they have detail at every scale up to the pixel. Each photo
 is inpainted unconditionally in a centred square box of each `--regions` size, with the model's
-sampling defaults and colour matching, as `hmar inpaint` does (`hmar.edit_window.plan_edit`), once
-per `--contexts` value: the default context window (0.5), the smallest (0.125) and `full` (the whole
-2048-px square).
+sampling defaults, colour matching and a hard edge (feather 0: the seam is the fill's, not a blend's),
+planned and composited as `hmar inpaint` does (`hmar.edit_api`), once per `--contexts` value: the
+default context window (0.5), the smallest (0.125) and `full` (the whole 2048-px square).
 
 - detail: high-frequency energy (mean squared difference from a Gaussian blur of sigma 1.5 px, on
   luminance) inside the box, divided by the same in the 64-px ring around it: 1 = as detailed as
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
-from hmar.edit_window import DEFAULT_CONTEXT, parse_context, plan_edit
-from hmar.images import image_from_array, load_image
+from hmar.edit_api import plan_request, region_request, sample_views
+from hmar.edit_window import DEFAULT_CONTEXT, parse_context
+from hmar.images import load_image
 from hmar.outputs import save_image
 from hmar.pipeline import Pipeline
 from hmar.regions import Box, box_mask, parse_box
@@ -83,24 +83,24 @@ def centred_box(size: int, side: int) -> Box:
 def measure(args) -> None:
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     contexts = {text: parse_context(text) for text in args.contexts}
-    jobs = []  # (photo index, region side, context name, plan)
+    jobs = []  # (photo index, region side, context name, planned edit)
     pictures = [photo(i, args.size) for i in range(args.photos)]
     for side in args.regions:
         box = centred_box(args.size, side)
         for i, picture in enumerate(pictures):
+            request = region_request(picture, box=box, feather=0)
             for name, context in contexts.items():
-                jobs.append((i, side, name, plan_edit(picture, box_mask(box, picture.size), pipe.resolution, colour_matching=True,
-                                                      context=context)))
-    views = [view for *_, plan in jobs for view in plan.views]
-    pixels = torch.from_numpy(np.stack([v.image for v in views])).permute(0, 3, 1, 2).float().div(255)
-    keep = torch.from_numpy(np.stack([v.keep for v in views]))
-    generated = pipe.edit(pixels, keep, None, seed=args.seed, batch_size=args.batch_size).images
-    outputs = [np.asarray(image_from_array(g.permute(1, 2, 0).numpy())) for g in generated]
+                jobs.append((i, side, name, plan_request(request, pipe.resolution, context)))
+    # The pieces under Pipeline.inpaint, not it: the views of every photo, box and context share
+    # batches of one random stream (as a several-image `hmar inpaint` does), where one inpaint call
+    # per edit would draw each from a stream of its own.
+    views = [planned.view(item) for *_, planned in jobs for item in range(planned.items)]
+    outputs = sample_views(pipe, views, None, None, seed=args.seed, batch_size=args.batch_size)
     results, first = {}, 0
-    for i, side, name, plan in jobs:
-        results[i, side, name] = (np.asarray(plan.composite(outputs[first:first + len(plan.views)]), dtype=np.float32),
-                                  plan.views[0].enlargement)
-        first += len(plan.views)
+    for i, side, name, planned in jobs:
+        edited = planned.finish(outputs[first:first + planned.items])[0]
+        results[i, side, name] = (np.asarray(edited, dtype=np.float32), planned.plan.views[0].enlargement)
+        first += planned.items
     rows = []
     for side in args.regions:
         box = centred_box(args.size, side)

@@ -8,10 +8,11 @@ resolution (128 px for hmar-tiny; the boxes below are in 128 px coordinates, sca
 - images: `--images` plain backgrounds (the generator's flat colours and gradients, so the input has
   no edge at all where the box is) and as many shape images (`render`, classes in turn, seed 1);
 - boxes: the centre (32,32)-(96,96) and a corner one (0,80)-(48,128);
-- each image is inpainted unconditionally and as its class (the background images as the classes in
-  turn) with the model's sampling defaults, seed `--seed`, and composited as `hmar inpaint` does
-  (`hmar.edit_window.plan_edit`; the images are the model's size, so its one view is the whole image),
-  with and without colour matching; both composites use the same sample.
+- each image is inpainted unconditionally (`Pipeline.inpaint`) and as its class (`Pipeline.edit_region`;
+  the background images as the classes in turn) with the model's sampling defaults, seed `--seed`,
+  `context="full"` (the images are the model's size, so its one view is the whole image) and a hard
+  edge (`feather=0`: the seam is the fill's, not a blend's), with and without colour matching; both
+  composites use the same sample (same seed, same view).
 
 The seam is the RGB distance (levels of 255) between the mean colours of the 4-pixel strips just
 inside and just outside each box side that lies inside the image, averaged over sides and images.
@@ -25,11 +26,8 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
-from hmar.edit_window import Context, plan_edit
 from hmar.pipeline import Pipeline
-from hmar.regions import Box, box_mask
 from hmar.train.synthetic import CLASSES, background, render
 
 BOXES = {"centre": (32, 32, 96, 96), "corner": (0, 80, 48, 128)}  # at 128 px
@@ -75,15 +73,11 @@ def main() -> None:
             for conditional in (False, True):
                 seams = {"raw": [], "matched": [], "input": []}
                 for i, picture in enumerate(images):
-                    region = box_mask(Box(*box), picture.size)
-                    plans = {matched: plan_edit(picture, region, size, colour_matching=matched, context=Context()) for matched in (False, True)}
-                    pixels = torch.from_numpy(plans[False].model_images).permute(0, 3, 1, 2).float().div(255)
-                    keep = torch.from_numpy(plans[False].model_keeps)
-                    labels = [i % len(names)] if conditional else None
-                    sample = pipe.edit(pixels, keep, labels, seed=args.seed).images[0]
-                    generated = sample.permute(1, 2, 0).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
                     for matched, name in ((False, "raw"), (True, "matched")):
-                        seams[name].append(seam(np.asarray(plans[matched].composite([generated]), dtype=np.float32), box))
+                        options = dict(context="full", feather=0, match_colours=matched, seed=args.seed)
+                        edited = (pipe.edit_region(picture, box, i % len(names), **options) if conditional else
+                                  pipe.inpaint(picture, box=box, **options))
+                        seams[name].append(seam(np.asarray(edited.images[0], dtype=np.float32), box))
                     seams["input"].append(seam(np.asarray(picture, dtype=np.float32), box))
                 row = {"images": kind, "box": box_name, "class": conditional, **{k: float(np.mean(v)) for k, v in seams.items()}}
                 rows.append(row)
