@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from hmar.config import ModelConfig, format_size, is_integer, memory_budget
 from hmar.edit_window import DEFAULT_CONTEXT, Context, EditPlan, View, parse_context, plan_edit
-from hmar.errors import HmarError, InputError, arg
+from hmar.errors import HmarError, InputError, arg, library_spelling, worded
 from hmar.images import MAX_PIXELS, Nature, image_from_array, load_mask, load_picture, mask_from_image, picture_from_image, restore_nature
 from hmar.metadata import image_metadata, settings_metadata
 from hmar.regions import (Box, box_mask, check_outpaint_options, check_pixels_option, check_region, clip_box, default_feather,
@@ -291,6 +291,7 @@ class PlannedEdit:
     metadata: dict[str, str]
     origin: tuple[int, int]
     nature: Nature
+    # arguments named as `hmar.errors.arg` marks them: `worded(note, library_spelling)` to show one
     notes: list[str]
     num: int
 
@@ -371,7 +372,7 @@ def tiny_model_note(model: str | None, config: ModelConfig) -> str | None:
         return None
     names = ", ".join(map(str, config.class_names or ()))
     return (f"{folder.name} is a demonstration model that knows only {config.transformer.num_classes} procedural shape classes "
-            f"({names}), not photos: `hmar models download hmar-d16` gives the real model (then --model hmar-d16)")
+            f"({names}), not photos: `hmar models download hmar-d16` gives the real model (then {arg('model', 'hmar-d16')})")
 
 
 def made_by(image: ImageLike, model: str | None) -> bool:
@@ -426,5 +427,6 @@ def edit_image(pipe: Pipeline, command: str, image: ImageLike, prepare: Callable
     tiny = tiny_model_note(pipe.name, pipe.config)
     if tiny is not None and not made_by(image, pipe.name):
         notes.insert(0, tiny)
+    notes = [worded(line, library_spelling) for line in notes]
     return EditResult(images, edit_metadata(pipe, settings, index, command, context, planned, request.source), notes, windows,
                       enlargement, [index] * num, [image_metadata(pipe, index, i) for i in range(num)])

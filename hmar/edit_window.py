@@ -340,7 +340,7 @@ def _enlargement_note(views: list[View], groups: np.ndarray, context: Context) -
     ys, xs = np.nonzero(groups == worst + 1)
     width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
     scale = view.enlargement
-    remedy = ("a smaller region, or the default context window instead of --context full" if context.full else
-              f"a smaller region or a smaller --context (now {context}; at least {MIN_CONTEXT:g} of the region is kept)")
+    remedy = (f"a smaller region, or the default context window instead of {arg('context', 'full')}" if context.full else
+              f"a smaller region or a smaller {arg('context')} (now {context}; at least {MIN_CONTEXT:g} of the region is kept)")
     return (f"the {width}x{height} region is generated at {max(1, round(width / scale))}x{max(1, round(height / scale))} "
             f"pixels by the {view.image.shape[0]} px model and enlarged {scale:.1f}x: {remedy} would keep more detail",)

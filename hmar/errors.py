@@ -5,7 +5,8 @@ A message that names one of the caller's arguments writes it as `arg(name)` (or 
 the library reads `expand` (`expand=0.5`), the command line `--expand` (`--expand 0.5`). `str(error)`
 is the library's wording; `error.worded(spell)` names each argument as `spell(name)` says, which is
 how the CLI shows its flags (its table of parameter names and flags is `hmar_cli.flags`); and
-`error.params` lists the arguments a message names.
+`error.params` lists the arguments a message names. Notes (what an edit prints beside its output)
+name arguments the same way: `worded(note, spell)`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ _ARGUMENT = re.compile(f"{_START}([A-Za-z_][A-Za-z0-9_]*)(?:{_VALUE}([^{_START}{
 def arg(name: str, value: object = None) -> str:
     """The caller's argument `name` (with `value`, as the caller gave it) in an error message."""
     return f"{_START}{name}{'' if value is None else _VALUE + str(value)}{_END}"
+
+
+def worded(text: str, spell: Callable[[str, str | None], str]) -> str:
+    """`text` (a message or a note) with each `arg` in it named by `spell(name, value)`."""
+    return _ARGUMENT.sub(lambda match: spell(match[1], match[2]), text)
 
 
 def library_spelling(name: str, value: str | None) -> str:
@@ -42,7 +48,7 @@ class HmarError(Exception):
 
     def worded(self, spell: Callable[[str, str | None], str]) -> str:
         """The message with each argument named by `spell(name, value)` (value None: the name alone)."""
-        return _ARGUMENT.sub(lambda match: spell(match[1], match[2]), self.template)
+        return worded(self.template, spell)
 
 
 class ConfigError(HmarError):

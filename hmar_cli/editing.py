@@ -28,7 +28,7 @@ from hmar.images import MASK_RULE, MAX_PIXELS, Nature
 from hmar.metadata import settings_metadata
 from hmar.outputs import check_writable, output_paths
 from hmar.regions import FEATHER_RULE, Box, check_outpaint_options, parse_box, parse_size
-from hmar_cli.flags import message
+from hmar_cli.flags import message, text
 from hmar_cli.options import option_group
 from hmar_cli.sampling import MAX_IMAGES, SamplingOptions, class_index, err_console, note, report, save_images, with_sampling_options
 
@@ -281,7 +281,7 @@ def _run(command: str, arguments: list[Path], prepare: Callable[[Path], EditRequ
                 run.fail(source, exc)
                 continue
             if tiny_note and not made_by(source, options.model):
-                note(tiny_note)  # once: it is about the model, not this image
+                note(text(tiny_note))  # once: it is about the model, not this image
                 tiny_note = None
             planned.notes += _output_notes(request.nature, outputs[source])
             run.add(Job(source, planned, outputs[source]))
@@ -319,7 +319,7 @@ class _Run:
             self.batch = self.batch or (job.planned.items if not self.batch_mode else EDIT_BATCH)
             self.settings = self.pipe.settings(**{**self.options.sampler_options(), "batch_size": self.batch})
             self.generator = make_generator(self.settings.seed, self.pipe.device)
-        for line in job.notes:
+        for line in map(text, job.notes):
             note(f"{job.source.name}: {line}" if self.batch_mode else line)
         self.queue += [(job, item) for item in range(job.planned.items)]
         while len(self.queue) >= self.batch:
@@ -355,7 +355,7 @@ class _Run:
             return
         finally:
             job.generated.clear()
-        fields = {"size": list(edited[0].size), "window": windows, "enlargement": enlargement, "notes": job.notes}
+        fields = {"size": list(edited[0].size), "window": windows, "enlargement": enlargement, "notes": [text(line) for line in job.notes]}
         if self.batch_mode:
             self.records += [{**record, "source": str(job.source), **fields} for record in records]
         else:

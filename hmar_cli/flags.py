@@ -6,7 +6,7 @@ A flag is its parameter's name with `--` and hyphens for underscores, except whe
 """
 from __future__ import annotations
 
-from hmar.errors import HmarError
+from hmar.errors import HmarError, worded
 
 #: parameters whose flag is not `--` + the name with hyphens
 FLAGS = {"label": "--class", "labels": "--class"}
@@ -24,3 +24,8 @@ def cli_spelling(name: str, value: str | None) -> str:
 def message(exc: BaseException) -> str:
     """An error's one line as the command line shows it."""
     return exc.worded(cli_spelling) if isinstance(exc, HmarError) else str(exc)
+
+
+def text(line: str) -> str:
+    """A note of the engine's (which names arguments as errors do) as the command line shows it."""
+    return worded(line, cli_spelling)

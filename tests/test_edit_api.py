@@ -85,7 +85,11 @@ def assert_same(result: EditResult, images: list[Image.Image], metadata: list[di
         if not source:  # an image given in memory has no file name
             del expected["hmar:source"]
         assert result.metadata_of(i) == expected
-    assert result.notes == notes
+    # the same notes, arguments named as the library spells them (`model=hmar-d16`) and as the CLI does (`--model hmar-d16`)
+    from hmar_cli.flags import cli_spelling
+
+    assert [re.sub(r"\b([a-z_]+)=([^\s,;)]+)", lambda m: cli_spelling(m[1], m[2]), line) for line in result.notes] == notes
+    assert not any("--" in line for line in result.notes)
 
 
 def test_inpaint_box_like_the_cli(pipe, cli_pipe, tmp_path):
@@ -329,3 +333,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README.md", "exec"), {})
     assert read_metadata(tmp_path / "inpainted.png")["hmar:command"] == "inpaint"
+
+
+def test_notes_name_arguments_as_errors_do():
+    """An edit's notes name arguments as its errors do: the library's wording in `EditResult.notes`,
+    the flags where the CLI prints them."""
+    from hmar.errors import arg, library_spelling, worded
+    from hmar_cli.flags import text
+
+    line = f"a smaller region, or the default context window instead of {arg('context', 'full')} would keep more detail"
+    assert worded(line, library_spelling).endswith("instead of context=full would keep more detail")
+    assert text(line).endswith("instead of --context full would keep more detail")
+    assert text(f"then {arg('model', 'hmar-d16')}") == "then --model hmar-d16"

@@ -7,7 +7,8 @@ import pytest
 
 from hmar import edit_window, regions
 from hmar.edit_window import DEFAULT_CONTEXT, Context, Window, context_window, parse_context, plan_edit, region_windows
-from hmar.errors import InputError
+from hmar.errors import InputError, library_spelling, worded
+from hmar_cli.flags import text
 from hmar.regions import Box
 from tests.test_images import random_rgb
 
@@ -75,11 +76,12 @@ def test_region_larger_than_the_image_allows_is_capped_by_the_whole_square_and_n
     plan = plan_edit(random_rgb(*size), regenerate, RESOLUTION)
     assert [view.window for view in plan.views] == [Window(150, 0, 900)]
     assert plan.views[0].enlargement == 900 / RESOLUTION
-    [note] = plan.notes
+    [note] = map(text, plan.notes)  # as the CLI prints it (the library names the argument `context`)
     assert note == ("the 600x600 region is generated at 53x53 pixels by the 80 px model and enlarged 11.2x: a smaller region "
                     "or a smaller --context (now 0.5; at least 0.125 of the region is kept) would keep more detail")
     full = plan_edit(random_rgb(*size), regenerate, RESOLUTION, context=Context())
-    assert "instead of --context full" in full.notes[0]
+    assert "instead of --context full" in text(full.notes[0])
+    assert "instead of context=full" in worded(full.notes[0], library_spelling)
 
 
 def test_region_wider_than_the_short_side_reaches_past_the_edges():
