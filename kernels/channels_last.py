@@ -53,8 +53,8 @@ from . import devices
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 8192  # ROWS × padded channels per normalising program: 16-32 KiB of half-precision input
 MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program (2 float32 accumulators each)
-# (tile, warps and programs per SM for the statistics: the fastest on H100 over the d16 decoder's
-# shapes for a per-element Welford loop; `recipes/benchmarks/group_norm_statistics.py` sweeps them)
+# (tile, warps and programs per SM for the statistics: not yet swept for the shifted-sum loop;
+# `recipes/benchmarks/group_norm_statistics.py` sweeps them on the d16 decoder's shapes)
 MOMENTS_WARPS = 8
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
 # SiLU's division. False: IEEE float32. True: the fast float32 division (a few ulp), fewer operations
