@@ -172,14 +172,15 @@ def guided_draw(logits: torch.Tensor, t: float, top_k: int, top_p: float, genera
     `replace` = (tokens, mask) has mask True, the position takes `tokens`' token instead of the drawn
     one. Returns the tokens (B, l) and their confidence (`drawn_probability`), NaN where the logits
     were not finite. `fused`: in one kernel (`hmar.kernels.sampling`, from the same random numbers;
-    its docstring says where the rounding can differ) wherever it takes the logits. The reference
-    path overwrites the logits' unconditional half."""
+    its docstring says where the rounding can differ) wherever it takes the logits; the reference path
+    guides in float32 (logits in the head's dtype are converted: the fused policy leaves them so) and
+    overwrites float32 logits' unconditional half."""
     kernel = _sampling_kernel(logits) if fused else None
     if kernel is not None:
         B2, l, V = logits.shape
         noise = exponential_noise((B2 // 2 * l, V), torch.float32, logits.device, generator)
         return kernel.guided_draw(logits, t, top_k, top_p, noise, replace)
-    drawn, probs = draw_tokens(guide_(logits, t), top_k, top_p, generator)
+    drawn, probs = draw_tokens(guide_(logits.float(), t), top_k, top_p, generator)  # (a no-op on float32 logits)
     tokens = drawn if replace is None else torch.where(replace[1], replace[0], drawn)
     return tokens, drawn_probability(probs, tokens)
 

@@ -277,6 +277,12 @@ class ScaleTransformer(nn.Module):
         """Logits (B, l, V) for one scale's tokens; `cache`: this batch's `sampling_cache()`."""
         raise NotImplementedError
 
+    def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A sampling head's logits as the draw reads them: the fused draw (`KernelPolicy.fused_draw`)
+        takes the head's autocast dtype and guides in float32 itself, which spares a float32 copy of
+        every scale's (2B, l, V) logits; the reference ops guide in float32."""
+        return logits if self.policy.fused_draw else logits.float()
+
     # ---- inputs ------------------------------------------------------------------------------
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class embedding (for the heads) and the blocks' conditioning (shared AdaLN projects it)."""
@@ -358,11 +364,11 @@ class HMAR(ScaleTransformer):
     def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
         """Logits (B, l, V) of the next-scale branch for one scale's tokens (a scale sees only itself,
         so there is no `cache`)."""
-        return self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend)).float()
+        return self._sampling_logits(self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend)))
 
     def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
         """Logits (B, l, V) of the mask branch for one scale's tokens."""
-        return self.mask_head(self._masked_features(x, cond, cond_BD, attend)).float()
+        return self._sampling_logits(self.mask_head(self._masked_features(x, cond, cond_BD, attend)))
 
     def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self._run(self.ns_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
@@ -438,7 +444,7 @@ class VAR(ScaleTransformer):
         extends by this scale)."""
         for block, layer in zip(self.blocks, cache, strict=True):
             x = block(x, cond, dense_attend, layer)
-        return self.head(self.head_nm(x.float(), cond_BD)).float()
+        return self._sampling_logits(self.head(self.head_nm(x.float(), cond_BD)))
 
     @property
     def next_scale_head(self) -> nn.Linear:
