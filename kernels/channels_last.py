@@ -45,7 +45,7 @@ their launch count matters at small batches):
 The first launch is skipped where the map's writer already handed over its partials (`Moments`):
 `add_bias_` and `interleave_phases` can emit, per tile of their output and channel, the tile's mean
 and its M2 about that mean, of the values as stored (rounded to the map's dtype). The tile is in
-registers, so both passes over it are free, and the mean of the tile itself is as good a pivot as any.
+registers, so it is summed twice for free: once for its mean, then about that mean, the best pivot.
 The decoder passes them to the norm that reads the map next (`hmar.tokenizer_modules`). Their tiles
 are at least 256 bytes of the map per channel, so the partials (8 bytes per tile and channel) stay
 within 1/32 of the map.
@@ -133,13 +133,16 @@ def _partial_moments(x_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
 
 @triton.jit
 def _tile_moments(y, valid, count, mean_ptr, m2_ptr, out, in_channels):
-    """Store the (pixels, channels) tile `y`'s per-channel mean and M2 about it (over the `valid`
-    entries, `count` pixels) at `out`: two passes over registers, no pivot to choose."""
-    y = tl.where(valid, y, 0.0)
-    mean = tl.sum(y, axis=0) / count
-    d = tl.where(valid, y - mean[None, :], 0.0)
-    tl.store(mean_ptr + out, mean, mask=in_channels)
-    tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=in_channels)
+    """Store the (pixels, channels) tile `y`'s per-channel mean and M2 (over the `valid` entries,
+    `count` pixels) at `out`, both summed about the tile's mean: the tile is in registers, so the
+    second pass is free."""
+    pivot = tl.sum(tl.where(valid, y, 0.0), axis=0) / count
+    # Σy of values far above their spread holds the mean only to a few of its float32 ulps; the sum of
+    # d = y − pivot corrects it to one (the merge multiplies a mean's error by its distance from the group's)
+    d = tl.where(valid, y - pivot[None, :], 0.0)
+    offset = tl.sum(d, axis=0) / count
+    tl.store(mean_ptr + out, pivot + offset, mask=in_channels)
+    tl.store(m2_ptr + out, tl.maximum(tl.sum(d * d, axis=0) - count * offset * offset, 0.0), mask=in_channels)
 
 
 @triton.jit
