@@ -200,19 +200,22 @@ def _statistics_errors(got: torch.Tensor, x: torch.Tensor, groups: int) -> dict:
 
 
 def _written_map(shape, groups, dtype, mean, std, writer, gen):
-    """The map a writer of FUSED_CASES writes, with the moments it emits (bias and residual drawn here)."""
+    """The map a writer of FUSED_CASES writes, with the moments it emits (bias and residual drawn here,
+    on the generator's device)."""
     from hmar.kernels.channels_last import add_bias_, interleave_phases
 
     N, C, H, W = shape
-    bias = torch.randn(C, generator=gen)
+    device = gen.device
+    bias = torch.randn(C, generator=gen, device=device)
     # every channel its own mean, mean ± 10 % around `mean` (as in _statistics_input)
-    means = mean * (1 + 0.1 * torch.rand(C, generator=gen, dtype=torch.float64))
+    means = mean * (1 + 0.1 * torch.rand(C, generator=gen, dtype=torch.float64, device=device))
     if writer == "interleave_phases":
-        phases = torch.randn(N, 4 * C, H // 2 + 1, W // 2 + 1, generator=gen, dtype=torch.float64) * std + means.repeat(4).view(-1, 1, 1)
+        phases = torch.randn(N, 4 * C, H // 2 + 1, W // 2 + 1, generator=gen, dtype=torch.float64, device=device)
+        phases = phases * std + means.repeat(4).view(-1, 1, 1)
         return interleave_phases(phases.to(dtype).contiguous(memory_format=torch.channels_last), bias, moments=True)
-    y = torch.randn(shape, generator=gen, dtype=torch.float64) * std + means.view(-1, 1, 1)
+    y = torch.randn(shape, generator=gen, dtype=torch.float64, device=device) * std + means.view(-1, 1, 1)
     y = y.to(dtype).contiguous(memory_format=torch.channels_last)
-    residual = (torch.randn(shape, generator=gen) * std).to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = (torch.randn(shape, generator=gen, device=device) * std).to(dtype).contiguous(memory_format=torch.channels_last)
     return add_bias_(y, bias, residual if writer.endswith("+residual") else None, moments=True)
 
 
@@ -530,6 +533,57 @@ def test_gpu_statistics_decoder_shapes_match_float64(case):
     print(f"statistics {case}: mean error / bound {mean_excess:.3g}, rstd error {rstd_err:.3g}")
     bound = FAR_RSTD_BOUND if kind == "far-head" else RSTD_BOUND
     assert torch.isfinite(got).all() and mean_excess <= 1 and rstd_err <= bound, (mean_excess, rstd_err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", [
+    ((8, 160, 256, 256), "float16", 1000.0, "add_bias_+residual"), ((8, 160, 128, 128), "float16", 0.0, "interleave_phases"),
+    ((8, 320, 64, 64), "bfloat16", -1000.0, "add_bias_"), ((8, 320, 32, 32), "float16", 3.0, "interleave_phases"),
+    ((8, 640, 16, 16), "float16", 1000.0, "add_bias_+residual"), ((3, 160, 17, 23), "float32", 1000.0, "add_bias_+residual")], ids=str)
+def test_gpu_group_norm_on_the_writers_moments_at_decoder_shapes(case):
+    """The moments add_bias_ and interleave_phases emit at the d16 decoder's shapes (a chunk of 8 images
+    at 256 px): group_norm on them against float64 and against group_norm without them, their
+    statistics against float64, within the CPU cases' bounds."""
+    from hmar.kernels.channels_last import _statistics, group_norm
+
+    shape, dtype_name, mean, writer = case
+    gen = torch.Generator("cuda").manual_seed(2)
+    x, moments = _written_map(shape, 32, getattr(torch, dtype_name), mean, 1.0, writer, gen)
+    weight, bias = torch.randn(shape[1], device="cuda", generator=gen), torch.randn(shape[1], device="cuda", generator=gen)
+    y = group_norm(x, 32, weight, bias, 1e-6, True, moments=moments)
+    unfused = group_norm(x, 32, weight, bias, 1e-6, True)
+    ref = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6))
+    errors = _statistics_errors(_statistics(x, 32, 1e-6, None, moments), x, 32)
+    err, vs_unfused = float((y.double() - ref).norm() / ref.norm()), float((y.double() - unfused.double()).norm() / unfused.double().norm())
+    print(f"moments {case}: {errors}, error {err:.3g}, against unfused {vs_unfused:.3g}, partials {tuple(moments.partials.shape)}")
+    assert errors["finite"] and errors["mean_over_bound"] <= 1 and errors["rstd_err"] <= RSTD_BOUND, errors
+    assert err <= BOUNDS[dtype_name] and vs_unfused <= BOUNDS[dtype_name], (err, vs_unfused)
+    assert moments.partials.numel() * 4 <= x.numel() * x.element_size() / 16  # (1/32 of the map, but for short last tiles)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(8, 160, 256, 256), (8, 320, 64, 64), (8, 640, 16, 16), (3, 40, 17, 23)], ids=str)
+def test_gpu_add_bias_and_interleave_at_decoder_shapes_match_float64(shape):
+    """The element-wise kernels' channel blocks at the decoder's shapes (and a padded block of 40)."""
+    from hmar.kernels.channels_last import add_bias_, interleave_phases
+
+    gen = torch.Generator("cuda").manual_seed(4)
+    N, C, H, W = shape
+    y, residual = (torch.randn(shape, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last) for _ in range(2))
+    bias = torch.randn(C, device="cuda", generator=gen)
+    ref = y.double() + bias.double().view(-1, 1, 1) + residual.double()
+    out = add_bias_(y, bias, residual)
+    assert float((out.double() - ref).norm() / ref.norm()) <= BOUNDS["float16"]
+    phases = torch.randn(N, 4 * C, H // 2 + 1, W // 2 + 1, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last)
+    up = interleave_phases(phases, bias)
+    ref = torch.empty(N, C, H // 2 * 2, W // 2 * 2, device="cuda", dtype=torch.float64)
+    for a in (0, 1):
+        for b in (0, 1):
+            p = 2 * a + b
+            ref[:, :, a::2, b::2] = phases[:, p * C:(p + 1) * C, a:a + H // 2, b:b + W // 2].double() + bias.double().view(-1, 1, 1)
+    assert float((up.double() - ref).norm() / ref.norm()) <= BOUNDS["float16"]
 
 
 @pytest.mark.gpu
