@@ -47,8 +47,8 @@ The first launch is skipped where the map's writer already handed over its parti
 and its M2 about that mean, of the values as stored (rounded to the map's dtype). The tile is in
 registers, so it is summed twice for free: once for its mean, then about that mean, the best pivot.
 The decoder passes them to the norm that reads the map next (`hmar.tokenizer_modules`). Their tiles
-are at least 256 bytes of the map per channel, so the partials (8 bytes per tile and channel) stay
-within 1/32 of the map.
+hold at least 256 bytes of the map per channel (or a whole sample of a smaller map), so the partials
+(8 bytes per tile and channel) stay within 1/PARTIALS_FRACTION = 1/32 of the map.
 
 `add_bias_`: y += bias (+ residual), in place on a bias-free convolution's output, one pass.
 
