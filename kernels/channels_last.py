@@ -191,8 +191,9 @@ def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr
     channels = block * CB + tl.arange(0, CB)
     in_channels = channels < C
     valid = (rows[:, None] < HW) & in_channels[None, :]
-    offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + channels[None, :]
-    x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    sample = n.to(tl.int64) * HW * C  # (64-bit once per program; the offsets within a sample fit 32 bits)
+    offsets = rows[:, None] * C + channels[None, :]
+    x = tl.load(x_ptr + sample + offsets, mask=valid, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         x += tl.load(shift_ptr + channels, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     groups = n * (C // PER_GROUP) + channels // PER_GROUP
@@ -208,7 +209,7 @@ def _normalize_act(x_ptr, y_ptr, shift_ptr, group_mean_ptr, rstd_ptr, weight_ptr
             y = tl.fdiv(y, 1.0 + tl.exp(-y))
         else:
             y = y / (1.0 + tl.exp(-y))
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
+    tl.store(y_ptr + sample + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -219,13 +220,14 @@ def _add_bias(y_ptr, bias_ptr, residual_ptr, mean_ptr, m2_ptr, HW, C,
     channels = block * CB + tl.arange(0, CB)
     in_channels = channels < C
     valid = (rows[:, None] < HW) & in_channels[None, :]
-    offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + channels[None, :]
-    y = tl.load(y_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    sample = n.to(tl.int64) * HW * C
+    offsets = rows[:, None] * C + channels[None, :]
+    y = tl.load(y_ptr + sample + offsets, mask=valid, other=0.0).to(tl.float32)
     y += tl.load(bias_ptr + channels, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        y += tl.load(residual_ptr + sample + offsets, mask=valid, other=0.0).to(tl.float32)
     y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offsets, y, mask=valid)
+    tl.store(y_ptr + sample + offsets, y, mask=valid)
     if MOMENTS:  # of the values as stored, which is what the next norm reads
         count = tl.minimum(ROWS, HW - tile * ROWS).to(tl.float32)
         _tile_moments(y.to(tl.float32), valid, count, mean_ptr, m2_ptr,
@@ -244,14 +246,15 @@ def _interleave_phases(o_ptr, bias_ptr, y_ptr, mean_ptr, m2_ptr, H, W, C,
     column = pixels % (2 * W)
     row = pixels // (2 * W)
     a, b = row % 2, column % 2
-    source = (n.to(tl.int64) * (H + 1) + row // 2 + a) * (W + 1) + column // 2 + b
+    source = (row // 2 + a) * (W + 1) + column // 2 + b  # in the sample's phase map
     valid = (pixels[:, None] < HW) & in_channels[None, :]
-    y = tl.load(o_ptr + source[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + channels[None, :], mask=valid, other=0.0)
+    phases = o_ptr + n.to(tl.int64) * (H + 1) * (W + 1) * (4 * C)
+    y = tl.load(phases + (source * (4 * C) + (2 * a + b) * C)[:, None] + channels[None, :], mask=valid, other=0.0)
     y = y.to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + channels, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + (n.to(tl.int64) * HW + pixels[:, None]) * C + channels[None, :], y, mask=valid)
+    tl.store(y_ptr + n.to(tl.int64) * HW * C + pixels[:, None] * C + channels[None, :], y, mask=valid)
     if MOMENTS:
         count = tl.minimum(ROWS, HW - tile * ROWS).to(tl.float32)
         _tile_moments(y.to(tl.float32), valid, count, mean_ptr, m2_ptr,
@@ -263,11 +266,11 @@ def _warps(count: int) -> dict:
     return {} if devices.INTERPRETING else {"num_warps": count}
 
 
-def channel_block(channels: int) -> int:
-    """Channels per program: the largest power of two that divides `channels` (at most
-    MAX_CHANNEL_BLOCK), or `channels` rounded up to a power of two (one block, extra lanes masked)
-    where that divisor is below MIN_CHANNEL_BLOCK."""
-    block = min(channels & -channels, MAX_CHANNEL_BLOCK)
+def channel_block(channels: int, most: int = MAX_CHANNEL_BLOCK) -> int:
+    """Channels per program: the largest power of two that divides `channels` (at most `most`), or
+    `channels` rounded up to a power of two (one block, extra lanes masked) where that divisor is
+    below MIN_CHANNEL_BLOCK."""
+    block = min(channels & -channels, most)
     return block if block >= MIN_CHANNEL_BLOCK else triton.next_power_of_2(channels)
 
 
@@ -276,11 +279,17 @@ def _tile_rows(elements: int, pixels: int, block: int) -> int:
     return max(1, min(elements // block, triton.next_power_of_2(pixels)))
 
 
-def _moments_rows(pixels: int, block: int, x: torch.Tensor) -> int:
-    """Pixels per tile of a kernel that emits partials: TILE_ELEMENTS' tile, or more where the
-    partials (8 bytes per tile and channel) would exceed 1/PARTIALS_FRACTION of the map."""
+def _writer_tile(pixels: int, channels: int, x: torch.Tensor, moments: bool) -> tuple[int, int]:
+    """(pixels, channel block) per program of `add_bias_` or `interleave_phases` writing a map like
+    `x`: TILE_ELEMENTS of them. Where it emits partials, tall enough that they (8 bytes per tile and
+    channel) stay within 1/PARTIALS_FRACTION of the map, the channel block narrowed where that keeps
+    the tile at TILE_ELEMENTS (registers for the moments' passes)."""
+    if not moments:
+        block = channel_block(channels)
+        return _tile_rows(TILE_ELEMENTS, pixels, block), block
     least = triton.next_power_of_2(8 * PARTIALS_FRACTION // x.element_size())
-    return min(max(_tile_rows(TILE_ELEMENTS, pixels, block), least), triton.next_power_of_2(pixels))
+    block = channel_block(channels, max(MIN_CHANNEL_BLOCK, TILE_ELEMENTS // least))
+    return min(max(_tile_rows(TILE_ELEMENTS, pixels, block), least), triton.next_power_of_2(pixels)), block
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,8 +409,7 @@ def add_bias_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     hw = H * W
     if y.numel() == 0:
         return (y, _empty_moments(y, min(hw, 1), max(hw, 1))) if moments else y
-    block = channel_block(C)
-    rows = _moments_rows(hw, block, y) if moments else _tile_rows(TILE_ELEMENTS, hw, block)
+    rows, block = _writer_tile(hw, C, y, moments)
     tiles = triton.cdiv(hw, rows)
     partials = _empty_moments(y, tiles, rows) if moments else None
     _add_bias[(triton.cdiv(C, block), tiles, N)](
@@ -428,8 +436,7 @@ def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None,
     hw = 4 * H * W
     if y.numel() == 0:
         return (y, _empty_moments(y, 1, hw)) if moments else y
-    block = channel_block(C)
-    rows = _moments_rows(hw, block, y) if moments else _tile_rows(TILE_ELEMENTS, hw, block)
+    rows, block = _writer_tile(hw, C, y, moments)
     tiles = triton.cdiv(hw, rows)
     partials = _empty_moments(y, tiles, rows) if moments else None
     _interleave_phases[(triton.cdiv(C, block), tiles, N)](

@@ -455,16 +455,17 @@ def test_decoder_chooses_the_writers_that_emit_moments_once():
 def test_channel_blocks_and_the_emitted_moments_bound():
     """Channel blocks: the largest power-of-two divisor (16 to 128), else one padded block; the
     partials a writer emits stay within 1/PARTIALS_FRACTION of the map (plus a short last tile)."""
-    from hmar.kernels.channels_last import DTYPES, PARTIALS_FRACTION, _moments_rows, channel_block
+    from hmar.kernels.channels_last import DTYPES, MIN_CHANNEL_BLOCK, PARTIALS_FRACTION, _writer_tile, channel_block
 
     blocks = {160: 32, 320: 64, 640: 128, 96: 32, 48: 16, 128: 128, 256: 128, 512: 128, 3: 4, 40: 64, 130: 256}
     assert {c: channel_block(c) for c in blocks} == blocks
     for channels, pixels in ((160, 256 * 256), (160, 128 * 128), (320, 64 * 64), (320, 32 * 32), (640, 16 * 16), (3, 4096), (48, 999)):
         for dtype in DTYPES:
             size = torch.empty(0, dtype=dtype).element_size()
-            rows = _moments_rows(pixels, channel_block(channels), torch.empty(0, dtype=dtype))
+            rows, block = _writer_tile(pixels, channels, torch.empty(0, dtype=dtype), moments=True)
             tiles = -(-pixels // rows)
             assert rows & (rows - 1) == 0 and 8 * channels * (tiles - 1) <= pixels * channels * size / PARTIALS_FRACTION
+            assert (channels % block == 0 and block >= MIN_CHANNEL_BLOCK) or block == 1 << (channels - 1).bit_length()
 
 
 def test_argument_errors():

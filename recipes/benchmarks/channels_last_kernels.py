@@ -48,6 +48,8 @@ GROUPS = 32
 CHUNK = 8  # images per decoder call, as the sampler decodes
 PADDED_TILE_ELEMENTS = 8192  # ROWS × padded channels per element-wise program
 PADDED_MOMENTS_TILE_ELEMENTS = 2048  # ROWS × padded channels per step of a statistics program
+PADDED_MOMENTS_WARPS = 8
+PADDED_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -183,14 +185,14 @@ class Padded:
         hw, c_pad = H * W, triton.next_power_of_2(C)
         rows = blocked._tile_rows(PADDED_MOMENTS_TILE_ELEMENTS, hw, c_pad)
         tiles = triton.cdiv(hw, rows)
-        wanted = triton.cdiv(blocked.PROGRAMS_PER_SM * blocked._multiprocessors(x.device), N)
+        wanted = triton.cdiv(PADDED_PROGRAMS_PER_SM * blocked._multiprocessors(x.device), N)
         tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, wanted)))
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty((2, N, splits, C), device=x.device, dtype=torch.float32)
         counts = torch.empty((N, splits), device=x.device, dtype=torch.float32)
         statistics = torch.empty((2, N, num_groups), device=x.device, dtype=torch.float32)
         padded_partial_moments[(splits, N)](x, counts, partial[0], partial[1], hw, C, tiles_per_split * rows,
-                                            ROWS=rows, C_PAD=c_pad, **blocked._warps(blocked.MOMENTS_WARPS))
+                                            ROWS=rows, C_PAD=c_pad, **blocked._warps(PADDED_MOMENTS_WARPS))
         per_group = C // num_groups
         padded_group_statistics[(num_groups, N)](counts, partial[0], partial[1], shift, statistics[0], statistics[1], C, splits, eps,
                                                  PER_GROUP=per_group, SPLITS_PAD=triton.next_power_of_2(splits),
@@ -409,10 +411,12 @@ def decoder_rows(images: int, rounds: int) -> list[str]:
 
 
 def sweep_rows(shapes, timer: Timer, device, deadline: float) -> list[str]:
-    """µs per chunk of the decoder's norms and adds (each shape's count of them, from its level's
-    blocks) for launch constants of the blocked kernels, while time is left."""
+    """For launch constants of the blocked kernels, while time is left: µs of the statistics pass, and
+    of an add (with moments) then a norm, summed over one map of each shape."""
     gen = torch.Generator(device).manual_seed(1)
-    maps = {shape: (_maps(shape, 2, gen, 1000.0, device), _maps(shape, 2, gen, 0.0, device)) for shape, _ in shapes}
+    # the adds add zeros (a zero bias and residual), so that the maps stay as they are however often they run
+    maps = {shape: (_maps(shape, 2, gen, 1000.0, device), [torch.zeros_like(x) for x in _maps(shape, 2, gen, 0.0, device)])
+            for shape, _ in shapes}
     weight = {shape: torch.randn(shape[1], device=device, generator=gen) for shape, _ in shapes}
     saved = (blocked.TILE_ELEMENTS, blocked.ELEMENTWISE_WARPS, blocked.MOMENTS_TILE_ELEMENTS, blocked.MOMENTS_WARPS, blocked.PROGRAMS_PER_SM)
     rows = []
@@ -420,13 +424,15 @@ def sweep_rows(shapes, timer: Timer, device, deadline: float) -> list[str]:
     def chunk_us(kind: str) -> float:
         total = 0.0
         for shape, _ in shapes:
-            xs, residuals = maps[shape]
+            xs, zeros = maps[shape]
             w = weight[shape]
             if kind == "statistics":
                 total += timer(lambda i: blocked._statistics(xs[i % 2], GROUPS, 1e-6, None), 20)
             else:
+                no_bias = torch.zeros_like(w)
+
                 def pair(i):
-                    y, moments = blocked.add_bias_(residuals[i % 2], w, xs[i % 2], moments=True)
+                    y, moments = blocked.add_bias_(xs[i % 2], no_bias, zeros[i % 2], moments=True)
                     return blocked.group_norm(y, GROUPS, w, w, 1e-6, True, moments=moments)
                 total += timer(pair, 20)
         return total
@@ -436,14 +442,14 @@ def sweep_rows(shapes, timer: Timer, device, deadline: float) -> list[str]:
             for warps in (4, 8):
                 for per_sm in (2, 4, 8):
                     if time.monotonic() > deadline:
-                        return rows + ["| (time is up) | | | |"]
+                        return rows + ["| (left out: --seconds reached) | | |"]
                     blocked.MOMENTS_TILE_ELEMENTS, blocked.MOMENTS_WARPS, blocked.PROGRAMS_PER_SM = tile, warps, per_sm
                     rows.append(f"| statistics | tile {tile}, {warps} warps, {per_sm} programs/SM | {chunk_us('statistics'):.1f} |")
         blocked.MOMENTS_TILE_ELEMENTS, blocked.MOMENTS_WARPS, blocked.PROGRAMS_PER_SM = saved[2:]
         for tile in (4096, 8192, 16384):
             for warps in (4, 8):
                 if time.monotonic() > deadline:
-                    return rows + ["| (time is up) | | | |"]
+                    return rows + ["| (left out: --seconds reached) | | |"]
                 blocked.TILE_ELEMENTS, blocked.ELEMENTWISE_WARPS = tile, warps
                 rows.append(f"| add_bias_ with moments, then group_norm + SiLU | tile {tile}, {warps} warps | {chunk_us('pair'):.1f} |")
     finally:
@@ -514,7 +520,7 @@ def main() -> None:
             except Exception as exc:
                 emit(f"| FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | | | | |")
     if not args.no_sweep:
-        emit("", "Launch constants of the blocked kernels: µs per chunk of 8 images, summed over one map of each shape above", "",
+        emit("", "Launch constants of the blocked kernels: µs summed over one map of each shape above", "",
              "| kernels | constants | µs |", "|---|---|---|")
         try:
             emit(*sweep_rows(shapes, timer, device, deadline))
