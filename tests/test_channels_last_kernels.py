@@ -5,22 +5,30 @@ the decoder that runs on them.
 CPU: the kernels run under Triton's interpreter in a subprocess (`tests.interpreter`) against a
 float64 `F.group_norm` (+ `F.silu`), or float64 sums, of the same rounded input, by ||y − ref|| / ||ref||: fp32 ≤ 1e-5,
 fp16 ≤ 1e-3, bf16 ≤ 8e-3 (one rounding of the output: ~2e-4 / ~3e-3 measured). Shapes with partial
-tiles, statistics merged over several spans of several tiles, non-power-of-two channels, no affine
-parameters, and maps whose mean is 10³ times their spread (where E[x²] − E[x]² in float32 would lose
+tiles, statistics merged over several spans of several tiles, the decoder's channel counts (160, 320,
+640: blocks of 32, 64, 128 channels) and others (3 and 40: one padded block; 48, 96: blocks of 16 and
+32; 128, 256: powers of two), one-pixel maps, no affine parameters, and maps whose mean is 10³ times
+their spread (where E[x²] − E[x]² in float32 would lose
 the variance; bound 1e-4 there, see BOUND_OVERRIDES); three of these cases again with
 `FAST_DIVISION` (SiLU's division) on, within the same bounds. The statistics alone (each group's
 mean and 1/std) against float64 on adversarial inputs (STATISTICS_CASES: means 10³ times the spread
 in fp32/fp16/bf16, constant groups, one-channel groups, one-pixel maps, odd H·W and channel counts,
 a first tile 10³·std off the rest), with and without a shift: mean within 8 float32 ulps of the
-mean + 1e-5·std, 1/std within 5e-6 relative (1e-5 with the far first tile). The shift against float64 group_norm(x + shift);
+mean + 1e-5·std, 1/std within 5e-6 relative (1e-5 with the far first tile). group_norm on the
+moments that add_bias_ (± residual) or interleave_phases emit for the map they write
+(FUSED_CASES), with and without a shift: against float64, its statistics within the same bounds, and
+against group_norm without the moments; moments of another map refused. The shift against float64 group_norm(x + shift);
 the interleaved phases against float64 nearest upsample + 3×3 convolution; `upsample_weight`'s
 sub-pixel form exact in float64. A tiny tokenizer's decoder stored channels-last (fused norms and
 bias adds, sub-pixel upsamples), and one whose channel count changes (1×1 shortcut convolutions,
-their bias left to the residual's add), decodes like the NCHW one (float32, ≤ 1e-5).
+their bias left to the residual's add), decodes like the NCHW one (float32, ≤ 1e-5), with a
+statistics pass only for each block's norm2 (the other norms take the moments of their input's
+writer, which `Decoder.set_fused` picks).
 
 GPU (marked `gpu`): the d16 tokenizer's decoder shapes in float16 against the float64 reference, the
-statistics at those shapes on the adversarial inputs (the CPU bounds), and the float16 channels-last
-and NCHW decoders at 256 px against the float32 one (pixel levels).
+statistics at those shapes on the adversarial inputs (the CPU bounds), group_norm on the writers'
+moments at those shapes, add_bias_ and interleave_phases there against float64, and the float16
+channels-last and NCHW decoders at 256 px against the float32 one (pixel levels).
 """
 from __future__ import annotations
 
