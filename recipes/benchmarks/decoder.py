@@ -84,7 +84,7 @@ INTERPOLATE = {(modules.Upsample, "forward"): _upsample_then_convolve}
 DIRECT_LAUNCH = {(channels_last, name): _DirectLaunch(getattr(channels_last, name))
                  for name in ("_partial_moments", "_group_statistics", "_normalize_act", "_add_bias", "_interleave_phases")}
 CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True, fused=False, moments=None: x, (modules, "convolve"): _conv_only,
-             (modules, "convolve_with_moments"): lambda conv, x, *args, emit=False: (_conv_only(conv, x), None),
+             (modules, "convolve_with_moments"): lambda conv, x, *args, **kwargs: (_conv_only(conv, x), None),
              (modules, "convolve_normalize"): lambda conv, x, norm, fused=False: _conv_only(conv, x)}
 
 VARIANTS = {v.name: v for v in (
