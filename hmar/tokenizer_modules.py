@@ -184,7 +184,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
         kernels = _channels_last_kernels() if self.fused else None
         if kernels is not None and kernels.supports(x):
-            phases = F.conv2d(x, self.phase_weight(), None, padding=1).contiguous(memory_format=torch.channels_last)  # (N, 4C, H + 1, W + 1)
+            phases = F.conv2d(x, self.phase_weight(), None, padding=1)  # (N, 4C, H + 1, W + 1)
+            phases = phases.contiguous(memory_format=torch.channels_last)
             if self.emit_moments:
                 return kernels.interleave_phases(phases, self.conv.bias, moments=True)
             return kernels.interleave_phases(phases, self.conv.bias), None
