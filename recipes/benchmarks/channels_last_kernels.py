@@ -174,6 +174,68 @@ def padded_interleave_phases(o_ptr, bias_ptr, y_ptr, M, H, W, C,
     tl.store(y_ptr + pixels[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def contiguous_partial_moments(x_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
+                               LANES: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr):
+    # A sample's (HW, C) rows as (HW·NB, CB) rows: lane l reads row first·NB + i·LANES' + l, which
+    # holds channel block l % NB of pixel first + i·P + l // NB, with LANES' = P·NB of the LANES lanes
+    # used, so that each lane's block never changes and a tile is one contiguous run of the map.
+    split, n = tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(1)
+    lanes = tl.arange(0, LANES)
+    P: tl.constexpr = LANES // NB  # pixels per step
+    used = lanes < P * NB
+    block = lanes % NB
+    step = lanes // NB
+    cols = tl.arange(0, CB)
+    first = split * SPAN
+    pixels = tl.minimum(SPAN, HW - first)
+    span = x_ptr + (n.to(tl.int64) * HW + first) * C + lanes[:, None] * CB + cols[None, :]
+    head = (used & (step < pixels))[:, None]
+    x = tl.load(span, mask=head, other=0.0).to(tl.float32)
+    first_pixels = tl.minimum(pixels, P).to(tl.float32)
+    pivot = tl.zeros((LANES, CB), tl.float32)
+    for b in tl.static_range(NB):  # each block's mean over the first step, given to its lanes
+        mine = (block == b)[:, None]
+        pivot = tl.where(mine, (tl.sum(tl.where(mine & head, x, 0.0), axis=0) / first_pixels)[None, :], pivot)
+    s1 = tl.where(head, x - pivot, 0.0)
+    s2 = s1 * s1
+    for i in range(1, tl.cdiv(pixels, P)):
+        valid = (used & (i * P + step < pixels))[:, None]
+        x = tl.load(span + i * P * C, mask=valid, other=0.0).to(tl.float32)
+        d = tl.where(valid, x - pivot, 0.0)
+        s1 += d
+        s2 += d * d
+    count = pixels.to(tl.float32)
+    for b in tl.static_range(NB):
+        mine = (block == b)[:, None] & used[:, None]
+        offset = tl.sum(tl.where(mine, s1, 0.0), axis=0) / count
+        m2 = tl.maximum(tl.sum(tl.where(mine, s2, 0.0), axis=0) - count * offset * offset, 0.0)
+        p = tl.max(tl.where(mine, pivot, float("-inf")), axis=0)
+        out = (n * splits + split) * C + b * CB + cols
+        tl.store(mean_ptr + out, p + offset)
+        tl.store(m2_ptr + out, m2)
+
+
+def contiguous_partials(x: torch.Tensor) -> blocked.Moments:
+    """`blocked._partials` by `contiguous_partial_moments` (lanes of a program spread over the channel
+    blocks, not a program per block): the same spans' moments, for `blocked._statistics`. Only for maps
+    whose channels split into blocks (not padded)."""
+    N, C, H, W = x.shape
+    hw, block = H * W, blocked.channel_block(C)
+    blocks = C // block
+    lanes = triton.next_power_of_2(max(blocks, blocked.MOMENTS_TILE_ELEMENTS // block))
+    step = lanes // blocks
+    steps = triton.cdiv(hw, step)
+    wanted = triton.cdiv(blocked.PROGRAMS_PER_SM * blocked._multiprocessors(x.device), N)
+    steps_per_split = triton.cdiv(steps, max(1, min(steps, wanted)))
+    moments = blocked._empty_moments(x, triton.cdiv(steps, steps_per_split), steps_per_split * step)
+    contiguous_partial_moments[(1, moments.partials.shape[2], N)](x, moments.partials[0], moments.partials[1], hw, C, moments.span,
+                                                                  LANES=lanes, CB=block, NB=blocks,
+                                                                  **blocked._warps(blocked.MOMENTS_WARPS))
+    return moments
+
+
 class Padded:
     """The padded kernels behind the module's interface (the decoder's `_channels_last_kernels`):
     they emit no moments, so every norm runs its statistics pass."""
@@ -324,6 +386,11 @@ def kernel_rows(shape, upsampled: bool, timer: Timer, device) -> list[str]:
     new = timer(lambda i: blocked._statistics(xs[i % count], GROUPS, 1e-6, None), calls)
     row("statistics", 1, padded, new, _rstd_error(Padded.statistics(xs[0], GROUPS, 1e-6), xs[0]),
         _rstd_error(blocked._statistics(xs[0], GROUPS, 1e-6, None), xs[0]))
+    if C % blocked.channel_block(C) == 0:  # the other way to split the channels, in the "blocked" columns
+        contiguous = timer(lambda i: blocked._statistics(xs[i % count], GROUPS, 1e-6, None, contiguous_partials(xs[i % count])), calls)
+        row("statistics, lanes over the channel blocks (a program reads a contiguous run)", 1, padded, contiguous,
+            _rstd_error(Padded.statistics(xs[0], GROUPS, 1e-6), xs[0]),
+            _rstd_error(blocked._statistics(xs[0], GROUPS, 1e-6, None, contiguous_partials(xs[0])), xs[0]))
     # GroupNorm + SiLU: statistics, then a read and a write
     ref = F.silu(F.group_norm(xs[0].double(), GROUPS, weight.double(), bias.double(), 1e-6))
     padded = timer(lambda i: Padded.group_norm(xs[i % count], GROUPS, weight, bias, 1e-6, True), calls)
