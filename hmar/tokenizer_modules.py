@@ -13,14 +13,24 @@ convolutions' bias adds with the residual after them (`hmar.kernels.channels_las
 followed by a norm leaves its bias to the norm's kernel (`convolve_normalize`), a 1×1 shortcut
 convolution leaves its bias to the add that takes it as the residual, and each upsample
 runs in sub-pixel form (`Upsample`). Everywhere else these are PyTorch's modules.
+
+Every map the decoder's kernels write (a block's output, an upsample's, `conv_in`'s) is read next by
+a norm, except the map an upsample reads: those writers also emit the map's per-channel moments
+(`hmar.kernels.channels_last.Moments`), and the norm takes them instead of a statistics pass over
+the map (`Decoder.set_fused` chooses the writers). So the blocks, resamplers, levels and the middle
+map (a map, its moments or None) to (their output, its moments or None); the moments are None
+wherever the kernels do not run.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hmar.kernels.channels_last import Moments
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -34,12 +44,12 @@ def _channels_last_kernels():
     return channels_last
 
 
-def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, fused: bool = False) -> torch.Tensor:
+def normalize(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, fused: bool = False, moments: Moments | None = None) -> torch.Tensor:
     """`norm(x)`, then SiLU if `silu`: one Triton kernel when `fused` (a channels-last decoder),
-    PyTorch's modules otherwise."""
+    PyTorch's modules otherwise. `moments`: x's, from the kernel that wrote it (or None)."""
     kernels = _channels_last_kernels() if fused else None
     if kernels is not None and kernels.supports(x):  # (a map in another layout or dtype takes PyTorch's)
-        return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+        return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu, moments=moments)
     h = norm(x)
     return F.silu(h) if silu else h
 
@@ -50,18 +60,25 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = N
     given. When `fused`, cuDNN runs the convolution without its bias and one Triton kernel adds the
     bias and the residual in place (PyTorch's separate bias kernel would be another pass over the
     output)."""
+    return convolve_with_moments(conv, x, residual, fused, residual_bias)[0]
+
+
+def convolve_with_moments(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False,
+                          residual_bias: torch.Tensor | None = None, emit: bool = False) -> tuple[torch.Tensor, Moments | None]:
+    """`convolve`, and the result's moments for the norm that reads it next when `emit` and the
+    Triton kernel added the bias (None otherwise)."""
     kernels = _channels_last_kernels() if fused and conv.bias is not None else None
     if kernels is not None and kernels.supports(x) and (residual is None or kernels.supports(residual)):
         bias = conv.bias if residual is None or residual_bias is None else conv.bias + residual_bias
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         if kernels.supports(y):
-            return kernels.add_bias_(y, bias, residual)
+            return kernels.add_bias_(y, bias, residual, moments=True) if emit else (kernels.add_bias_(y, bias, residual), None)
         y = y + bias.view(-1, 1, 1)  # (cuDNN chose another layout)
-        return y if residual is None else y + residual
+        return (y if residual is None else y + residual), None
     y = conv(x)
-    if residual is None:
-        return y
-    return residual + y if residual_bias is None else residual + y + residual_bias.view(-1, 1, 1)
+    if residual is not None:
+        y = residual + y if residual_bias is None else residual + y + residual_bias.view(-1, 1, 1)
+    return y, None
 
 
 def convolve_normalize(conv: nn.Conv2d, x: torch.Tensor, norm: nn.GroupNorm, fused: bool = False) -> torch.Tensor:
@@ -99,16 +116,17 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.fused = False  # the channels-last kernels (KernelPolicy.channels_last_decoder, see Decoder.set_fused)
+        self.emit_moments = False  # whether the output's moments go to the norm that reads it next (Decoder.set_fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
         fused = self.fused
-        h = convolve_normalize(self.conv1, normalize(self.norm1, x, fused=fused), self.norm2, fused)
+        h = convolve_normalize(self.conv1, normalize(self.norm1, x, fused=fused, moments=moments), self.norm2, fused)
         shortcut, shortcut_bias = x, None
         if isinstance(self.nin_shortcut, nn.Conv2d) and fused:  # its bias left to conv2's bias add: a pass fewer
             shortcut, shortcut_bias = F.conv2d(x, self.nin_shortcut.weight), self.nin_shortcut.bias
         elif isinstance(self.nin_shortcut, nn.Conv2d):
             shortcut = self.nin_shortcut(x)
-        return convolve(self.conv2, h, residual=shortcut, fused=fused, residual_bias=shortcut_bias)
+        return convolve_with_moments(self.conv2, h, shortcut, fused, shortcut_bias, emit=self.emit_moments)
 
 
 class AttnBlock(nn.Module):
@@ -120,13 +138,14 @@ class AttnBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.fused = False  # see ResnetBlock
+        self.emit_moments = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
         B, C, H, W = x.shape
-        qkv = convolve(self.qkv, normalize(self.norm, x, silu=False, fused=self.fused), fused=self.fused)
+        qkv = convolve(self.qkv, normalize(self.norm, x, silu=False, fused=self.fused, moments=moments), fused=self.fused)
         q, k, v = qkv.reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax scale C^-1/2
-        return convolve(self.proj_out, h.transpose(1, 2).reshape(B, C, H, W), residual=x, fused=self.fused)
+        return convolve_with_moments(self.proj_out, h.transpose(1, 2).reshape(B, C, H, W), x, self.fused, emit=self.emit_moments)
 
 
 class Downsample(nn.Module):
@@ -134,8 +153,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: exact halving for even sizes
+    def forward(self, x: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, None]:
+        return self.conv(F.pad(x, (0, 1, 0, 1))), None  # asymmetric pad: exact halving for even sizes
 
 
 class Upsample(nn.Module):
@@ -151,6 +170,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self._phase_weight: tuple[tuple, torch.Tensor] | None = None  # (the weight it came from, the phases)
         self.fused = False  # see ResnetBlock
+        self.emit_moments = False
 
     def phase_weight(self) -> torch.Tensor:
         """`upsample_weight` of the convolution's weight, made again only when the weight changes."""
@@ -161,12 +181,15 @@ class Upsample(nn.Module):
                 self._phase_weight = (key, upsample_weight(w).contiguous(memory_format=torch.channels_last))
         return self._phase_weight[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
         kernels = _channels_last_kernels() if self.fused else None
         if kernels is not None and kernels.supports(x):
             phases = F.conv2d(x, self.phase_weight(), None, padding=1)  # (N, 4C, H + 1, W + 1)
-            return kernels.interleave_phases(phases.contiguous(memory_format=torch.channels_last), self.conv.bias)
-        return convolve(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"), fused=self.fused)
+            phases = phases.contiguous(memory_format=torch.channels_last)
+            if self.emit_moments:
+                return kernels.interleave_phases(phases, self.conv.bias, moments=True)
+            return kernels.interleave_phases(phases, self.conv.bias), None
+        return convolve_with_moments(self.conv, F.interpolate(x, scale_factor=2, mode="nearest"), fused=self.fused, emit=self.emit_moments)
 
 
 class Level(nn.Module):
@@ -182,12 +205,12 @@ class Level(nn.Module):
         if resample is not None:
             setattr(self, name, resample)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
         for i, block in enumerate(self.block):
-            h = block(h)
+            h, moments = block(h, moments)
             if len(self.attn):
-                h = self.attn[i](h)
-        return getattr(self, self.resample_name)(h) if self.resample_name else h
+                h, moments = self.attn[i](h, moments)
+        return getattr(self, self.resample_name)(h, moments) if self.resample_name else (h, moments)
 
 
 class Middle(nn.Module):
@@ -197,8 +220,8 @@ class Middle(nn.Module):
         self.attn_1 = AttnBlock(channels, norm_groups)
         self.block_2 = ResnetBlock(channels, channels, norm_groups)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+    def forward(self, h: torch.Tensor, moments: Moments | None = None) -> tuple[torch.Tensor, Moments | None]:
+        return self.block_2(*self.attn_1(*self.block_1(h, moments)))
 
 
 class Encoder(nn.Module):
@@ -221,8 +244,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = level(h)
-        return self.conv_out(normalize(self.norm_out, self.mid(h)))
+            h, _ = level(h)
+        return self.conv_out(normalize(self.norm_out, self.mid(h)[0]))
 
 
 class Decoder(nn.Module):
@@ -243,16 +266,22 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         self.fused = False  # see ResnetBlock
+        self.emit_moments = False  # conv_in's output's, for mid.block_1's norm1 (see ResnetBlock)
 
     def set_fused(self, fused: bool) -> None:
         """Whether this decoder's norms, bias adds and upsamples run as the channels-last kernels
-        (`hmar.kernels.channels_last`): for a half-precision decoder stored channels-last."""
+        (`hmar.kernels.channels_last`): for a half-precision decoder stored channels-last. With them,
+        every writer of a map that a norm reads next (a block's norm1, an attention block's norm,
+        norm_out) hands that norm the map's moments: all of them but the last before each upsample."""
         for module in self.modules():
             if isinstance(module, (Decoder, ResnetBlock, AttnBlock, Upsample)):
-                module.fused = fused
+                module.fused = module.emit_moments = fused
+        for level in self.up:
+            if level.resample_name:
+                (level.attn or level.block)[-1].emit_moments = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(convolve(self.conv_in, z, fused=self.fused))
+        h, moments = self.mid(*convolve_with_moments(self.conv_in, z, fused=self.fused, emit=self.emit_moments))
         for level in reversed(self.up):
-            h = level(h)
-        return convolve(self.conv_out, normalize(self.norm_out, h, fused=self.fused), fused=self.fused)
+            h, moments = level(h, moments)
+        return convolve(self.conv_out, normalize(self.norm_out, h, fused=self.fused, moments=moments), fused=self.fused)

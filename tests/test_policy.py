@@ -129,15 +129,16 @@ def _fake_kernels(calls: dict) -> dict[str, types.ModuleType]:
         temperature = log_scale.reshape(1, -1, 1, 1).clamp_max(max_log).exp()
         return F.normalize(q, dim=-1) * temperature, F.normalize(k, dim=-1), v
 
-    def group_norm(x, groups, weight, bias, eps, silu, shift=None):
+    def group_norm(x, groups, weight, bias, eps, silu, shift=None, moments=None):
         y = F.group_norm(x if shift is None else x + shift.view(-1, 1, 1), groups, weight, bias, eps)
         return (F.silu(y) if silu else y).contiguous(memory_format=torch.channels_last)
 
-    def add_bias_(y, bias, residual=None):
+    def add_bias_(y, bias, residual=None, moments=False):
         y.add_(bias.view(-1, 1, 1))
-        return y if residual is None else y.add_(residual)
+        y = y if residual is None else y.add_(residual)
+        return (y, None) if moments else y  # (no moments: the norm computes its own statistics)
 
-    def interleave_phases(phases, bias):
+    def interleave_phases(phases, bias, moments=False):
         # output pixel (2i + a, 2j + b) is phase 2a + b's pixel (i + a, j + b) (hmar.tokenizer_modules.upsample_weight)
         N, C4, H1, W1 = phases.shape
         C, H, W = C4 // 4, H1 - 1, W1 - 1
@@ -146,7 +147,8 @@ def _fake_kernels(calls: dict) -> dict[str, types.ModuleType]:
             for b in (0, 1):
                 p = 2 * a + b
                 out[:, :, a::2, b::2] = phases[:, p * C:(p + 1) * C, a:a + H, b:b + W]
-        return (out + bias.view(-1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        out = (out + bias.view(-1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        return (out, None) if moments else out
 
     always = lambda *args: True  # noqa: E731
     return {

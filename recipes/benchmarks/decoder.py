@@ -56,15 +56,16 @@ def _conv_only(conv, x, residual=None, fused=False):  # lower bound: the convolu
     return torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
 
 
-def _separate_bias_block(self, x):  # ResnetBlock with conv1's bias added in a pass of its own
+def _separate_bias_block(self, x, moments=None):  # ResnetBlock with conv1's bias added in a pass of its own
     fused = self.fused
-    h = modules.convolve(self.conv1, modules.normalize(self.norm1, x, fused=fused), fused=fused)
+    h = modules.convolve(self.conv1, modules.normalize(self.norm1, x, fused=fused, moments=moments), fused=fused)
     shortcut = x if isinstance(self.nin_shortcut, torch.nn.Identity) else modules.convolve(self.nin_shortcut, x, fused=fused)
-    return modules.convolve(self.conv2, modules.normalize(self.norm2, h, fused=fused), residual=shortcut, fused=fused)
+    return modules.convolve_with_moments(self.conv2, modules.normalize(self.norm2, h, fused=fused), shortcut, fused, emit=self.emit_moments)
 
 
-def _upsample_then_convolve(self, x):  # Upsample as written: F.interpolate, then the 3×3 convolution
-    return modules.convolve(self.conv, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), fused=self.fused)
+def _upsample_then_convolve(self, x, moments=None):  # Upsample as written: F.interpolate, then the 3×3 convolution
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    return modules.convolve_with_moments(self.conv, upsampled, fused=self.fused, emit=self.emit_moments)
 
 
 class _DirectLaunch:
@@ -82,7 +83,8 @@ SEPARATE_BIAS = {(modules.ResnetBlock, "forward"): _separate_bias_block}
 INTERPOLATE = {(modules.Upsample, "forward"): _upsample_then_convolve}
 DIRECT_LAUNCH = {(channels_last, name): _DirectLaunch(getattr(channels_last, name))
                  for name in ("_partial_moments", "_group_statistics", "_normalize_act", "_add_bias", "_interleave_phases")}
-CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True, fused=False: x, (modules, "convolve"): _conv_only,
+CONV_ONLY = {(modules, "normalize"): lambda norm, x, silu=True, fused=False, moments=None: x, (modules, "convolve"): _conv_only,
+             (modules, "convolve_with_moments"): lambda conv, x, *args, **kwargs: (_conv_only(conv, x), None),
              (modules, "convolve_normalize"): lambda conv, x, norm, fused=False: _conv_only(conv, x)}
 
 VARIANTS = {v.name: v for v in (

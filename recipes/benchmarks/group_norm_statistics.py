@@ -5,7 +5,9 @@ gives it, against a per-element Welford loop; then a sweep of its launch configu
     python recipes/benchmarks/group_norm_statistics.py --decoder [decoder.py's arguments]
 
 The shapes and how often each occurs come from one decode of a chunk of 8 images at 256 px
-(vae_ch160v4096z32, float16, channels-last), recorded at `hmar.kernels.channels_last._statistics`.
+(vae_ch160v4096z32, float16, channels-last), recorded at `hmar.kernels.channels_last._partials`: the
+statistics passes the decoder still runs (the norms whose input's writer handed over its moments
+run none).
 Each is timed on float16 maps whose channel means are 10³ times their spread, as GPU time per call
 (CUDA-graph replays of 20 calls over two maps in turn: an eager loop would time the host's
 launches), next to half a copy of the map (read + write: the bytes floor of a pass that reads it),
@@ -14,7 +16,7 @@ shapes, times their counts, times 8 chunks.
 
 `_partial_moments` is swapped for `welford_partial_moments` (the same arguments: a running mean and
 M2 per row lane and channel, a division per element, Chan's merge of the lanes) by setting the
-module attribute, which `_statistics` reads at each call. `--decoder` runs
+module attribute, which `_partials` reads at each call. `--decoder` runs
 `recipes/benchmarks/decoder.py` with one more variant, "both, Welford statistics", the default
 decoder with that kernel (e.g. `--decoder --images 16 --rounds 6 --variants "both (default)"
 "both, Welford statistics"`).
@@ -38,17 +40,17 @@ CALLS = 20  # calls per graph
 
 
 @triton.jit
-def welford_partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
-                            ROWS: tl.constexpr, C_PAD: tl.constexpr):
-    split, n = tl.program_id(0), tl.program_id(1)
-    splits = tl.num_programs(0)
+def welford_partial_moments(x_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
+                            ROWS: tl.constexpr, CB: tl.constexpr):
+    block, split, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(1)
     lanes = tl.arange(0, ROWS)
-    cols = tl.arange(0, C_PAD)
+    cols = block * CB + tl.arange(0, CB)
     sample = x_ptr + n.to(tl.int64) * HW * C
     first = split * SPAN
     pixels = tl.minimum(SPAN, HW - first)
-    mean = tl.zeros((ROWS, C_PAD), tl.float32)
-    m2 = tl.zeros((ROWS, C_PAD), tl.float32)
+    mean = tl.zeros((ROWS, CB), tl.float32)
+    m2 = tl.zeros((ROWS, CB), tl.float32)
     for i in range(0, tl.cdiv(pixels, ROWS)):
         rows = i * ROWS + lanes
         valid = (rows[:, None] < pixels) & (cols[None, :] < C)
@@ -60,7 +62,6 @@ def welford_partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, C, SPAN,
     channel_mean = tl.sum(lane_count * mean, axis=0) / pixels
     deviation = mean - channel_mean[None, :]
     out = (n * splits + split) * C + cols
-    tl.store(count_ptr + n * splits + split, pixels.to(tl.float32))
     tl.store(mean_ptr + out, channel_mean, mask=cols < C)
     tl.store(m2_ptr + out, tl.sum(m2 + lane_count * deviation * deviation, axis=0), mask=cols < C)
 
@@ -75,7 +76,7 @@ def configure(kernel, tile: int, warps: int, per_sm: int) -> None:
 
 
 def decoder_shapes() -> Counter:
-    """(N, C, H, W) -> calls of `_statistics` in one decode of 8 images at 256 px by the d16 tokenizer."""
+    """(N, C, H, W) -> statistics passes (`_partials`) in one decode of 8 images at 256 px by the d16 tokenizer."""
     from hmar.checkpoints import build_models
     from hmar.config import ModelConfig, TransformerConfig, tokenizer_preset
 
@@ -83,18 +84,18 @@ def decoder_shapes() -> Counter:
     tokenizer = build_models(config)[0].cuda().eval()
     tokenizer.cast_decoder(torch.float16, channels_last=True)
     tokens = [torch.randint(0, 4096, (8, p * p), device="cuda") for p in tokenizer.patch_nums]
-    shapes, statistics = Counter(), channels_last._statistics
+    shapes, partials = Counter(), channels_last._partials
 
-    def recording(x, *args):
+    def recording(x):
         shapes[tuple(x.shape)] += 1
-        return statistics(x, *args)
+        return partials(x)
 
-    channels_last._statistics = recording
+    channels_last._partials = recording
     try:
         with torch.no_grad():
             tokenizer.decode(tokenizer.tokens_to_f_hat(tokens))
     finally:
-        channels_last._statistics = statistics
+        channels_last._partials = partials
     return shapes
 
 
