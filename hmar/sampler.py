@@ -172,14 +172,15 @@ def guided_draw(logits: torch.Tensor, t: float, top_k: int, top_p: float, genera
     `replace` = (tokens, mask) has mask True, the position takes `tokens`' token instead of the drawn
     one. Returns the tokens (B, l) and their confidence (`drawn_probability`), NaN where the logits
     were not finite. `fused`: in one kernel (`hmar.kernels.sampling`, from the same random numbers;
-    its docstring says where the rounding can differ) wherever it takes the logits. The reference
-    path overwrites the logits' unconditional half."""
+    its docstring says where the rounding can differ) wherever it takes the logits; the reference path
+    guides in float32 (logits in the head's dtype, as the fused policy leaves them, are converted) and
+    overwrites float32 logits' unconditional half."""
     kernel = _sampling_kernel(logits) if fused else None
     if kernel is not None:
         B2, l, V = logits.shape
         noise = exponential_noise((B2 // 2 * l, V), torch.float32, logits.device, generator)
         return kernel.guided_draw(logits, t, top_k, top_p, noise, replace)
-    drawn, probs = draw_tokens(guide_(logits, t), top_k, top_p, generator)
+    drawn, probs = draw_tokens(guide_(logits.float(), t), top_k, top_p, generator)  # (a no-op on float32 logits)
     tokens = drawn if replace is None else torch.where(replace[1], replace[0], drawn)
     return tokens, drawn_probability(probs, tokens)
 
@@ -323,7 +324,11 @@ def sample(
     flags = torch.stack(nonfinite)
     f_hat.masked_fill_(flags.any(), torch.nan)  # no value changes unless a scale went bad
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
-    images = torch.cat([tokenizer.decode(part).float() for part in f_hat.split(DECODE_CHUNK)])
+    # Each chunk is converted to float32 as it is copied into place (no float32 copy, then a concatenation).
+    size = tokenizer.config.image_size
+    images = f_hat.new_empty(B, 3, size, size)
+    for part, out in zip(f_hat.split(DECODE_CHUNK), images.split(DECODE_CHUNK)):
+        out.copy_(tokenizer.decode(part))
     return SampleResult(images=images.add_(1).mul_(0.5), tokens=all_tokens, f_hat=f_hat, nonfinite=flags)
 
 

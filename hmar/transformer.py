@@ -313,6 +313,12 @@ class ScaleTransformer(nn.Module):
         """Logits (B, l, V) for one scale's tokens; `cache`: this batch's `sampling_cache()`."""
         raise NotImplementedError
 
+    def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A sampling head's logits as the draw reads them: the fused draw (`KernelPolicy.fused_draw`)
+        reads the head's dtype and converts to float32 itself, exactly as `.float()` would, which
+        spares a float32 copy of every pass's (B, l, V) logits; the reference ops guide in float32."""
+        return logits if self.policy.fused_draw else logits.float()
+
     # ---- inputs ------------------------------------------------------------------------------
     def condition(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class embedding (for the heads) and the blocks' conditioning (shared AdaLN projects it)."""
@@ -396,12 +402,12 @@ class HMAR(ScaleTransformer):
     def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: SamplingCache | None = None) -> torch.Tensor:
         """Logits (B, l, V) of the next-scale branch for one scale's tokens (a scale sees only itself:
         `cache` keeps no keys, only what stays fixed for the batch)."""
-        return self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend, cache)).float()
+        return self._sampling_logits(self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend, cache)))
 
     def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend,
                cache: SamplingCache | None = None) -> torch.Tensor:
         """Logits (B, l, V) of the mask branch for one scale's tokens; `cache`: as `next_scale`'s."""
-        return self.mask_head(self._masked_features(x, cond, cond_BD, attend, cache)).float()
+        return self._sampling_logits(self.mask_head(self._masked_features(x, cond, cond_BD, attend, cache)))
 
     def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
                              cache: SamplingCache | None = None) -> torch.Tensor:
@@ -474,7 +480,7 @@ class VAR(ScaleTransformer):
         """Logits (B, l, V) for one scale, attending to it and the earlier scales in `cache` (which it
         extends by this scale)."""
         x = self._run(self.blocks, x, cond, dense_attend, cache)
-        return self.head(self.head_nm(x.float(), cond_BD, cache[self.head_nm])).float()
+        return self._sampling_logits(self.head(self.head_nm(x.float(), cond_BD, cache[self.head_nm])))
 
     @property
     def next_scale_head(self) -> nn.Linear:
