@@ -4,7 +4,8 @@ Both predict the tokens of scale k from an input sequence of that scale's size. 
 k is the up-to-date reconstruction f̂ downsampled to scale k, and a token sees every earlier scale
 (block-causal; a KV cache at sampling time). HMAR's input is the same, but a token sees only its own
 scale (block-diagonal): scale k depends on earlier scales only through f̂ (a Markov chain), so
-sampling needs no cache. HMAR's blocks are split into a shared trunk (`base_blocks`) and two branches
+sampling needs no KV cache. (Both keep per batch what stays fixed from pass to pass: `LayerCache`.)
+HMAR's blocks are split into a shared trunk (`base_blocks`) and two branches
 with their own heads: `ns_blocks` (next-scale prediction) and `mask_blocks` (masked prediction inside a
 scale, MaskGIT-style). Parameter names follow the published checkpoints so they load strictly.
 

@@ -25,11 +25,14 @@ from tests.train_helpers import tiny_tokenizer_config, tiny_transformer_config
 
 # (family, shared AdaLN): the blocks' modulations from their own projection, or from the shared one
 MODELS = [("hmar", False), ("hmar", True), ("var", False)]
+# On CUDA the device's sampling policy runs: the fused block kernels, the fused draw, bf16, float16 decoder
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-def _pipeline(family: str, shared_aln: bool) -> Pipeline:
-    transformer = dataclasses.replace(tiny_transformer_config(), family=family, shared_aln=shared_aln, depth=3)
-    return Pipeline.random(ModelConfig(tiny_tokenizer_config(), transformer), device="cpu", seed=0)
+def _pipeline(family: str, shared_aln: bool, device: str = "cpu") -> Pipeline:
+    # head dim 64: one the cosine-attention kernel takes
+    transformer = dataclasses.replace(tiny_transformer_config(), family=family, shared_aln=shared_aln, depth=3, width=128)
+    return Pipeline.random(ModelConfig(tiny_tokenizer_config(), transformer), device=device, seed=0)
 
 
 def _schedule(pipe: Pipeline, steps: int) -> list[list[int]]:
@@ -38,8 +41,14 @@ def _schedule(pipe: Pipeline, steps: int) -> list[list[int]]:
 
 
 def _sample(pipe: Pipeline, schedule, batch: int = 1):
-    labels = torch.arange(batch) % pipe.num_classes
-    return sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cpu"))
+    labels = torch.arange(batch, device=pipe.device) % pipe.num_classes
+    return sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, pipe.device),
+                  amp_dtype=pipe.amp_dtype)
+
+
+def _assert_identical(a, b) -> None:
+    assert torch.equal(a.images, b.images) and torch.equal(a.f_hat, b.f_hat)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
 
 
 class _Ops(TorchDispatchMode):
@@ -94,19 +103,32 @@ def test_what_a_batch_computes_once_does_not_grow_with_its_steps(family, shared_
         assert more["addmm"] > once["addmm"] and more["_scaled_dot_product_flash_attention_for_cpu"] > once["_scaled_dot_product_flash_attention_for_cpu"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family, shared_aln", MODELS)
-def test_the_kept_values_give_what_computing_them_at_every_pass_gives(monkeypatch, family, shared_aln):
+def test_the_kept_values_give_what_computing_them_at_every_pass_gives(monkeypatch, family, shared_aln, device):
     """The same images and tokens, bit for bit, when every pass computes the layers' constants anew
     (a cache that keeps nothing), at batch 1 (the doubled input a view) and 3 (a copy)."""
-    pipe = _pipeline(family, shared_aln)
+    pipe = _pipeline(family, shared_aln, device)
     schedule = _schedule(pipe, 7)
     kept = [_sample(pipe, schedule, batch) for batch in (1, 3)]
     original = pipe.transformer.sampling_cache
     monkeypatch.setattr(pipe.transformer, "sampling_cache", lambda: _Forgetting(original()))
-    anew = [_sample(pipe, schedule, batch) for batch in (1, 3)]
-    for a, b in zip(kept, anew):
-        assert torch.equal(a.images, b.images) and torch.equal(a.f_hat, b.f_hat)
-        assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    for batch, a in zip((1, 3), kept):
+        _assert_identical(a, _sample(pipe, schedule, batch))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["hmar", "var"])
+def test_the_fused_draw_reads_the_heads_logits_as_float32_copies_of_them_give(monkeypatch, family):
+    """The fused draw takes the heads' logits in their dtype and converts them itself: the same tokens
+    and images as from float32 copies of them."""
+    pipe = _pipeline(family, False, "cuda")
+    assert pipe.policy.fused_draw and pipe.policy.amp_dtype is not None
+    schedule = _schedule(pipe, 7)
+    direct = _sample(pipe, schedule, 2)
+    monkeypatch.setattr(type(pipe.transformer), "_sampling_logits", lambda self, logits: logits.float())
+    _assert_identical(direct, _sample(pipe, schedule, 2))
 
 
 class _Forgetting(dict):
