@@ -8,9 +8,9 @@ and images. `compare` requires tokens and f̂ to be identical; images are compar
 the channels-last decoder's cuDNN autotuning may pick other kernels in another process (its last
 bits then differ whatever changed), so their largest difference is printed instead of failing.
 
-To check a change against its parent (the engine imported from PYTHONPATH's checkout first):
+To check a change against an earlier commit, import that commit's engine (kernels included) first:
 
-    git worktree add /tmp/base HEAD~1
+    mkdir /tmp/base && git archive COMMIT hmar kernels | tar -x -C /tmp/base && mv /tmp/base/kernels /tmp/base/hmar/
     PYTHONPATH=/tmp/base python recipes/benchmarks/sampling_identity.py save /tmp/base.pt
     python recipes/benchmarks/sampling_identity.py compare /tmp/base.pt
 
