@@ -74,8 +74,11 @@ MAX_CHANNEL_BLOCK = 128  # channels per program at most: more programs for wide 
 MIN_CHANNEL_BLOCK = 16  # below this, the channels' run per pixel is shorter than a 32-byte sector of half precision
 TILE_ELEMENTS = 8192  # pixels × channel block per element-wise program: 16 KiB of half-precision input
 ELEMENTWISE_WARPS = 8
-MOMENTS_TILE_ELEMENTS = 4096  # pixels × channel block per step of a statistics program (2 float32 accumulators each)
-MOMENTS_WARPS = 8
+# The statistics' launch constants: the best of `recipes/benchmarks/channels_last_kernels.py`'s sweep
+# on an H100 at the d16 decoder's maps, among those within a few percent of each other, with the
+# fewest partials to merge.
+MOMENTS_TILE_ELEMENTS = 8192  # pixels × channel block per step of a statistics program (2 float32 accumulators each)
+MOMENTS_WARPS = 4
 PROGRAMS_PER_SM = 4  # statistics programs per SM: enough to keep HBM busy, few partials to merge
 PARTIALS_FRACTION = 32  # emitted partials (8 bytes per tile and channel) at most this fraction of the map
 SPLIT_BLOCK = 64  # partials merged per step of `_group_statistics`
