@@ -219,7 +219,9 @@ class AdaLNBlock(nn.Module):
         """The residual stream x (B, l, C) after the block. In a folded stack (`ScaleTransformer._run`)
         `pending` is the previous block's last residual branch, which this block adds first, and with
         `defer` the block returns (x, its own last branch) rather than adding it; the branch is None
-        where the block ran PyTorch's ops (a kernel that cannot take the tensors), which add it."""
+        where the block ran PyTorch's ops (a kernel that cannot take the tensors), which add it. (One
+        `forward` for both, not a second method: compiled blocks (`hmar.compile`) and FSDP's per-block
+        gathering act on the module's call.)"""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = _kept(cache, "modulation", lambda: self.modulation(cond)).unbind(2)
         fused = _adaln(x, scale1, shift1) if self.fused_norms else None
         if fused is not None:  # the same function in 2 passes over x instead of ~8
