@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,18 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
     return x * keep.div_(1 - p)
+
+
+class Residual(NamedTuple):
+    """A block's last residual branch not yet added to the stream x: x + h · gamma is left to the next
+    block's first norm, which adds it in its own pass over x (see `ScaleTransformer.folds_residuals`)."""
+
+    h: torch.Tensor
+    gamma: torch.Tensor
+
+
+def _add(x: torch.Tensor, residual: Residual) -> torch.Tensor:
+    return torch.addcmul(x, residual.h, residual.gamma)
 
 
 def _adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
@@ -202,7 +214,14 @@ class AdaLNBlock(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.width)  # cond: (B, C) class embedding
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None,
+                pending: Residual | None = None, defer: bool = False) -> torch.Tensor | tuple[torch.Tensor, Residual | None]:
+        """The residual stream x (B, l, C) after the block. In a folded stack (`ScaleTransformer._run`)
+        `pending` is the previous block's last residual branch, which this block adds first, and with
+        `defer` the block returns (x, its own last branch) rather than adding it; the branch is None
+        where the block ran PyTorch's ops (a kernel that cannot take the tensors), which add it. (One
+        `forward` for both, not a second method: compiled blocks (`hmar.compile`) and FSDP's per-block
+        gathering act on the module's call.)"""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = _kept(cache, "modulation", lambda: self.modulation(cond)).unbind(2)
         fused = _adaln(x, scale1, shift1) if self.fused_norms else None
         if fused is not None:  # the same function in 2 passes over x instead of ~8
@@ -210,13 +229,21 @@ class AdaLNBlock(nn.Module):
             gamma1 = drop_path(gamma1, self.drop_path_rate, self.training)
             gamma2 = drop_path(gamma2, self.drop_path_rate, self.training)
             eps, dtype = self.ln_wo_grad.eps, _linear_input_dtype(x)
-            h = self.attn(fused.modulated_layer_norm(x, scale1, shift1, eps, dtype), attend, cache)
+            if pending is None:
+                y = fused.modulated_layer_norm(x, scale1, shift1, eps, dtype)
+            else:  # the previous block's last add in this norm's pass over x
+                x, y = fused.residual_modulated_layer_norm(x, pending.h, pending.gamma, scale1, shift1, eps, dtype)
+            h = self.attn(y, attend, cache)
             x, y = fused.residual_modulated_layer_norm(x, h, gamma1, scale2, shift2, eps, dtype)
-            return torch.addcmul(x, self.ffn(y), gamma2)
+            residual = Residual(self.ffn(y), gamma2)
+            return (x, residual) if defer else _add(x, residual)
+        if pending is not None:
+            x = _add(x, pending)
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attend, cache)
         x = x + drop_path(h.mul(gamma1), self.drop_path_rate, self.training)  # not in place: under compile, h is a graph output autograd keeps
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
-        return x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
+        x = x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
+        return (x, None) if defer else x
 
 
 class AdaLNHead(nn.Module):
@@ -289,6 +316,10 @@ class ScaleTransformer(nn.Module):
         """Which kernels the blocks and heads run from now on (`hmar.policy`), and the attention that
         the all-scales forwards use unless given one."""
         self.policy, self.attention = policy, policy.attention_function()
+        # With the fused norms, a stack of blocks folds each block's last residual add into the next
+        # block's first norm (`_run`): one kernel and one read and write of the float32 stream fewer
+        # per block boundary.
+        self.folds_residuals = policy.fused_adaln
         for module in self.modules():
             if isinstance(module, (AdaLNBlock, AdaLNHead)):
                 module.fused_norms = policy.fused_adaln
@@ -344,11 +375,18 @@ class ScaleTransformer(nn.Module):
         drop = torch.rand(labels.shape, device=labels.device) < self.config.cond_drop_rate
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, attend: Attend,
+    def _run(self, blocks: Sequence[AdaLNBlock], x: torch.Tensor, cond: torch.Tensor, attend: Attend,
              cache: SamplingCache | None = None) -> torch.Tensor:
+        """x after the blocks, in order. Folded, each block's last residual add is left to the next
+        block's first norm (`AdaLNBlock.forward`), and the last block's is made here."""
+        if not self.folds_residuals:
+            for block in blocks:
+                x = block(x, cond, attend, _layer(cache, block))
+            return x
+        pending = None
         for block in blocks:
-            x = block(x, cond, attend, _layer(cache, block))
-        return x
+            x, pending = block(x, cond, attend, _layer(cache, block), pending, defer=True)
+        return x if pending is None else _add(x, pending)
 
     def _sequence_inputs(self, labels: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All scales in one sequence: start tokens then `rest` (B, L - first, C) plus level/positions."""
@@ -412,12 +450,12 @@ class HMAR(ScaleTransformer):
 
     def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
                              cache: SamplingCache | None = None) -> torch.Tensor:
-        x = self._run(self.ns_blocks, self._run(self.base_blocks, x, cond, attend, cache), cond, attend, cache)
+        x = self._run((*self.base_blocks, *self.ns_blocks), x, cond, attend, cache)
         return self.ns_head_nm(x.float(), cond_BD, _layer(cache, self.ns_head_nm))
 
     def _masked_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
                          cache: SamplingCache | None = None) -> torch.Tensor:
-        x = self._run(self.mask_blocks, self._run(self.base_blocks, x, cond, attend, cache), cond, attend, cache)
+        x = self._run((*self.base_blocks, *self.mask_blocks), x, cond, attend, cache)
         return self.mask_head_nm(x.float(), cond_BD, _layer(cache, self.mask_head_nm))
 
     # ---- all scales at once (training) --------------------------------------------------------

@@ -5,11 +5,16 @@ At batch 1 a pass over the blocks launches small kernels whose count, not their 
 block's and head's AdaLN modulations, each attention's fused qkv bias) is computed at the first pass
 and kept in the batch's `sampling_cache`; these tests count it on the CPU: once per layer and batch
 whatever the number of steps, with the same images as before (the conformance tests hold the
-numbers). `recipes/benchmarks/sampling_launches.py` counts every launch of a d16 batch.
+numbers). `recipes/benchmarks/sampling_launches.py` counts every launch of a d16 batch; here, under
+Triton's interpreter with the CUDA sampling policy, it counts a tiny model's batch with each block's
+last residual add folded into the next block's first norm and without: the fold saves exactly one
+launch per block boundary of every pass (between the trunk and a branch too).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from collections import Counter
 
 import pytest
@@ -29,10 +34,10 @@ MODELS = [("hmar", False), ("hmar", True), ("var", False)]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-def _pipeline(family: str, shared_aln: bool, device: str = "cpu") -> Pipeline:
+def _pipeline(family: str, shared_aln: bool, device: str = "cpu", kernels=None) -> Pipeline:
     # head dim 64: one the cosine-attention kernel takes
     transformer = dataclasses.replace(tiny_transformer_config(), family=family, shared_aln=shared_aln, depth=3, width=128)
-    return Pipeline.random(ModelConfig(tiny_tokenizer_config(), transformer), device=device, seed=0)
+    return Pipeline.random(ModelConfig(tiny_tokenizer_config(), transformer), device=device, seed=0, kernels=kernels)
 
 
 def _schedule(pipe: Pipeline, steps: int) -> list[list[int]]:
@@ -145,3 +150,65 @@ def test_the_doubled_input_is_the_labels_rows_then_the_same_rows_a_view_at_batch
     assert torch.equal(doubled(one), one.repeat(2, 1, 1)) and doubled(one).data_ptr() == one.data_ptr()
     three = torch.randn(3, 5, 8)
     assert torch.equal(doubled(three), three.repeat(2, 1, 1))
+
+
+def _fold_launches_worker() -> dict:
+    """Under the interpreter, per family: one batch-1 `sample` call's launches by the recipe's counter
+    with the CUDA sampling policy, folded and unfolded, and the block passes and the stacks of them
+    (one per head norm) that ran."""
+    import importlib.util
+
+    from tests.interpreter import ROOT
+
+    spec = importlib.util.spec_from_file_location("sampling_launches", ROOT / "recipes" / "benchmarks" / "sampling_launches.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    results = {}
+    for family in ("hmar", "var"):
+        pipe = _pipeline(family, False, kernels=recipe.cuda_sampling_policy())
+        model, schedule = pipe.transformer, _schedule(pipe, 7)
+        calls = Counter()
+        hooks = [m.register_forward_hook(lambda m, i, o, kind=type(m).__name__: calls.update([kind]))
+                 for m in model.modules() if isinstance(m, (AdaLNBlock, AdaLNHead))]
+        counts = {}
+        for folds in (True, False):
+            model.folds_residuals = folds
+            calls.clear()
+            counter = recipe.count_sampling_launches(pipe, torch.tensor([3]), schedule, amp_dtype=pipe.amp_dtype)
+            counts["folded" if folds else "unfolded"] = {
+                "total": counter.total, "addcmul": counter.by_op["aten.addcmul"], "adaln": counter.by_op["triton._adaln_fwd"],
+                # the warm-up call and the counted one run the same passes
+                "blocks": calls["AdaLNBlock"] // 2, "stacks": calls["AdaLNHead"] // 2}
+        for hook in hooks:
+            hook.remove()
+        results[family] = {"policy": pipe.policy.compact(), **counts}
+    return results
+
+
+# fixture -> worker flag: conftest has the session's interpreter process run it ahead
+INTERPRETER_WORKERS = {"fold_launches": "--fold-launches-worker"}
+
+
+@pytest.fixture(scope="module")
+def fold_launches():
+    from tests.interpreter import run_interpreted
+
+    return run_interpreted(__file__, INTERPRETER_WORKERS["fold_launches"])
+
+
+@pytest.mark.parametrize("family", ["hmar", "var"])
+def test_folding_the_residual_adds_saves_a_launch_per_block_boundary_of_every_pass(fold_launches, family):
+    result = fold_launches[family]
+    folded, unfolded = result["folded"], result["unfolded"]
+    assert "fused_adaln" in result["policy"] and folded["blocks"] == unfolded["blocks"] and folded["stacks"] == unfolded["stacks"]
+    boundaries = folded["blocks"] - folded["stacks"]
+    # 3 blocks a pass: 2 boundaries each
+    assert folded["blocks"] == 3 * folded["stacks"] and boundaries == 2 * folded["stacks"] > 0, result
+    assert unfolded["total"] - folded["total"] == boundaries, result
+    # what goes: each block's own last add; what stays: one norm kernel per norm, and one add per pass
+    assert unfolded["addcmul"] == folded["addcmul"] + boundaries and folded["addcmul"] >= folded["stacks"], result
+    assert folded["adaln"] == unfolded["adaln"], result
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--fold-launches-worker"]:
+    print(json.dumps(_fold_launches_worker()))

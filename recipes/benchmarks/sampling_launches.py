@@ -19,11 +19,16 @@ sampler. Usage (the interpreter must be on before Triton is imported):
     TRITON_INTERPRET=1 python recipes/benchmarks/sampling_launches.py --depth 16 --batch-size 1 --top 20
 
 `--json` prints the counts as JSON instead of tables; `--reference` counts the reference policy (no
-interpreter needed). Under the interpreter a d16 batch takes minutes on a small CPU.
+interpreter needed); `--unfolded` makes each block add its last residual itself rather than leave it
+to the next block's first norm (`ScaleTransformer.folds_residuals`), to count what the fold saves.
+Under the interpreter a d16 batch takes minutes on a small CPU. `tests/test_sampling_launches.py`
+counts a tiny model through `count_sampling_launches`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -62,6 +67,7 @@ PHASES = (
     ("guided_draw", "guidance/draw"),
     ("least_confident", "mask schedule"),
     ("AdaLNBlock.forward", "block pass"),
+    ("ScaleTransformer._run", "block pass"),
     ("masked_scale_tokens", "block inputs"),
     ("scale_tokens", "block inputs"),
     ("start_tokens", "block inputs"),
@@ -109,9 +115,10 @@ class LaunchCounter(TorchDispatchMode):
         return sum(self.by_op.values())
 
 
-def _count_triton_launches(counter: LaunchCounter) -> None:
-    """Book every interpreted Triton kernel run to `counter` (the interpreter's own tensor copies are
-    not launches on a GPU, so they run with the dispatch mode off)."""
+@contextlib.contextmanager
+def _counting_triton_launches(counter: LaunchCounter):
+    """Inside, every interpreted Triton kernel run is booked to `counter` (the interpreter's own tensor
+    copies are not launches on a GPU, so they run with the dispatch mode off)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     run = InterpretedFunction.run
@@ -122,6 +129,27 @@ def _count_triton_launches(counter: LaunchCounter) -> None:
             return run(self, *args, **kwargs)
 
     InterpretedFunction.run = counted
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
+
+def cuda_sampling_policy() -> KernelPolicy:
+    """What a GPU samples with (Triton present here), without the CUDA graph, which only replays."""
+    cuda = KernelPolicy.choose("cuda", training=False)
+    return dataclasses.replace(cuda, cuda_graph=False)
+
+
+def count_sampling_launches(pipe: Pipeline, labels: torch.Tensor, schedule, **options) -> LaunchCounter:
+    """The launches of one `sample` call (after a warm-up call), Triton's included where the pipeline's
+    policy is not the reference (the interpreter must then be on)."""
+    sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cpu"), **options)  # warm-up
+    counter = LaunchCounter()
+    triton = contextlib.nullcontext() if pipe.policy.is_reference else _counting_triton_launches(counter)
+    with counter, triton:
+        sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cpu"), **options)
+    return counter
 
 
 def main() -> None:
@@ -132,6 +160,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--reference", action="store_true", help="count the reference (CPU) policy instead of CUDA's")
+    parser.add_argument("--unfolded", action="store_true", help="each block adds its last residual itself (no fold into the next norm)")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -143,32 +172,25 @@ def main() -> None:
     # the published tokenizer's structure at a narrow width (ch must be a multiple of 32)
     tokenizer = TokenizerConfig(ch=32, patch_nums=patch_nums, image_size=args.resolution)
     config = bench_config("hmar", args.depth, args.width, tokenizer)
-    if args.reference:
-        policy = KernelPolicy.reference()
-    else:
-        cuda = KernelPolicy.choose("cuda", training=False)  # what a GPU samples with (Triton present here)
-        policy = KernelPolicy(**{**cuda.as_dict(), "decoder_dtype": cuda.decoder_dtype, "amp_dtype": cuda.amp_dtype,
-                                 "cuda_graph": False})
+    policy = KernelPolicy.reference() if args.reference else cuda_sampling_policy()
     pipe = Pipeline.random(config, "cpu", kernels=policy)
+    if args.unfolded:
+        pipe.transformer.folds_residuals = False
     schedule = resolve_schedule(config.patch_nums, args.steps)
     labels = torch.arange(args.batch_size) % config.transformer.num_classes
     options = dict(cfg=DEFAULT_SAMPLING["cfg"], top_k=DEFAULT_SAMPLING["top_k"], top_p=DEFAULT_SAMPLING["top_p"],
                    amp_dtype=policy.amp_dtype)
 
-    sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cpu"), **options)  # warm-up
-    counter = LaunchCounter()
-    if not args.reference:
-        _count_triton_launches(counter)
-    with counter:
-        sample(pipe.tokenizer, pipe.transformer, labels, schedule, generator=make_generator(0, "cpu"), **options)
+    counter = count_sampling_launches(pipe, labels, schedule, **options)
 
     if args.json:
         print(json.dumps({"total": counter.total, "phases": dict(counter.by_phase.most_common()),
                           "ops": dict(counter.by_op.most_common()),
                           "sites": [[site, op, n] for (site, op), n in counter.by_site.most_common()]}, indent=1))
         return
+    fold = "" if args.reference else f", {'un' if args.unfolded else ''}folded residual adds"
     print(f"launches per sample() call: {counter.total} (depth {args.depth}, batch {args.batch_size}, "
-          f"schedule {schedule}, policy {policy.compact()})\n")
+          f"schedule {schedule}, policy {policy.compact()}{fold})\n")
     print("by phase")
     for phase, n in counter.by_phase.most_common():
         print(f"  {n:6d}  {phase}")
