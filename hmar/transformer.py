@@ -317,8 +317,8 @@ class ScaleTransformer(nn.Module):
         the all-scales forwards use unless given one."""
         self.policy, self.attention = policy, policy.attention_function()
         # With the fused norms, a stack of blocks folds each block's last residual add into the next
-        # block's first norm (`_run`): one kernel and one read and write of the float32 stream fewer
-        # per block boundary.
+        # block's first norm (`_run`): one kernel and one read of the float32 stream fewer per block
+        # boundary.
         self.folds_residuals = policy.fused_adaln
         for module in self.modules():
             if isinstance(module, (AdaLNBlock, AdaLNHead)):
