@@ -49,7 +49,7 @@ import torch
 from hmar.config import DEFAULT_SAMPLING
 from hmar.errors import HmarError
 from hmar.tokenizer import MultiScaleVQVAE
-from hmar.transformer import SamplingCache, ScaleTransformer
+from hmar.transformer import ScaleTransformer
 
 # Guidance strength of the mask-branch steps relative to cfg (the authors' setting: practically none).
 MASK_STEP_GUIDANCE = 1e-6
@@ -173,7 +173,7 @@ def guided_draw(logits: torch.Tensor, t: float, top_k: int, top_p: float, genera
     one. Returns the tokens (B, l) and their confidence (`drawn_probability`), NaN where the logits
     were not finite. `fused`: in one kernel (`hmar.kernels.sampling`, from the same random numbers;
     its docstring says where the rounding can differ) wherever it takes the logits; the reference path
-    guides in float32 (logits in the head's dtype, as the fused policy leaves them, are converted) and
+    guides in float32 (logits in the head's dtype are converted: the fused policy leaves them so) and
     overwrites float32 logits' unconditional half."""
     kernel = _sampling_kernel(logits) if fused else None
     if kernel is not None:
@@ -210,12 +210,6 @@ def guide_(logits: torch.Tensor, t: float) -> torch.Tensor:
     return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))
 
 
-def doubled(x: torch.Tensor) -> torch.Tensor:
-    """The doubled batch's input (`guide_`'s order: the labels' rows, then the same rows for the null
-    class) of x (B, …): a view of x at batch 1, a copy otherwise."""
-    return x.expand(2, *x.shape).flatten(0, 1)
-
-
 class _Steps:
     """Counts steps for the progress callback."""
 
@@ -229,27 +223,12 @@ class _Steps:
 
 
 @dataclass(frozen=True)
-class _MaskBranch:
-    """HMAR's mask branch as one batch runs it: its inputs, and its forward keeping what stays fixed
-    for the batch in the batch's `sampling_cache` (shared with the next-scale forwards)."""
-
-    transformer: ScaleTransformer
-    cache: SamplingCache
-
-    def masked_scale_tokens(self, k: int, context: torch.Tensor, current: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        return self.transformer.masked_scale_tokens(k, context, current, masked)
-
-    def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        return self.transformer.masked(x, cond, cond_BD, cache=self.cache)
-
-
-@dataclass(frozen=True)
 class _Batch:
     """What stays fixed while one batch is sampled: the models, the conditioning of the doubled
     batch (labels, then the null class), the drawing settings and the progress counter."""
 
     tokenizer: MultiScaleVQVAE
-    mask_branch: _MaskBranch
+    transformer: ScaleTransformer
     cond: torch.Tensor
     cond_BD: torch.Tensor
     cfg: float
@@ -296,16 +275,15 @@ def sample(
     cond_BD, cond = transformer.condition(torch.cat((labels, null)))
     f_hat = cond_BD.new_zeros(B, tokenizer.config.z_channels, transformer.patch_nums[-1], transformer.patch_nums[-1])
     steps = _Steps(schedule, progress)
+    batch = _Batch(tokenizer, transformer, cond, cond_BD, cfg, top_k, top_p, generator, amp, steps, fused_draw_enabled(transformer))
     cache = transformer.sampling_cache()
-    batch = _Batch(tokenizer, _MaskBranch(transformer, cache), cond, cond_BD, cfg, top_k, top_p, generator, amp, steps,
-                   fused_draw_enabled(transformer))
     all_tokens: list[torch.Tensor] = []
     nonfinite: list[torch.Tensor] = []  # per scale, on the device: read by `check_finite` only
 
     for k in range(K):
         context = tokenizer.downsample(f_hat, k) if k > 0 else None
         with amp:
-            x = transformer.start_tokens(cond_BD) if k == 0 else doubled(transformer.scale_tokens(k, context))
+            x = transformer.start_tokens(cond_BD) if k == 0 else transformer.scale_tokens(k, context).repeat(2, 1, 1)
             logits = transformer.next_scale(x, cond, cond_BD, cache)
         keep = edit.keep[k] if edit is not None else None
         tokens, confidence = guided_draw(logits, cfg * k / max(K - 1, 1), top_k, top_p, generator,
@@ -324,11 +302,7 @@ def sample(
     flags = torch.stack(nonfinite)
     f_hat.masked_fill_(flags.any(), torch.nan)  # no value changes unless a scale went bad
     # Decoding a whole batch at full resolution dominates peak memory; a few images at a time do not.
-    # Each chunk is converted to float32 as it is copied into place (no float32 copy, then a concatenation).
-    size = tokenizer.config.image_size
-    images = f_hat.new_empty(B, 3, size, size)
-    for part, out in zip(f_hat.split(DECODE_CHUNK), images.split(DECODE_CHUNK)):
-        out.copy_(tokenizer.decode(part))
+    images = torch.cat([tokenizer.decode(part).float() for part in f_hat.split(DECODE_CHUNK)])
     return SampleResult(images=images.add_(1).mul_(0.5), tokens=all_tokens, f_hat=f_hat, nonfinite=flags)
 
 
@@ -340,7 +314,7 @@ def _refine_scale(
     earlier scales at scale k's size; `confidence` (B, l): of the tokens drawn at the first step; `bad`:
     whether any was NaN; `entry`: the scale's schedule entry; `keep` (B, l): the known tokens when
     editing. Returns the tokens and `bad` updated over the steps."""
-    branch = batch.mask_branch
+    transformer = batch.transformer
     B, l = tokens.shape
     candidates = None  # the whole row
     if keep is not None:
@@ -356,8 +330,8 @@ def _refine_scale(
             masked_rank = torch.arange(n, device=tokens.device) < count  # (B, n): rank r of `candidates` masked
             masked = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, candidates, masked_rank)
         with batch.amp:
-            x = doubled(branch.masked_scale_tokens(k, context, batch.tokenizer.scale_input(tokens, k), masked))
-            logits = branch.masked(x, batch.cond, batch.cond_BD)
+            x = transformer.masked_scale_tokens(k, context, batch.tokenizer.scale_input(tokens, k), masked).repeat(2, 1, 1)
+            logits = transformer.masked(x, batch.cond, batch.cond_BD)
         tokens, confidence = guided_draw(logits, batch.cfg * MASK_STEP_GUIDANCE, batch.top_k, batch.top_p, batch.generator,
                                          (tokens, ~masked), batch.fused_draw)
         del logits

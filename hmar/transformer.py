@@ -4,8 +4,7 @@ Both predict the tokens of scale k from an input sequence of that scale's size. 
 k is the up-to-date reconstruction f̂ downsampled to scale k, and a token sees every earlier scale
 (block-causal; a KV cache at sampling time). HMAR's input is the same, but a token sees only its own
 scale (block-diagonal): scale k depends on earlier scales only through f̂ (a Markov chain), so
-sampling needs no KV cache. (Both keep per batch what stays fixed from pass to pass: `LayerCache`.)
-HMAR's blocks are split into a shared trunk (`base_blocks`) and two branches
+sampling needs no cache. HMAR's blocks are split into a shared trunk (`base_blocks`) and two branches
 with their own heads: `ns_blocks` (next-scale prediction) and `mask_blocks` (masked prediction inside a
 scale, MaskGIT-style). Parameter names follow the published checkpoints so they load strictly.
 
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,49 +47,19 @@ def sequence_attend(attention: AttentionFn, block_sizes: Sequence[int], pattern:
 
 @dataclass
 class LayerCache:
-    """What one block or head keeps from pass to pass while a batch is sampled. Its modulations of the
-    batch's classes and its attention's bias in the Linear's input dtype are the same at every pass
-    (classes and weights stay fixed for the batch), so the first pass computes them, inside the
-    layer's own forward, and later passes read them: at a small batch their small kernels would
-    otherwise be a large share of every pass. With `keeps_keys` (VAR, where a scale attends to the
-    earlier ones), the keys and values of the scales seen so far too. One object per layer, rather
-    than a layer index into a shared cache, so that compiled blocks share one graph: Dynamo would
-    specialise on the index and compile every layer apart."""
+    """One layer's keys and values of the scales seen so far (VAR sampling). One object per layer,
+    rather than a layer index into a shared cache, so that compiled blocks share one graph: Dynamo
+    would specialise on the index and compile every layer apart."""
 
-    keeps_keys: bool = False
-    modulation: torch.Tensor | None = None
-    qkv_bias: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values to attend to: this scale's, after those kept (which they join)."""
-        if not self.keeps_keys:
-            return k, v
         if self.keys is not None:
             k = torch.cat((self.keys, k), dim=2)
             v = torch.cat((self.values, v), dim=2)
         self.keys, self.values = k, v
         return k, v
-
-
-# What a sampled batch keeps per layer (`ScaleTransformer.sampling_cache`): a block's or head's module -> its cache.
-SamplingCache = dict[nn.Module, LayerCache]
-
-
-def _kept(cache: LayerCache | None, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`compute()`, or with a cache the value it keeps under `name` (computed at the first call)."""
-    if cache is None:
-        return compute()
-    value = getattr(cache, name)
-    if value is None:
-        value = compute()
-        setattr(cache, name, value)
-    return value
-
-
-def _layer(cache: SamplingCache | None, module: nn.Module) -> LayerCache | None:
-    return None if cache is None else cache[module]
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -99,18 +68,6 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
     return x * keep.div_(1 - p)
-
-
-class Residual(NamedTuple):
-    """A block's last residual branch not yet added to the stream x: x + h · gamma is left to the next
-    block's first norm, which adds it in its own pass over x (see `ScaleTransformer.folds_residuals`)."""
-
-    h: torch.Tensor
-    gamma: torch.Tensor
-
-
-def _add(x: torch.Tensor, residual: Residual) -> torch.Tensor:
-    return torch.addcmul(x, residual.h, residual.gamma)
 
 
 def _adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
@@ -156,8 +113,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         B, l, C = x.shape
-        # cast as the Linear would cast it, so that a kept bias is cast once per batch
-        bias = _kept(cache, "qkv_bias", lambda: torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(_linear_input_dtype(x)))
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         fused = _cosine_qkv(qkv, self.scale_mul_1H11) if self.fused_qkv and self.l2_norm else None
         if fused is not None:
@@ -208,42 +164,25 @@ class AdaLNBlock(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.fused_norms = False  # KernelPolicy.fused_adaln, set by ScaleTransformer.set_policy
 
-    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
-        """The block's gains, scales and shifts for the classes, (B, 1, 6, C)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None) -> torch.Tensor:
         if self.shared_aln:  # cond: (B, 1, 6, C) from the transformer's shared projection
-            return self.ada_gss + cond
-        return self.ada_lin(cond).view(-1, 1, 6, self.width)  # cond: (B, C) class embedding
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attend: Attend, cache: LayerCache | None = None,
-                pending: Residual | None = None, defer: bool = False) -> torch.Tensor | tuple[torch.Tensor, Residual | None]:
-        """The residual stream x (B, l, C) after the block. In a folded stack (`ScaleTransformer._run`)
-        `pending` is the previous block's last residual branch, which this block adds first, and with
-        `defer` the block returns (x, its own last branch) rather than adding it; the branch is None
-        where the block ran PyTorch's ops (a kernel that cannot take the tensors), which add it. (One
-        `forward` for both, not a second method: compiled blocks (`hmar.compile`) and FSDP's per-block
-        gathering act on the module's call.)"""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = _kept(cache, "modulation", lambda: self.modulation(cond)).unbind(2)
+            mods = (self.ada_gss + cond).unbind(2)
+        else:  # cond: (B, C) class embedding
+            mods = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
         fused = _adaln(x, scale1, shift1) if self.fused_norms else None
         if fused is not None:  # the same function in 2 passes over x instead of ~8
             # dropping a sample's branch (drop path) = zeroing (and rescaling) that sample's gain
             gamma1 = drop_path(gamma1, self.drop_path_rate, self.training)
             gamma2 = drop_path(gamma2, self.drop_path_rate, self.training)
             eps, dtype = self.ln_wo_grad.eps, _linear_input_dtype(x)
-            if pending is None:
-                y = fused.modulated_layer_norm(x, scale1, shift1, eps, dtype)
-            else:  # the previous block's last add in this norm's pass over x
-                x, y = fused.residual_modulated_layer_norm(x, pending.h, pending.gamma, scale1, shift1, eps, dtype)
-            h = self.attn(y, attend, cache)
+            h = self.attn(fused.modulated_layer_norm(x, scale1, shift1, eps, dtype), attend, cache)
             x, y = fused.residual_modulated_layer_norm(x, h, gamma1, scale2, shift2, eps, dtype)
-            residual = Residual(self.ffn(y), gamma2)
-            return (x, residual) if defer else _add(x, residual)
-        if pending is not None:
-            x = _add(x, pending)
+            return torch.addcmul(x, self.ffn(y), gamma2)
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attend, cache)
         x = x + drop_path(h.mul(gamma1), self.drop_path_rate, self.training)  # not in place: under compile, h is a graph output autograd keeps
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
-        x = x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
-        return (x, None) if defer else x
+        return x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
 
 
 class AdaLNHead(nn.Module):
@@ -256,8 +195,8 @@ class AdaLNHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.fused_norms = False  # KernelPolicy.fused_adaln, set by ScaleTransformer.set_policy
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        scale, shift = _kept(cache, "modulation", lambda: self.ada_lin(cond_BD).view(-1, 1, 2, self.width)).unbind(2)
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
         fused = _adaln(x, scale, shift) if self.fused_norms else None
         if fused is not None:
             return fused.modulated_layer_norm(x, scale, shift, self.ln_wo_grad.eps, _linear_input_dtype(x))
@@ -316,10 +255,6 @@ class ScaleTransformer(nn.Module):
         """Which kernels the blocks and heads run from now on (`hmar.policy`), and the attention that
         the all-scales forwards use unless given one."""
         self.policy, self.attention = policy, policy.attention_function()
-        # With the fused norms, a stack of blocks folds each block's last residual add into the next
-        # block's first norm (`_run`): one kernel and one read of the float32 stream fewer per block
-        # boundary.
-        self.folds_residuals = policy.fused_adaln
         for module in self.modules():
             if isinstance(module, (AdaLNBlock, AdaLNHead)):
                 module.fused_norms = policy.fused_adaln
@@ -333,22 +268,19 @@ class ScaleTransformer(nn.Module):
         return len(self.patch_nums)
 
     # ---- per-scale (sampling) -----------------------------------------------------------------
-    def sampling_cache(self) -> SamplingCache:
-        """What the sampling forwards (`next_scale`, HMAR's `masked`) keep from pass to pass of one
-        batch: a `LayerCache` per block and head, with keys and values where a scale attends to the
-        earlier ones."""
-        keeps_keys = self.pattern == "block_causal"
-        return {m: LayerCache(keeps_keys=keeps_keys and isinstance(m, AdaLNBlock))
-                for m in self.modules() if isinstance(m, (AdaLNBlock, AdaLNHead))}
+    def sampling_cache(self) -> list[LayerCache] | None:
+        """What `next_scale` keeps from scale to scale of one batch: None where a scale attends only
+        to itself."""
+        return None
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: SamplingCache | None) -> torch.Tensor:
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None) -> torch.Tensor:
         """Logits (B, l, V) for one scale's tokens; `cache`: this batch's `sampling_cache()`."""
         raise NotImplementedError
 
     def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """A sampling head's logits as the draw reads them: the fused draw (`KernelPolicy.fused_draw`)
-        reads the head's dtype and converts to float32 itself, exactly as `.float()` would, which
-        spares a float32 copy of every pass's (B, l, V) logits; the reference ops guide in float32."""
+        takes the head's autocast dtype and guides in float32 itself, which spares a float32 copy of
+        every scale's (2B, l, V) logits; the reference ops guide in float32."""
         return logits if self.policy.fused_draw else logits.float()
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -358,10 +290,9 @@ class ScaleTransformer(nn.Module):
         return cond_BD, self.shared_ada_lin(cond_BD)
 
     def level_position(self, k: int) -> torch.Tensor:
-        """Level plus absolute position embedding of scale k's tokens, (1, l, C): the level embedding
-        of scale k (what `lvl_1L` holds over its positions) broadcast, in one kernel."""
+        """Level plus absolute position embedding of scale k's tokens, (1, l, C)."""
         s, e = self.starts[k], self.starts[k + 1]
-        return self.lvl_embed.weight[k] + self.pos_1LC[:, s:e]
+        return self.lvl_embed(self.lvl_1L[:, s:e]) + self.pos_1LC[:, s:e]
 
     def start_tokens(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """Scale 0's input: the class embedding at every position of the first scale."""
@@ -375,18 +306,10 @@ class ScaleTransformer(nn.Module):
         drop = torch.rand(labels.shape, device=labels.device) < self.config.cond_drop_rate
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def _run(self, blocks: Sequence[AdaLNBlock], x: torch.Tensor, cond: torch.Tensor, attend: Attend,
-             cache: SamplingCache | None = None) -> torch.Tensor:
-        """x after the blocks, in order. Folded, each block's last residual add is left to the next
-        block's first norm (`AdaLNBlock.forward`), and the last block's is made here."""
-        if not self.folds_residuals:
-            for block in blocks:
-                x = block(x, cond, attend, _layer(cache, block))
-            return x
-        pending = None
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, attend: Attend) -> torch.Tensor:
         for block in blocks:
-            x, pending = block(x, cond, attend, _layer(cache, block), pending, defer=True)
-        return x if pending is None else _add(x, pending)
+            x = block(x, cond, attend)
+        return x
 
     def _sequence_inputs(self, labels: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All scales in one sequence: start tokens then `rest` (B, L - first, C) plus level/positions."""
@@ -438,25 +361,22 @@ class HMAR(ScaleTransformer):
     def next_scale_head(self) -> nn.Linear:
         return self.ns_head
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: SamplingCache | None = None) -> torch.Tensor:
-        """Logits (B, l, V) of the next-scale branch for one scale's tokens (a scale sees only itself:
-        `cache` keeps no keys, only what stays fixed for the batch)."""
-        return self._sampling_logits(self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend, cache)))
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits (B, l, V) of the next-scale branch for one scale's tokens (a scale sees only itself,
+        so there is no `cache`)."""
+        return self._sampling_logits(self.ns_head(self._next_scale_features(x, cond, cond_BD, dense_attend)))
 
-    def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend,
-               cache: SamplingCache | None = None) -> torch.Tensor:
-        """Logits (B, l, V) of the mask branch for one scale's tokens; `cache`: as `next_scale`'s."""
-        return self._sampling_logits(self.mask_head(self._masked_features(x, cond, cond_BD, attend, cache)))
+    def masked(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend = dense_attend) -> torch.Tensor:
+        """Logits (B, l, V) of the mask branch for one scale's tokens."""
+        return self._sampling_logits(self.mask_head(self._masked_features(x, cond, cond_BD, attend)))
 
-    def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
-                             cache: SamplingCache | None = None) -> torch.Tensor:
-        x = self._run((*self.base_blocks, *self.ns_blocks), x, cond, attend, cache)
-        return self.ns_head_nm(x.float(), cond_BD, _layer(cache, self.ns_head_nm))
+    def _next_scale_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self._run(self.ns_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
+        return self.ns_head_nm(x.float(), cond_BD)
 
-    def _masked_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend,
-                         cache: SamplingCache | None = None) -> torch.Tensor:
-        x = self._run((*self.base_blocks, *self.mask_blocks), x, cond, attend, cache)
-        return self.mask_head_nm(x.float(), cond_BD, _layer(cache, self.mask_head_nm))
+    def _masked_features(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self._run(self.mask_blocks, self._run(self.base_blocks, x, cond, attend), cond, attend)
+        return self.mask_head_nm(x.float(), cond_BD)
 
     # ---- all scales at once (training) --------------------------------------------------------
     def forward_next_scale(self, labels: torch.Tensor, teacher_input: torch.Tensor, attention: AttentionFn | None = None) -> torch.Tensor:
@@ -515,11 +435,16 @@ class VAR(ScaleTransformer):
     def scale_tokens(self, k: int, context: torch.Tensor) -> torch.Tensor:
         return self.word_embed(context.flatten(2).transpose(1, 2)) + self.level_position(k)
 
-    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: SamplingCache) -> torch.Tensor:
+    def sampling_cache(self) -> list[LayerCache]:
+        """A KV cache per block: each scale attends to the earlier ones."""
+        return [LayerCache() for _ in self.blocks]
+
+    def next_scale(self, x: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, cache: list[LayerCache] | None) -> torch.Tensor:
         """Logits (B, l, V) for one scale, attending to it and the earlier scales in `cache` (which it
         extends by this scale)."""
-        x = self._run(self.blocks, x, cond, dense_attend, cache)
-        return self._sampling_logits(self.head(self.head_nm(x.float(), cond_BD, cache[self.head_nm])))
+        for block, layer in zip(self.blocks, cache, strict=True):
+            x = block(x, cond, dense_attend, layer)
+        return self._sampling_logits(self.head(self.head_nm(x.float(), cond_BD)))
 
     @property
     def next_scale_head(self) -> nn.Linear:

@@ -70,7 +70,7 @@ def _inverse_norm(x, eps):
 def _cosine_qkv_fwd(QKV, LOG_SCALE, Q, K, V, L, H, sb, sl, s3, sh, sd, max_log, eps,
                     D: tl.constexpr, ROWS: tl.constexpr):
     src, tile, bh, b, h, rows, cols, inside = _row_tile(QKV, L, H, sb, sl, sh, sd, D, ROWS)
-    dst = (b * L + rows) * (H * D) + h * D + cols  # outputs: (B, H, L, D) views of (B, L, H, D) memory
+    dst = bh.to(tl.int64) * L * D + rows * D + cols  # outputs: contiguous (B, H, L, D)
     t, _ = _temperature(LOG_SCALE, h, max_log)
 
     x = tl.load(src, mask=inside, other=0.0).to(tl.float32)
@@ -122,11 +122,8 @@ def _grid(qkv: torch.Tensor):
 
 
 def _heads_like(qkv: torch.Tensor) -> torch.Tensor:
-    """A (B, H, L, D) view of new (B, L, H, D) memory. SDPA's CUDA back ends and
-    `block_sparse_attention` allocate the attention's output in q's layout, so the output's
-    `transpose(1, 2).reshape(B, L, H·D)` for the projection is then a view, not a copy."""
     B, L, _, H, D = qkv.shape
-    return qkv.new_empty((B, L, H, D)).transpose(1, 2)
+    return qkv.new_empty((B, H, L, D))
 
 
 def _forward(qkv, log_scale, max_log_scale):
@@ -200,9 +197,8 @@ def cosine_qkv(qkv: torch.Tensor, log_scale: torch.Tensor, max_log_scale: float)
 
     qkv: (B, L, 3, H, D), any strides (a view of the projection's (B, L, 3·H·D) output). log_scale: the
     H per-head log-temperatures (any shape with H elements, e.g. VAR's (1, H, 1, 1) parameter), clamped
-    at `max_log_scale` before the exp. Returns (B, H, L, D) tensors in qkv's dtype, each laid out in
-    memory as (B, L, H, D) (see `_heads_like`): q and k unit-normalised over D, q times its head's
-    temperature, v copied. Differentiable in qkv and log_scale.
+    at `max_log_scale` before the exp. Returns contiguous (B, H, L, D) tensors in qkv's dtype: q and k
+    unit-normalised over D, q times its head's temperature, v copied. Differentiable in qkv and log_scale.
     """
     if not supports(qkv, log_scale):
         raise ValueError(f"cosine_qkv: needs a (B, L, 3, H, D) {', '.join(str(d)[6:] for d in DTYPES)} tensor with D in "

@@ -196,15 +196,9 @@ def test_a_cpu_model_calls_the_kernels_its_policy_names(fake_kernels, pipe, trai
     model.set_policy(KernelPolicy(fused_adaln=True, fused_cosine_qkv=True))
     fused = _logits(model, train)
     blocks = len(model.base_blocks) + len(model.ns_blocks)
-    # the first block's first norm and the head's; every later block's first norm adds the block
-    # before's last residual branch (`folds_residuals`)
-    assert fake_kernels == {"modulated": 2, "residual": 2 * blocks - 1, "cosine_qkv": blocks}
+    assert fake_kernels == {"modulated": blocks + 1, "residual": blocks, "cosine_qkv": blocks}  # + the head's norm
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     model.set_policy(KernelPolicy(fused_adaln=True))
-    fake_kernels.clear()
-    _logits(model, train)
-    assert fake_kernels == {"modulated": 2, "residual": 2 * blocks - 1}
-    model.folds_residuals = False
     fake_kernels.clear()
     _logits(model, train)
     assert fake_kernels == {"modulated": blocks + 1, "residual": blocks}
