@@ -48,3 +48,27 @@ def test_a_compiled_training_run_logs_the_eager_losses(tmp_path):
         run_stage1(Stage1Config(data=data, out=out, tokenizer=tokenizer, model=tiny_transformer_config(), steps=3, compile=compiled, **quiet()))
         losses[compiled] = [r["loss"] for r in read_metrics(out)]
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_caches_are_tagged_with_the_kernels_sources(tmp_path):
+    # torch.compile's on-disk caches do not see a custom operator's implementation: a graph cached
+    # against an older fake implementation would be reused. The tag changes with every kernel source.
+    import shutil
+    from pathlib import Path
+
+    import hmar.kernels
+    from hmar.compile import kernels_fingerprint, tag_compile_caches
+
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(hmar.kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert kernels_fingerprint(copy) == kernels_fingerprint()
+    (copy / "cosine_qkv.py").write_text((copy / "cosine_qkv.py").read_text() + "\n# another layout\n")
+    assert kernels_fingerprint(copy) != kernels_fingerprint()
+
+    ours = f"hmar-kernels-{kernels_fingerprint()}"
+    with torch.compiler.config.patch(cache_key_tag=""):
+        compile_blocks(torch.nn.Linear(2, 2))
+        assert torch.compiler.config.cache_key_tag == ours
+        assert tag_compile_caches() == ours  # once
+    with torch.compiler.config.patch(cache_key_tag="users"):
+        assert tag_compile_caches() == f"users+{ours}"

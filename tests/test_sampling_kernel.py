@@ -87,7 +87,9 @@ def _float64_probs(logits, t, top_k, top_p, keep_ties_together=True):
     return x.softmax(-1)
 
 
-def _compare(case, device="cpu") -> dict:
+def _compare(case, device="cpu", bound=PROB_BOUND) -> dict:
+    """The kernel against the float32 reference path and float64 probabilities; `bound`: the relative
+    probability error over which a row counts in "rows_off"."""
     from hmar.kernels.sampling import guided_draw
     from hmar.sampler import draw_tokens, drawn_probability, guide_
 
@@ -101,8 +103,14 @@ def _compare(case, device="cpu") -> dict:
     p64 = _float64_probs(logits, t, top_k, top_p).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     finite = ~expected_prob.isnan()
 
+    def errors(a, b):
+        return (a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-30)
+
     def rel(a, b, rows):
-        return float(((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-30))[rows].max()) if rows.any() else 0.0
+        return float(errors(a, b)[rows].max()) if rows.any() else 0.0
+
+    # rows where the kernel's token differs, or its probability by more than `bound` from either reference
+    off = finite & ((tokens != expected) | (errors(prob, expected_prob) > bound) | (errors(prob, p64) > bound))
 
     return {
         "tokens_equal": bool(torch.equal(tokens[finite], expected[finite])),
@@ -113,6 +121,7 @@ def _compare(case, device="cpu") -> dict:
         # a row whose token differs (a draw within rounding) has another token's probability there
         "prob_vs_float32": rel(prob, expected_prob, finite & (tokens == expected)),
         "prob_vs_float64": rel(prob, p64, finite),
+        "rows_off": int(off.sum()),
         "zero_prob_replaced": int((prob == 0).sum()),
         "dtypes": [str(tokens.dtype), str(prob.dtype), list(tokens.shape)],
     }
@@ -283,12 +292,13 @@ def test_gpu_keeps_ties_at_the_top_p_cut_together():
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_published_shape(dtype):
-    """d16's last scale at batch 64: the published settings; tokens identical except where the top-p
-    cut or the draw is within rounding (none expected among these rows, allowed: 1 in 2000)."""
-    result = _compare(("published", 64, 256, 4096, dtype, 1.5, 900, 0.96, None), "cuda")
+    """d16's last scale at batch 64: the published settings. Tokens and probabilities as the references'
+    except in rows where the top-p cut or the draw is within rounding: the kernel sums the top-p mass
+    in another order, so such a cut may fall the other way, changing the row's token or the mass its
+    probability is renormalised by (allowed: 1 row in 2000)."""
+    result = _compare(("published", 64, 256, 4096, dtype, 1.5, 900, 0.96, None), "cuda", bound=1e-5)
     assert result["tokens_in_range"] and result["nan_rows"] == 0 and result["nan_where_reference_nan"], result
-    assert result["differing"] <= 8, result
-    assert result["prob_vs_float32"] <= 1e-5 and result["prob_vs_float64"] <= 1e-5, result
+    assert result["rows_off"] <= 8, result
 
 
 @pytest.mark.gpu
